@@ -1,0 +1,243 @@
+"""Generate text from a trained checkpoint.
+
+    python generate.py --checkpoint out/best.pt --prompt "ROMEO:" --max_new_tokens 200 \\
+        --temperature 0.8 --top_k 50 --top_p 0.95 --seed 1 [--stream] [--num_samples 3]
+    python generate.py --interactive            # a prompt loop; Ctrl-D or `quit` exits
+    python generate.py --temperature 0          # greedy
+
+Defaults come from the `sample` section of config.yaml. The tokenizer travels inside the
+checkpoint, so no data file is needed.
+
+Decoding runs the prompt once (prefill into the KV cache), then one token per step.
+Context beyond block_size: the model always conditions on the last block_size tokens, as
+nanoGPT does. Once prompt + output fill the window, each step re-encodes the last
+block_size tokens (absolute positions shift, so cached keys cannot be reused); the result
+equals running the model without a cache on the cropped sequence.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from train import SECTIONS as TRAIN_SECTIONS
+from utils import CheckpointError, load_checkpoint, load_config, model_from_checkpoint, pick_device
+
+
+@dataclass
+class SampleConfig:
+    """Sampling settings for generate.py (the `sample` section of config.yaml)."""
+
+    checkpoint: Optional[str] = None   # None: <training.out_dir>/best.pt
+    prompt: str = "\n"
+    max_new_tokens: int = 300
+    temperature: float = 0.8           # 0 = greedy
+    top_k: Optional[int] = 50          # keep the k most likely tokens; None or 0 = off
+    top_p: Optional[float] = 0.95      # keep the smallest set with this much probability; None = off
+    seed: Optional[int] = None
+    num_samples: int = 1
+    stream: bool = False
+    interactive: bool = False
+    device: str = "auto"
+
+    def __post_init__(self):
+        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples} must be >= 1")
+
+# -----------------------------------------------------------------------------
+# Sampling: small pure functions on logits (B, vocab)
+# -----------------------------------------------------------------------------
+
+
+def check_sampling(*, temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None):
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the k-th value are kept); the rest -inf."""
+    kth = torch.topk(logits, min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the most likely tokens until their probability reaches p; the rest -inf."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = probs.cumsum(-1) - probs                  # mass of strictly more likely tokens
+    drop_sorted = mass_before >= p                           # the top token is always kept
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids (B, 1) from last-position logits (B, vocab)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1:
+        logits = top_p_filter(logits, top_p)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+# -----------------------------------------------------------------------------
+# Decoding
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                    top_k: Optional[int] = None, top_p: Optional[float] = None,
+                    generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """Yield max_new_tokens next-token tensors (B, 1) continuing idx (B, T).
+
+    Example:
+        >>> for tok in generate_tokens(model, torch.tensor([[1, 2]]), 5, temperature=0):
+        ...     print(tok.item())
+    """
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    block = model.config.block_size
+    model.setup_cache(idx.shape[0])
+    window = idx[:, -block:]
+    logits = model(window, start_pos=0)[:, -1]           # prefill: the prompt in one forward
+    pos = window.shape[1]
+    try:
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            yield nxt
+            if i == max_new_tokens - 1:
+                break
+            idx = torch.cat([idx, nxt], dim=1)
+            if pos < block:                               # one new token against the cache
+                logits = model(nxt, start_pos=pos)[:, -1]
+                pos += 1
+            else:                                         # window full: slide and re-encode
+                logits = model(idx[:, -block:], start_pos=0)[:, -1]
+    finally:
+        model.clear_cache()
+
+
+class TextStream:
+    """Turns a growing list of token ids into text pieces, never splitting a character:
+    a trailing U+FFFD (an incomplete UTF-8 sequence) is held back until it completes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        stable = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
+        piece, self.emitted = text[self.emitted:stable], max(self.emitted, stable)
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    try:
+        ids = tokenizer.encode(prompt)
+    except ValueError as e:
+        raise ValueError(f"the prompt cannot be encoded: {e}") from None
+    if not ids:
+        raise ValueError("the prompt is empty; give at least one character (e.g. --prompt '\\n')")
+    return ids
+
+
+def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, *, generator=None, out=None) -> str:
+    """Prompt + continuation as text; with out (a file), the continuation is streamed to it."""
+    ids = encode_prompt(tokenizer, prompt)
+    device = next(model.parameters()).device
+    stream = TextStream(tokenizer)
+    for tok in generate_tokens(model, torch.tensor([ids], device=device), cfg.max_new_tokens,
+                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                               generator=generator):
+        piece = stream.push(tok.item())
+        if out and piece:
+            out.write(piece)
+            out.flush()
+    rest = stream.flush()
+    if out and rest:
+        out.write(rest)
+    return prompt + tokenizer.decode(stream.ids)
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+SECTIONS = {**TRAIN_SECTIONS, "sample": SampleConfig}
+ALIASES = {name: f"sample.{name}" for name in SampleConfig.__dataclass_fields__}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Sampling options (--prompt, --temperature, ...) are the keys of "
+                                            "the `sample` section of config.yaml.")
+    parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config_path = args.config if (args.config != "config.yaml" or Path(args.config).exists()) else None
+        cfg = load_config(config_path, rest, sections=SECTIONS, aliases=ALIASES)
+        scfg: SampleConfig = cfg["sample"]
+        path = scfg.checkpoint or str(Path(cfg["training"].out_dir) / "best.pt")
+        device = pick_device(scfg.device)
+        model, tokenizer = model_from_checkpoint(load_checkpoint(path), device=device)
+        generator = torch.Generator(device=device)
+        if scfg.seed is not None:
+            generator.manual_seed(scfg.seed)
+        else:
+            generator.seed()
+        if scfg.interactive:
+            return interactive(model, tokenizer, scfg, generator)
+        for i in range(scfg.num_samples):
+            if i:
+                print("\n" + "-" * 40)
+            if scfg.stream:
+                sys.stdout.write(scfg.prompt)
+                generate_text(model, tokenizer, scfg.prompt, scfg, generator=generator, out=sys.stdout)
+                print()
+            else:
+                print(generate_text(model, tokenizer, scfg.prompt, scfg, generator=generator))
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+
+
+def interactive(model, tokenizer, cfg: SampleConfig, generator):
+    print(f"Interactive generation ({tokenizer.kind} tokenizer, {cfg.max_new_tokens} new tokens, "
+          f"temperature {cfg.temperature}). Ctrl-D or 'quit' exits.")
+    while True:
+        try:
+            prompt = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if prompt.strip() in ("quit", "exit"):
+            return
+        if not prompt:
+            continue
+        try:
+            sys.stdout.write(prompt)
+            generate_text(model, tokenizer, prompt, cfg, generator=generator, out=sys.stdout)
+            print()
+        except ValueError as e:
+            print(f"\nerror: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Train a language model on the built-in corpus or your own text.
+
+    python train.py --config config.yaml                      # built-in Shakespeare, char-level
+    python train.py --config config.yaml --data my.txt --model.n_layers=4 --training.max_iters=200
+    python train.py --config config.yaml --preset cpu-fast --data ../shared/data/tinyshakespeare.txt
+    python train.py --config config.yaml --resume              # continue from out/last.pt
+
+Writes to training.out_dir: last.pt (for --resume), best.pt (best validation loss),
+config.yaml (the resolved configuration) and log.jsonl (one JSON object per event).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from data import DataConfig, load_dataset, tokenizer_from_state
+from model import PRESETS as MODEL_PRESETS, Transformer, TransformerConfig, closest
+from utils import (CheckpointError, JsonlLogger, config_to_dict, load_checkpoint, load_config,
+                   pick_device, save_checkpoint)
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimisation, budget, evaluation and output."""
+
+    out_dir: str = "out"
+    device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
+    seed: int = 1337
+    batch_size: int = 32
+    grad_accum_steps: int = 1       # micro-batches per optimizer step
+    max_iters: int = 5000
+    max_time: Optional[float] = None  # seconds; when set, it replaces max_iters as the budget
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1       # the schedule decays to learning_rate * min_lr_ratio
+    lr_schedule: str = "cosine"     # cosine | linear | constant (after warmup)
+    warmup_iters: int = 100
+    weight_decay: float = 0.1       # AdamW, decoupled; not applied to norms, biases, embeddings
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0          # max global grad norm; 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 50            # random validation batches per periodic evaluation
+    log_interval: int = 10
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (fp16: CUDA only)
+    compile: bool = False           # torch.compile the model
+    progress: bool = True           # tqdm progress bar
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval",
+                     "eval_iters", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"training.{name}={getattr(self, name)} must be positive")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ValueError(f"training.max_time={self.max_time} must be positive seconds")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"training.lr_schedule={self.lr_schedule!r}; {closest(self.lr_schedule, SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"training.precision={self.precision!r}; {closest(self.precision, PRECISIONS)}")
+        if not (self.learning_rate > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_iters >= 0):
+            raise ValueError("training: need learning_rate > 0, 0 <= min_lr_ratio <= 1, warmup_iters >= 0")
+
+
+SECTIONS = {"model": TransformerConfig, "data": DataConfig, "training": TrainConfig}
+
+# Run presets set model and training keys together; every model preset is a run preset too.
+RUN_PRESETS = {
+    # Beats nanoGPT's CPU "baby GPT" on tinyshakespeare within the same ~75 s (see readme).
+    "cpu-fast": {
+        "model": dict(n_layers=4, d_model=256, n_heads=8, n_kv_heads=8, block_size=128, dropout=0.0,
+                      norm="rmsnorm", pos_encoding="rope", activation="swiglu", bias=False),
+        "training": dict(batch_size=32, learning_rate=2e-3, min_lr_ratio=0.05, warmup_iters=50,
+                         max_time=75.0, eval_interval=250, eval_iters=20, weight_decay=0.1,
+                         precision="bf16", beta2=0.99),
+    },
+}
+PRESETS = {**{name: {"model": p} for name, p in MODEL_PRESETS.items()}, **RUN_PRESETS}
+ALIASES = {"data": "data.path", "device": "training.device"}
+
+# -----------------------------------------------------------------------------
+# Small pure pieces
+# -----------------------------------------------------------------------------
+
+
+def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_iters steps, then decay by the fraction of the budget used
+    (steps, or seconds with max_time) down to learning_rate * min_lr_ratio."""
+    warm = min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters else 1.0
+    p = min(max(progress, 0.0), 1.0)
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * p)), "linear": 1 - p, "constant": 1.0}[cfg.lr_schedule]
+    return cfg.learning_rate * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices that are not embeddings (norms, biases and
+    embedding tables are left alone)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in params if p.dim() < 2 or id(p) in embeddings]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.startswith("cuda"))
+
+
+def autocast(device: str, precision: str):
+    """The autocast context for a precision; an impossible choice is a clear error."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    kind = device.split(":")[0]
+    if precision == "fp16" and kind == "cpu":
+        raise ValueError("training.precision=fp16 needs CUDA or MPS; on CPU use bf16 or fp32")
+    if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bf16; use training.precision=fp16")
+    return torch.autocast(kind, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def lm_loss(model, x, y) -> torch.Tensor:
+    logits = model(x)                                            # (B, T, vocab)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+@torch.no_grad()
+def estimate_loss(model, data, cfg: TrainConfig, block_size: int, device: str) -> dict:
+    """Mean loss over eval_iters random batches per split; the same batches every time
+    (a fixed generator), so successive evaluations compare like with like."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        losses = []
+        for _ in range(cfg.eval_iters):
+            x, y = data.get_batch(split, cfg.batch_size, block_size, generator=g, device=device)
+            with autocast(device, cfg.precision):
+                losses.append(lm_loss(model, x, y).item())
+        out[split] = float(np.mean(losses))
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def split_loss(model, data, split: str, *, block_size: int, batch_size: int, device: str,
+               precision: str = "fp32") -> float:
+    """Mean loss over every token of a split once (non-overlapping windows)."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data.iter_split(split, batch_size, block_size, device=device):
+        with autocast(device, precision):
+            logits = model(x)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return total / count
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "batches": generator.get_state(),
+            "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+            "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+            "python_gauss": random.getstate()[2]}
+
+
+def _set_rng_state(state: dict, generator: torch.Generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["batches"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+
+
+def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
+    """Train with a resolved config ({'model', 'data', 'training'} dataclasses).
+
+    resume_from: a loaded last.pt checkpoint to continue from. Returns a summary dict
+    (steps, best and final validation loss, paths).
+    """
+    tcfg: TrainConfig = cfg["training"]
+    device = pick_device(tcfg.device)
+    out_dir = Path(tcfg.out_dir)
+    torch.manual_seed(tcfg.seed)
+    np.random.seed(tcfg.seed)
+    random.seed(tcfg.seed)
+
+    block_size = cfg["model"].block_size
+    tokenizer = tokenizer_from_state(resume_from["tokenizer"]) if resume_from else None
+    data = load_dataset(cfg["data"], block_size=block_size, tokenizer=tokenizer)
+    # the vocabulary belongs to the tokenizer, so the model's vocab_size follows it
+    model_cfg = dataclasses.replace(cfg["model"], vocab_size=data.tokenizer.vocab_size)
+    cfg = {**cfg, "model": model_cfg}
+    model = Transformer(model_cfg).to(device)
+    optimizer = make_optimizer(model, tcfg, device)
+    scaler = torch.amp.GradScaler(enabled=tcfg.precision == "fp16")
+    generator = torch.Generator().manual_seed(tcfg.seed)
+    step, elapsed, best_val = 0, 0.0, float("inf")
+    if resume_from:
+        model.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        step, elapsed, best_val = resume_from["step"], resume_from["elapsed"], resume_from["best_val_loss"]
+        _set_rng_state(resume_from["rng"], generator)
+    fwd = model
+    if tcfg.compile:
+        try:
+            fwd = torch.compile(model)
+        except Exception as e:  # e.g. no compiler toolchain, unsupported platform
+            print(f"warning: torch.compile unavailable ({e}); training without it", file=sys.stderr)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    logger = JsonlLogger(out_dir / "log.jsonl")
+    n_params = model.num_params()
+    tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block_size
+    print(f"{n_params / 1e6:.2f}M parameters | vocab {model_cfg.vocab_size} ({data.tokenizer.kind}) | "
+          f"train {len(data.splits['train']):,} tokens, val {len(data.splits['val']):,} | device {device}"
+          f" | {tcfg.precision}")
+    logger.log(event="start", step=step, params=n_params, device=device, resumed=bool(resume_from))
+
+    def progress() -> float:
+        return elapsed / tcfg.max_time if tcfg.max_time else step / tcfg.max_iters
+
+    def checkpoint(name: str, val_loss: float):
+        save_checkpoint(out_dir / name, {
+            "model": model.state_dict(), "model_config": model_cfg.to_dict(),
+            "tokenizer": data.tokenizer.state(), "config": config_to_dict(cfg),
+            "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
+            "best_val_loss": best_val, "val_loss": val_loss, "rng": _rng_state(generator)})
+
+    def evaluate():
+        nonlocal best_val
+        losses = estimate_loss(fwd, data, tcfg, block_size, device)
+        improved = losses["val"] < best_val
+        best_val = min(best_val, losses["val"])
+        logger.log(event="eval", step=step, train_loss=losses["train"], val_loss=losses["val"],
+                   perplexity=math.exp(losses["val"]), elapsed=round(elapsed, 2))
+        say(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
+            f"(ppl {math.exp(losses['val']):.2f}){' *best' if improved else ''} [{elapsed:.0f}s]")
+        if improved:
+            checkpoint("best.pt", losses["val"])
+        checkpoint("last.pt", losses["val"])
+        return step
+
+    bar = None
+    if tcfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=int(tcfg.max_time) if tcfg.max_time else tcfg.max_iters,
+                   initial=int(elapsed) if tcfg.max_time else step,
+                   unit="s" if tcfg.max_time else "it", dynamic_ncols=True)
+    say = bar.write if bar else print
+
+    model.train()
+    last_eval, window_tokens, window_start = -1, 0, time.perf_counter()
+    while progress() < 1.0:
+        t0 = time.perf_counter()
+        lr = lr_at(step, progress(), tcfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(tcfg.grad_accum_steps):
+            x, y = data.get_batch("train", tcfg.batch_size, block_size, generator=generator, device=device)
+            with autocast(device, tcfg.precision):
+                loss = lm_loss(fwd, x, y)
+            scaler.scale(loss / tcfg.grad_accum_steps).backward()
+            loss_sum += loss.item()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf")).item()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_tokens += tokens_per_step
+        train_loss = loss_sum / tcfg.grad_accum_steps
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"loss is {train_loss} at step {step}; last good checkpoint "
+                                     f"is {out_dir / 'last.pt'}. Try a lower learning rate.")
+        if step % tcfg.log_interval == 0:
+            now = time.perf_counter()
+            tps = window_tokens / (now - window_start)
+            logger.log(event="train", step=step, train_loss=train_loss, lr=lr, grad_norm=grad_norm,
+                       tokens_per_sec=round(tps, 1))
+            if bar:
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.1e}")
+            window_tokens, window_start = 0, now
+        if step % tcfg.eval_interval == 0:
+            last_eval = evaluate()
+        elapsed += time.perf_counter() - t0
+        if bar:
+            bar.n = min(int(elapsed), bar.total) if tcfg.max_time else step
+            bar.refresh()
+    if bar:
+        bar.close()
+    if last_eval != step:
+        evaluate()
+    final = split_loss(fwd, data, "val", block_size=block_size, batch_size=tcfg.batch_size,
+                       device=device, precision=tcfg.precision)
+    logger.log(event="final", step=step, final_val_loss=final, perplexity=math.exp(final),
+               elapsed=round(elapsed, 2))
+    print(f"final_val_loss {final:.4f} (perplexity {math.exp(final):.2f}, every validation token once) "
+          f"after {step} steps, {elapsed:.1f}s; best checkpoint: {out_dir / 'best.pt'}")
+    return {"step": step, "best_val_loss": best_val, "final_val_loss": final, "elapsed": elapsed,
+            "out_dir": str(out_dir)}
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+
+def resolve(argv: list[str]) -> tuple[dict, Optional[dict]]:
+    """The run config and, with --resume, the checkpoint to resume from."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Any key of config.yaml: --section.key=value (e.g. "
+                                            "--model.n_layers=4 --training.max_iters=200 --data.tokenizer=byte)")
+    parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from training.out_dir/last.pt")
+    parser.add_argument("--preset", help=f"named preset: {', '.join(PRESETS)}")
+    args, rest = parser.parse_known_args(argv)
+    config_path = args.config if (args.config != "config.yaml" or Path(args.config).exists()) else None
+    cfg = load_config(config_path, rest, sections=SECTIONS, presets=PRESETS, preset=args.preset,
+                      aliases=ALIASES, other_sections=("sample",))
+    if not args.resume:
+        return cfg, None
+    last = Path(cfg["training"].out_dir) / "last.pt"
+    ckpt = load_checkpoint(last)
+    # resume with the checkpoint's own configuration; only the command line changes it
+    resumed = load_config(None, rest, sections=SECTIONS, base=ckpt["config"], aliases=ALIASES)
+    for key, value in dataclasses.asdict(resumed["model"]).items():
+        if key != "vocab_size" and ckpt["model_config"][key] != value:
+            raise ValueError(f"cannot change model.{key} when resuming "
+                             f"({ckpt['model_config'][key]!r} in {last}, {value!r} requested)")
+    return resumed, ckpt
+
+
+def main(argv=None):
+    try:
+        cfg, ckpt = resolve(sys.argv[1:] if argv is None else argv)
+        if ckpt:
+            print(f"resuming from step {ckpt['step']} of {Path(cfg['training'].out_dir) / 'last.pt'}")
+        train(cfg, resume_from=ckpt)
+    except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; resume with --resume (the last checkpoint is complete)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Shared helpers: configuration (YAML + typed CLI overrides), checkpoints, devices,
+logging and profiling.
+
+    >>> from utils import load_config
+    >>> cfg = load_config("config.yaml", ["--model.n_layers=4"], sections=SECTIONS)
+    >>> cfg["model"].n_layers
+    4
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from model import Transformer, TransformerConfig, closest
+from data import tokenizer_from_state
+
+# =============================================================================
+# Configuration: dataclass defaults < config.yaml < --preset < --section.key=value
+# =============================================================================
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce(value: Any, typ, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or say what is wrong."""
+    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
+    base = next(t for t in typing.get_args(typ) if t is not type(None)) if optional else typ
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", "~", ""):
+        if optional:
+            return None
+        raise ValueError(f"{where} cannot be empty/null")
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where} cannot be null")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "on", "1"):
+                return True
+            if text in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ValueError(f"{where} expects {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def _apply(values: dict, section_cls, section: str, updates: dict, source: str):
+    types = _field_types(section_cls)
+    for key, value in updates.items():
+        if key not in types:
+            raise ValueError(f"unknown key '{section}.{key}' in {source}; "
+                             f"{closest(key, types).replace('valid: ', f'valid {section} keys: ')}")
+        values[key] = coerce(value, types[key], f"{section}.{key} ({source})")
+
+
+def parse_overrides(argv: list[str], *, sections: dict[str, type], aliases: dict[str, str] = None):
+    """`--section.key=value`, `--section.key value` or an alias (`--device cuda`), typed.
+
+    Returns {section: {key: raw value}}. Boolean keys may be given without a value.
+    """
+    aliases = aliases or {}
+    out: dict[str, dict] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; options look like --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        dotted = aliases.get(name, name)
+        section, dot, key = dotted.partition(".")
+        if not dot:
+            valid = list(aliases) + [f"{s}.{k}" for s, c in sections.items() for k in _field_types(c)]
+            raise ValueError(f"unknown option '--{name}'; {closest(name, valid)}")
+        if section not in sections:
+            raise ValueError(f"unknown config section '{section}' in '--{name}'; {closest(section, sections)}")
+        types = _field_types(sections[section])
+        if key not in types:
+            valid = [f"{section}.{k}" for k in types]
+            raise ValueError(f"unknown option '--{name}'; {closest(dotted, valid)}")
+        if not eq:
+            is_bool = types[key] in (bool, Optional[bool])
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--") and not (
+                    is_bool and argv[i + 1].lower() not in ("true", "false", "yes", "no", "on", "off", "1", "0")):
+                value, i = argv[i + 1], i + 1
+            elif is_bool:
+                value = "true"
+            else:
+                raise ValueError(f"option '--{name}' needs a value")
+        out.setdefault(section, {})[key] = value
+        i += 1
+    return out
+
+
+def load_config(path: Optional[str], argv: list[str] = (), *, sections: dict[str, type],
+                presets: dict[str, dict] = None, preset: Optional[str] = None,
+                aliases: dict[str, str] = None, base: Optional[dict] = None,
+                other_sections: tuple[str, ...] = ()) -> dict:
+    """Resolve the run configuration into one dataclass instance per section.
+
+    Layers, later wins: dataclass defaults, `base` (e.g. a checkpoint's config), the YAML
+    file, the named preset, then the command-line overrides. Every key is type-checked and
+    an unknown key names the closest valid one. other_sections: sections of the file that
+    another script reads (train.py skips generate.py's `sample`).
+    """
+    values = {name: {} for name in sections}
+    layers = []
+    if base:
+        layers.append(("the checkpoint", base))
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config file '{path}' does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        layers.append((str(path), raw))
+    if preset is not None:
+        presets = presets or {}
+        if preset not in presets:
+            raise ValueError(f"unknown preset '{preset}'; {closest(preset, presets)}")
+        layers.append((f"preset '{preset}'", presets[preset]))
+    layers.append(("the command line", parse_overrides(list(argv), sections=sections, aliases=aliases)))
+    for source, layer in layers:
+        for section, updates in layer.items():
+            if section not in sections:
+                if source == "the checkpoint" or section in other_sections:
+                    continue
+                raise ValueError(f"unknown section '{section}' in {source}; {closest(section, sections)}")
+            if not isinstance(updates, dict):
+                raise ValueError(f"section '{section}' in {source} must be a mapping")
+            _apply(values[section], sections[section], section, updates, source)
+    return {name: cls(**values[name]) for name, cls in sections.items()}
+
+
+def config_to_dict(cfg: dict) -> dict:
+    return {name: dataclasses.asdict(c) for name, c in cfg.items()}
+
+# =============================================================================
+# Checkpoints: versioned, atomic, loaded with weights_only=True
+# =============================================================================
+
+CHECKPOINT_FORMAT = "mini-transformer"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not a usable Mini Transformer checkpoint."""
+
+
+def save_checkpoint(path, payload: dict) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, then rename over `path`.
+
+    payload needs 'model' (a state dict), 'model_config' and 'tokenizer'; the format
+    name and version are added here.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path, *, map_location="cpu") -> dict:
+    """Load and validate a checkpoint; anything else raises CheckpointError with the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist (train first: python train.py)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"'{path}' is not a loadable checkpoint: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"'{path}' is not a Mini Transformer checkpoint (no '{CHECKPOINT_FORMAT}' "
+                              f"format tag); foreign weights need converting first")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"'{path}' has checkpoint format version {ckpt.get('version')!r}; "
+                              f"this code reads version {CHECKPOINT_VERSION}")
+    for key in ("model", "model_config", "tokenizer"):
+        if key not in ckpt:
+            raise CheckpointError(f"'{path}' is missing '{key}'")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, *, device="cpu"):
+    """(model in eval mode, tokenizer) from a loaded checkpoint."""
+    model = Transformer(TransformerConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), tokenizer_from_state(ckpt["tokenizer"])
+
+# =============================================================================
+# Devices, logging, profiling
+# =============================================================================
+
+
+def pick_device(name: str = "auto") -> str:
+    """'auto' picks cuda, then mps, then cpu; an unavailable explicit choice is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' requested but MPS is not available; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device '{name}'; valid: auto, cpu, cuda, cuda:N, mps")
+    return name
+
+
+class JsonlLogger:
+    """Appends one JSON object per event to a file (and keeps nothing in memory)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, **event):
+        event = {"time": round(time.time(), 3), **event}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def flops_per_token(cfg: TransformerConfig, seq_len: Optional[int] = None) -> float:
+    """Training FLOPs per token (forward + backward), as nanoGPT and PaLM count them:
+    6 per matmul weight, plus 12 * n_layers * T * d_model for attention scores and values."""
+    T = seq_len or cfg.block_size
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
+    mlp = (3 if cfg.activation in ("swiglu", "geglu") else 2) * d * cfg.d_ff
+    matmul_params = cfg.n_layers * (attn + mlp) + d * cfg.vocab_size   # lm_head
+    return 6 * matmul_params + 12 * cfg.n_layers * T * d
+
+
+def measure_matmul_peak(*, device="cpu", dtype=torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    """Sustained FLOP/s of a large square matmul: the denominator of MFU on this machine."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        iters += 1
+    _sync(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - start)
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    elif str(device).startswith("mps"):
+        torch.mps.synchronize()
