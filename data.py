@@ -124,8 +124,8 @@ class CharTokenizer:
 
     def encode_array(self, text: str) -> np.ndarray:
         codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
-        ids = np.searchsorted(self._codes, codes).clip(max=len(self._codes) - 1)
-        bad = self._codes[ids] != codes
+        ids = np.searchsorted(self._codes, codes).clip(max=max(len(self._codes) - 1, 0))
+        bad = self._codes[ids] != codes if len(self._codes) else np.ones(len(codes), dtype=bool)
         if bad.any():
             unknown = sorted({chr(c) for c in codes[bad]})
             shown = ", ".join(repr(c) for c in unknown[:10])
@@ -151,7 +151,7 @@ class ByteTokenizer:
         return cls()
 
     def encode(self, text: str) -> list[int]:
-        return list(self.encode_array(text))
+        return self.encode_array(text).tolist()
 
     def encode_array(self, text: str) -> np.ndarray:
         try:

@@ -84,6 +84,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Next token ids (B, 1) from last-position logits (B, vocab)."""
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits.float() / temperature

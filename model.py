@@ -171,8 +171,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        y = F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],),
-                       eps=self.eps).type_as(x)
+        if x.dtype in (torch.float32, torch.float64):       # one fused kernel
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         return y * self.weight
 
 
@@ -195,7 +196,8 @@ def rope_tables(rotary_dim: int, length: int, theta: float) -> tuple[torch.Tenso
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of x (B, H, T, hd); the rest pass through."""
+    """Rotate the first cos.shape[-1] dims of each head of x (..., hd); the rest pass through.
+    cos and sin broadcast against x[..., :rotary_dim]: (T, 1, rd) for x of shape (B, T, H, hd)."""
     rd = cos.shape[-1]
     rot, rest = x[..., :rd], x[..., rd:]
     x1, x2 = rot.chunk(2, dim=-1)
@@ -253,20 +255,20 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, start_pos=None, mask=None):
         B, T, _ = x.shape
-        hd, nkv = self.head_dim, self.n_kv_heads
-        q, k, v = self.wqkv(x).split([self.n_heads * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(B, T, self.n_heads, hd).transpose(1, 2)   # (B, H, T, hd)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)            # (B, Hkv, T, hd)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        H, hd, nkv = self.n_heads, self.head_dim, self.n_kv_heads
+        qkv = self.wqkv(x).view(B, T, H + 2 * nkv, hd)      # (B, T, H + 2*Hkv, hd)
+        qk, v = qkv.split([H + nkv, nkv], dim=2)
+        if rope is not None:                                 # q and k rotated in one pass
+            cos, sin = rope
+            qk = apply_rope(qk, cos[:, None], sin[:, None])
+        q, k = qk.split([H, nkv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if start_pos is not None:
             k, v = self.kv_cache.update(start_pos, k, v)     # (B, Hkv, start+T, hd)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=nkv != self.n_heads)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * hd)  # (B, T, C)
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != H)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)           # (B, T, C)
         return self.wo(y)
 
 # =============================================================================
@@ -279,8 +281,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.act = {"swiglu": F.silu, "silu": F.silu, "geglu": _gelu_tanh,
-                    "gelu": _gelu_tanh, "relu": F.relu}[cfg.activation]
+        self.act = {"swiglu": F.silu, "silu": F.silu, "geglu": F.gelu,
+                    "gelu": F.gelu, "relu": F.relu}[cfg.activation]   # exact (erf) GELU
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.activation in GATED else None
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
@@ -290,10 +292,6 @@ class FeedForward(nn.Module):
         if self.w3 is not None:
             h = h * self.w3(x)
         return self.w2(h)
-
-
-def _gelu_tanh(x):
-    return F.gelu(x, approximate="tanh")        # GPT-2's GELU
 
 # =============================================================================
 # 7. Block

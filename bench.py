@@ -1,0 +1,151 @@
+"""Benchmarks: every speed and memory goal of the project lives here, never in tests.
+
+    python bench.py train                          # tokens/s and MFU of training steps
+    python bench.py train --nanogpt ~/nanoGPT      # side by side with nanoGPT's model.py
+    python bench.py train --configs gpt2-style,small --steps 10
+
+Each sub-command prints a table. MFU is measured against this machine's sustained fp32
+matmul throughput (a 2048x2048 matmul), so it reads as "fraction of what the matmul units
+actually deliver here"; FLOPs per token are counted as nanoGPT and PaLM do.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import Transformer, TransformerConfig
+from train import RUN_PRESETS
+from utils import flops_per_token, measure_matmul_peak, pick_device, tune_cpu_allocator
+
+# The comparison configuration of the foundation issue: nanoGPT's model shape, GPT-2 style.
+GPT2_STYLE = dict(vocab_size=65, block_size=256, d_model=256, n_layers=6, n_heads=8, dropout=0.0,
+                  norm="layernorm", pos_encoding="learned", activation="gelu", bias=False)
+TRAIN_CONFIGS = {
+    "gpt2-style": (GPT2_STYLE, 32),
+    "tiny": (dict(TransformerConfig.from_preset("tiny", vocab_size=65).to_dict()), 32),
+    "small": (dict(TransformerConfig.from_preset("small", vocab_size=65).to_dict()), 32),
+    "cpu-fast": ({**RUN_PRESETS["cpu-fast"]["model"], "vocab_size": 65},
+                 RUN_PRESETS["cpu-fast"]["training"]["batch_size"]),
+}
+
+
+def time_steps(step, steps: int, device: str) -> list[float]:
+    """Seconds per call of step(), after two warm-up calls."""
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_step_fn(model, loss_fn, batch_size: int, block_size: int, vocab: int, device: str):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, vocab, (batch_size, block_size), device=device)
+    y = torch.randint(0, vocab, (batch_size, block_size), device=device)
+
+    def step():
+        loss = loss_fn(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def load_nanogpt(path: str):
+    """nanoGPT's model.py from a checkout (imported as a module under another name)."""
+    file = Path(path).expanduser() / "model.py"
+    if not file.exists():
+        raise FileNotFoundError(f"--nanogpt {path}: no model.py there")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_train(args):
+    device = pick_device(args.device)
+    if args.tune_allocator:
+        tune_cpu_allocator()
+    torch.manual_seed(0)
+    peak = measure_matmul_peak(device=device, seconds=2.0)
+    print(f"device {device}, {torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s "
+          f"(2048x2048); allocator tuning {'on' if args.tune_allocator else 'off'}\n")
+    rows = []
+    names = args.configs.split(",")
+    for name in names:
+        if name not in TRAIN_CONFIGS:
+            sys.exit(f"unknown config '{name}'; valid: {', '.join(TRAIN_CONFIGS)}")
+        kw, batch = TRAIN_CONFIGS[name]
+        batch = args.batch_size or batch
+        cfg = TransformerConfig(**kw)
+        model = Transformer(cfg).to(device)
+        fwd = torch.compile(model) if args.compile else model
+        step = train_step_fn(model, lambda x, y: F.cross_entropy(fwd(x).flatten(0, 1), y.flatten()),
+                             batch, cfg.block_size, cfg.vocab_size, device)
+        rows.append(_row(f"ours {name}" + (" (compiled)" if args.compile else ""), cfg, batch,
+                         model.num_params(), time_steps(step, args.steps, device), peak))
+        if name == "gpt2-style" and args.nanogpt:
+            ng = load_nanogpt(args.nanogpt)
+            torch.manual_seed(0)
+            gpt = ng.GPT(ng.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
+                                      n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.d_model,
+                                      dropout=0.0, bias=cfg.bias)).to(device)
+            step = train_step_fn(gpt, lambda x, y: gpt(x, y)[1], batch, cfg.block_size, cfg.vocab_size, device)
+            rows.append(_row("nanoGPT gpt2-style", cfg, batch, model.num_params(),
+                             time_steps(step, args.steps, device), peak))
+    print(f"{'model':28s} {'params':>8s} {'B x T':>9s} {'ms/step':>9s} {'tokens/s':>9s} {'best tok/s':>10s} {'MFU':>6s}")
+    for r in rows:
+        print(f"{r['name']:28s} {r['params'] / 1e6:7.2f}M {r['bt']:>9s} {r['ms']:9.0f} {r['tps']:9.0f} "
+              f"{r['best']:10.0f} {r['mfu']:6.1%}")
+    ours = next((r for r in rows if r["name"] == "ours gpt2-style"), None)
+    theirs = next((r for r in rows if r["name"].startswith("nanoGPT")), None)
+    if ours and theirs:
+        print(f"\nours / nanoGPT (median tokens/s): {ours['tps'] / theirs['tps']:.3f}")
+    return rows
+
+
+def _row(name, cfg, batch, params, times, peak):
+    med = statistics.median(times)
+    tokens = batch * cfg.block_size
+    tps = tokens / med
+    return {"name": name, "params": params, "bt": f"{batch}x{cfg.block_size}", "ms": med * 1e3, "tps": tps,
+            "best": tokens / min(times), "mfu": tps * flops_per_token(cfg) / peak}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="training tokens/s and MFU")
+    p.add_argument("--configs", default="gpt2-style,tiny,small,cpu-fast",
+                   help=f"comma-separated: {', '.join(TRAIN_CONFIGS)}")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per config (after 2 warm-up steps)")
+    p.add_argument("--batch_size", type=int, default=None, help="override every config's batch size")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--nanogpt", help="path to a nanoGPT checkout: time its model.py on gpt2-style too")
+    p.add_argument("--no-tune-allocator", dest="tune_allocator", action="store_false",
+                   help="leave glibc's malloc settings alone (train.py tunes them)")
+    p.set_defaults(func=bench_train)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Shared fixtures: a small text file and tiny, fast run configurations."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:          # so that a bare `pytest` (not only `python -m pytest`) works
+    sys.path.insert(0, str(REPO))
+
+import train as train_mod  # noqa: E402
+from utils import load_config  # noqa: E402
+
+# No per-example deadline: the machine may be shared, and a slow example is not a failure.
+settings.register_profile("repo", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("repo")
+
+# A few KB of repetitive English: learnable in tens of steps by a tiny model.
+TEXT = ("the quick brown fox jumps over the lazy dog. "
+        "a stitch in time saves nine. "
+        "to be or not to be, that is the question.\n") * 40
+
+# Tiny model and training settings: a 2-layer, d_model 32 model trains a step in milliseconds.
+TINY = [
+    "--model.n_layers=2", "--model.d_model=32", "--model.n_heads=4", "--model.block_size=16",
+    "--training.batch_size=8", "--training.max_iters=40", "--training.eval_interval=20",
+    "--training.eval_iters=2", "--training.log_interval=5", "--training.warmup_iters=5",
+    "--training.learning_rate=3e-3", "--training.progress=false", "--training.device=cpu",
+]
+
+
+def make_run_config(tmp_path, *overrides, data=None, out_dir=None):
+    """A resolved {'model', 'data', 'training'} config: tiny defaults, then `overrides`."""
+    argv = list(TINY)
+    if data is not None:
+        argv.append(f"--data.path={data}")
+    argv.append(f"--training.out_dir={out_dir or tmp_path / 'out'}")
+    return load_config(None, argv + list(overrides), sections=train_mod.SECTIONS)
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def run_config(tmp_path, text_file):
+    """run_config(*overrides) -> a tiny resolved config training on text_file into tmp_path/out."""
+    def make(*overrides, out_dir=None):
+        return make_run_config(tmp_path, *overrides, data=text_file, out_dir=out_dir)
+    return make
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
+
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny model trained once for the session (80 steps, about a second): read-only for tests."""
+    root = tmp_path_factory.mktemp("trained")
+    text = root / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    cfg = make_run_config(root, "--training.max_iters=80", data=text)
+    with single_thread():
+        summary = train_mod.train(cfg)
+    return SimpleNamespace(cfg=cfg, summary=summary, out_dir=root / "out", text_file=text)

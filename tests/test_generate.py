@@ -1,0 +1,311 @@
+"""generate.py: filters, sampling, cached decoding with a sliding window, streaming text, the CLI."""
+import io
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import generate
+from data import ByteTokenizer, CharTokenizer
+from generate import (SampleConfig, TextStream, check_sampling, generate_text, generate_tokens,
+                      sample_next, top_k_filter, top_p_filter)
+from model import Transformer
+from utils import load_checkpoint, load_config, model_from_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+
+
+def kept(logits: torch.Tensor) -> set:
+    return set(torch.isfinite(logits).nonzero().flatten().tolist())
+
+
+# --- top-k and top-p ------------------------------------------------------------------
+
+@given(st.lists(st.floats(-20, 20), min_size=1, max_size=30, unique=True), st.integers(1, 40))
+def test_top_k_keeps_exactly_the_k_largest(values, k):
+    logits = torch.tensor([values], dtype=torch.float64)
+    out = top_k_filter(logits, k)
+    expected = set(torch.topk(logits[0], min(k, len(values))).indices.tolist())
+    assert kept(out[0]) == expected
+    assert torch.equal(out[0, list(expected)], logits[0, list(expected)])     # kept values unchanged
+    assert torch.all(out[0, [i for i in range(len(values)) if i not in expected]] == float("-inf"))
+
+
+def test_top_k_keeps_ties_and_works_per_row():
+    logits = torch.tensor([[1.0, 2.0, 2.0, 0.0], [4.0, 3.0, 2.0, 1.0]])
+    out = top_k_filter(logits, 1)
+    assert kept(out[0]) == {1, 2} and kept(out[1]) == {0}
+    assert kept(top_k_filter(logits, 3)[1]) == {0, 1, 2}
+    assert kept(top_k_filter(logits, 100)[1]) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("p, expected", [
+    (0.3, {1}), (0.5, {1}), (0.51, {1, 3}), (0.8, {1, 3}), (0.81, {1, 3, 0}), (0.95, {1, 3, 0}),
+    (0.951, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3}),
+])
+def test_top_p_keeps_exactly_the_nucleus(p, expected):
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])        # sorted: 0.5 (1), 0.3 (3), 0.15 (0), 0.05 (2)
+    logits = probs.log()
+    out = top_p_filter(logits, p)
+    assert kept(out[0]) == expected
+    assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])
+    # the same distribution in another order, in a batch: each row on its own
+    batch = torch.cat([logits, logits[:, [2, 0, 3, 1]]])
+    out = top_p_filter(batch, p)
+    assert kept(out[0]) == expected
+    assert kept(out[1]) == {[2, 0, 3, 1].index(i) for i in expected}
+
+
+@settings(max_examples=200)
+@given(st.lists(st.floats(-8, 8), min_size=1, max_size=20), st.floats(0.01, 1.0))
+def test_top_p_is_the_smallest_set_reaching_p(values, p):
+    logits = torch.tensor([values], dtype=torch.float64)
+    probs = torch.softmax(logits[0], -1)
+    sorted_probs = probs.sort(descending=True).values
+    cum = sorted_probs.cumsum(0)
+    assume(bool(torch.all((cum - p).abs() > 1e-5)))       # the filter works in float32: stay off boundaries
+    out = top_p_filter(logits, p)
+    keep = kept(out[0])
+    assert max(float(probs[i]) for i in keep) == float(probs.max())   # the top token is always kept
+    m = len(keep)
+    assert float(cum[m - 1]) >= p or m == len(values)       # the kept set reaches p ...
+    assert m == 1 or float(cum[m - 2]) < p                 # ... and one fewer would not
+    smallest_kept = min(float(probs[i]) for i in keep)
+    assert all(float(probs[i]) <= smallest_kept + 1e-12 for i in range(len(values)) if i not in keep)
+
+
+# --- sample_next ---------------------------------------------------------------------
+
+def test_temperature_zero_is_argmax():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_next(logits, temperature=0, top_k=5, top_p=0.1), logits.argmax(-1, keepdim=True))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, temperature=1.0, top_k=1, generator=g), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_next(logits, temperature=5.0, top_p=1e-6, generator=g), logits.argmax(-1, keepdim=True))
+
+
+def _frequencies(logits, n, **kw):
+    g = torch.Generator().manual_seed(1234)
+    draws = sample_next(logits.expand(n, -1), generator=g, **kw).flatten()
+    assert draws.shape == (n,)
+    return torch.bincount(draws, minlength=logits.shape[-1]).double()
+
+
+def _chi2(counts, probs):
+    expected = probs * counts.sum()
+    nz = expected > 0
+    assert counts[~nz].sum() == 0                          # nothing drawn outside the support
+    return float(((counts[nz] - expected[nz]) ** 2 / expected[nz]).sum())
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_scales_the_distribution(temperature):
+    logits = torch.tensor([[1.0, 0.0, -1.0, 2.0, 0.5]])
+    counts = _frequencies(logits, 4000, temperature=temperature)
+    probs = torch.softmax(logits[0].double() / temperature, -1)
+    assert _chi2(counts, probs) < 20.5                     # chi-square, 4 dof: p ~ 0.0004
+    wrong = torch.softmax(logits[0].double() / (temperature * 2), -1)
+    assert _chi2(counts, wrong) > 50                       # and the test can tell temperatures apart
+
+
+def test_top_k_and_top_p_renormalise_the_kept_tokens():
+    logits = torch.tensor([[1.0, 0.0, -1.0, 2.0, 0.5]])
+    counts = _frequencies(logits, 3000, temperature=1.0, top_k=2)
+    probs = torch.zeros(5, dtype=torch.float64)
+    probs[[0, 3]] = torch.softmax(torch.tensor([1.0, 2.0], dtype=torch.float64), -1)
+    assert _chi2(counts, probs) < 15
+    full = torch.softmax(logits[0].double(), -1)            # [0.207, 0.076, 0.028, 0.563, 0.126]
+    for p, support in [(0.75, [1, 0, 0, 1, 0]), (0.8, [1, 0, 0, 1, 1])]:   # 0.563 + 0.207 = 0.770
+        counts = _frequencies(logits, 3000, temperature=1.0, top_p=p)
+        probs = torch.where(torch.tensor(support).bool(), full, 0.0)
+        assert _chi2(counts, probs / probs.sum()) < 15
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0), r"temperature=-1\.0 must be >= 0"),
+    (dict(temperature=1.0, top_p=0.0), r"top_p=0\.0 must be in \(0, 1\]"),
+    (dict(temperature=1.0, top_p=1.5), r"top_p=1\.5 must be in \(0, 1\]"),
+    (dict(temperature=1.0, top_k=-1), r"top_k=-1 must be >= 0"),
+])
+def test_invalid_sampling_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_sampling(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        SampleConfig(**kwargs)
+    model = _tiny(1)
+    with pytest.raises(ValueError, match=match):
+        next(generate_tokens(model, torch.tensor([[1, 2]]), 3, **kwargs))
+    assert model.blocks[0].attn.kv_cache is None
+
+
+def test_sample_next_rejects_negative_temperature():
+    logits = torch.tensor([[0.0, 10.0]])
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(logits, temperature=-1.0, generator=torch.Generator().manual_seed(0))
+
+
+# --- generate_tokens: the KV cache and the sliding window -------------------------------------
+
+def _tiny(n_kv_heads, block_size=16, **kw):
+    torch.manual_seed(0)
+    # a larger init spreads the logits, so greedy choices are not decided by float rounding
+    return Transformer(vocab_size=23, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
+                       block_size=block_size, init_std=0.3, **kw).eval()
+
+
+def _greedy_reference(model, prompt, n):
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(seq[:, -model.config.block_size:])[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    return seq[:, prompt.shape[1]:]
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("prompt_len, n_new", [(1, 10), (5, 40), (16, 5), (24, 12)])
+def test_greedy_decoding_equals_the_no_cache_reference(n_kv_heads, prompt_len, n_new):
+    model = _tiny(n_kv_heads)
+    prompt = torch.randint(0, 23, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    toks = list(generate_tokens(model, prompt, n_new, temperature=0))
+    assert len(toks) == n_new and all(t.shape == (2, 1) for t in toks)
+    assert torch.equal(torch.cat(toks, 1), _greedy_reference(model, prompt, n_new))
+    assert all(block.attn.kv_cache is None for block in model.blocks)          # cache cleared
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "none"])
+def test_greedy_decoding_past_block_size_with_other_positions(pos_encoding):
+    model = _tiny(2, pos_encoding=pos_encoding)
+    prompt = torch.randint(0, 23, (1, 7), generator=torch.Generator().manual_seed(0))
+    got = torch.cat(list(generate_tokens(model, prompt, 30, temperature=0)), 1)
+    assert torch.equal(got, _greedy_reference(model, prompt, 30))
+
+
+def test_sampling_with_a_seed_is_reproducible_and_cache_is_cleared_when_stopped_early():
+    model = _tiny(2)
+    prompt = torch.tensor([[1, 2, 3]])
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.cat(list(generate_tokens(model, prompt, 25, temperature=1.0, top_k=10, top_p=0.9,
+                                              generator=g)), 1)
+    assert torch.equal(run(7), run(7)) and not torch.equal(run(7), run(8))
+    gen = generate_tokens(model, prompt, 25, temperature=0)
+    next(gen)
+    assert model.blocks[0].attn.kv_cache is not None
+    gen.close()
+    assert all(block.attn.kv_cache is None for block in model.blocks)
+    assert list(generate_tokens(model, prompt, 0, temperature=0)) == []
+    assert model.blocks[0].attn.kv_cache is None
+
+
+# --- TextStream --------------------------------------------------------------------------
+
+def test_text_stream_never_splits_a_character():
+    text = "héllo ✨ 日本"
+    tok = ByteTokenizer()
+    stream, pieces = TextStream(tok), []
+    data = text.encode("utf-8")
+    for i, b in enumerate(data):
+        piece = stream.push(b)
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+        # everything complete so far has been emitted, nothing more
+        assert "".join(pieces) == data[:i + 1].decode("utf-8", errors="ignore")
+    assert "".join(pieces) + stream.flush() == text
+    assert stream.flush() == ""
+    assert pieces[data.index("✨".encode()) + 2] == "✨"     # emitted with its last byte
+
+
+@given(st.text())
+def test_text_stream_reassembles_any_text(text):
+    tok = ByteTokenizer()
+    stream = TextStream(tok)
+    pieces = [stream.push(b) for b in text.encode("utf-8")]
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text
+    assert "".join(pieces) + stream.flush() == text
+
+
+def test_text_stream_flushes_an_incomplete_tail_and_char_tokens_pass_through():
+    stream = TextStream(ByteTokenizer())
+    assert stream.push(ord("a")) == "a"
+    assert stream.push(0xE6) == ""                          # first byte of a 3-byte character
+    assert stream.flush() == "\ufffd"                       # cut short: shown as a replacement
+    tok = CharTokenizer.train("abc ✨")
+    stream = TextStream(tok)
+    assert [stream.push(i) for i in tok.encode("a ✨b")] == ["a", " ", "✨", "b"]
+
+
+# --- generate_text ------------------------------------------------------------------------
+
+def test_generate_text_prompt_errors():
+    tok = CharTokenizer.train("abc ")
+    model = Transformer(vocab_size=tok.vocab_size, d_model=32, n_heads=4, n_layers=1, block_size=8)
+    with pytest.raises(ValueError, match=r"the prompt cannot be encoded: 2 character\(s\) not in the char "
+                                         r"vocabulary: 'x', 'z'"):
+        generate_text(model, tok, "abzx", SampleConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        generate_text(model, tok, "", SampleConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match="the prompt cannot be encoded: text cannot be UTF-8 encoded"):
+        generate_text(model, ByteTokenizer(), "a\ud800", SampleConfig(max_new_tokens=2))
+
+
+def test_generate_text_streams_exactly_the_continuation(trained_run):
+    model, tok = model_from_checkpoint(load_checkpoint(trained_run.out_dir / "best.pt"))
+    cfg = SampleConfig(max_new_tokens=30, temperature=0.8, top_k=5, top_p=0.9)
+    out = io.StringIO()
+    text = generate_text(model, tok, "the ", cfg, generator=torch.Generator().manual_seed(3), out=out)
+    assert text == "the " + out.getvalue() and len(out.getvalue()) == 30
+    again = generate_text(model, tok, "the ", cfg, generator=torch.Generator().manual_seed(3))
+    assert again == text
+    greedy = generate_text(model, tok, "the ", SampleConfig(max_new_tokens=30, temperature=0))
+    ids = torch.tensor([tok.encode("the ")])
+    ref = _greedy_reference(model, ids, 30)
+    assert greedy == "the " + tok.decode(ref[0].tolist())
+
+
+# --- interactive mode, through stdin ------------------------------------------------------------
+
+def _interactive(ckpt, stdin):
+    return subprocess.run([sys.executable, "generate.py", "--checkpoint", str(ckpt), "--interactive",
+                           "--max_new_tokens", "10", "--seed", "1"], cwd=REPO, input=stdin,
+                          capture_output=True, text=True, encoding="utf-8", timeout=120, env=SUBPROCESS_ENV)
+
+
+def test_interactive_mode(trained_run):
+    ckpt = trained_run.out_dir / "best.pt"
+    proc = _interactive(ckpt, "the \n€uro\n\nquick\nquit\nnever read\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    header, *turns = proc.stdout.split(">>> ")
+    assert header.startswith("Interactive generation (char tokenizer, 10 new tokens")
+    # the prompts: 'the ', an unencodable one, an empty line (skipped), 'quick', then quit
+    assert len(turns) == 5 and turns[-1] == ""
+    first, error, _, second, _ = turns
+    assert error.startswith("€uro\nerror: the prompt cannot be encoded") and "'€'" in error
+    assert turns[2] == ""                                   # the empty line asked again
+    # each answer is the prompt and 10 new characters; identical to generate_text with the same
+    # seed and sampling settings (config.yaml's sample section), one generator for the session
+    model, tok = model_from_checkpoint(load_checkpoint(ckpt))
+    cfg = load_config(str(REPO / "config.yaml"), ["--max_new_tokens", "10"], sections=generate.SECTIONS,
+                      aliases=generate.ALIASES)["sample"]
+    g = torch.Generator().manual_seed(1)
+    assert first == generate_text(model, tok, "the ", cfg, generator=g) + "\n"
+    assert second == generate_text(model, tok, "quick", cfg, generator=g) + "\n"
+    assert "never read" not in proc.stdout
+
+
+def test_interactive_mode_ends_at_eof(trained_run):
+    proc = _interactive(trained_run.out_dir / "best.pt", "")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert proc.stdout.startswith("Interactive generation") and proc.stdout.endswith(">>> \n")
