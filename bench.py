@@ -4,6 +4,10 @@
     python bench.py train --nanogpt ~/nanoGPT      # side by side with nanoGPT's model.py
     python bench.py train --configs gpt2-style,small --steps 10
 
+`train` times each row in a fresh process. Our rows run as train.py does (glibc malloc
+tuned by utils.tune_cpu_allocator); nanoGPT runs as shipped; on gpt2-style, a third row
+shows ours with the default allocator, like for like.
+
 Each sub-command prints a table. MFU is measured against this machine's sustained fp32
 matmul throughput (a 2048x2048 matmul), so it reads as "fraction of what the matmul units
 actually deliver here"; FLOPs per token are counted as nanoGPT and PaLM do.
@@ -12,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 
 from model import Transformer, TransformerConfig
 from train import RUN_PRESETS
-from utils import flops_per_token, measure_matmul_peak, pick_device, tune_cpu_allocator
+from utils import flops_per_token, measure_matmul_peak, pick_device, synchronize, tune_cpu_allocator
 
 # The comparison configuration of the foundation issue: nanoGPT's model shape, GPT-2 style.
 GPT2_STYLE = dict(vocab_size=65, block_size=256, d_model=256, n_layers=6, n_heads=8, dropout=0.0,
@@ -42,17 +48,12 @@ def time_steps(step, steps: int, device: str) -> list[float]:
         step()
     times = []
     for _ in range(steps):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
-
-
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def train_step_fn(model, loss_fn, batch_size: int, block_size: int, vocab: int, device: str):
@@ -80,53 +81,70 @@ def load_nanogpt(path: str):
 
 
 def bench_train(args):
+    """One fresh process per row, so allocator state never carries over between rows."""
     device = pick_device(args.device)
-    if args.tune_allocator:
-        tune_cpu_allocator()
-    torch.manual_seed(0)
     peak = measure_matmul_peak(device=device, seconds=2.0)
     print(f"device {device}, {torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s "
-          f"(2048x2048); allocator tuning {'on' if args.tune_allocator else 'off'}\n")
+          f"(2048x2048 matmul)\n")
     rows = []
-    names = args.configs.split(",")
-    for name in names:
+    for name in args.configs.split(","):
         if name not in TRAIN_CONFIGS:
             sys.exit(f"unknown config '{name}'; valid: {', '.join(TRAIN_CONFIGS)}")
-        kw, batch = TRAIN_CONFIGS[name]
-        batch = args.batch_size or batch
-        cfg = TransformerConfig(**kw)
-        model = Transformer(cfg).to(device)
-        fwd = torch.compile(model) if args.compile else model
-        step = train_step_fn(model, lambda x, y: F.cross_entropy(fwd(x).flatten(0, 1), y.flatten()),
-                             batch, cfg.block_size, cfg.vocab_size, device)
-        rows.append(_row(f"ours {name}" + (" (compiled)" if args.compile else ""), cfg, batch,
-                         model.num_params(), time_steps(step, args.steps, device), peak))
-        if name == "gpt2-style" and args.nanogpt:
-            ng = load_nanogpt(args.nanogpt)
-            torch.manual_seed(0)
-            gpt = ng.GPT(ng.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size,
-                                      n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.d_model,
-                                      dropout=0.0, bias=cfg.bias)).to(device)
-            step = train_step_fn(gpt, lambda x, y: gpt(x, y)[1], batch, cfg.block_size, cfg.vocab_size, device)
-            rows.append(_row("nanoGPT gpt2-style", cfg, batch, model.num_params(),
-                             time_steps(step, args.steps, device), peak))
-    print(f"{'model':28s} {'params':>8s} {'B x T':>9s} {'ms/step':>9s} {'tokens/s':>9s} {'best tok/s':>10s} {'MFU':>6s}")
+        variants = [("ours", True)]
+        if name == "gpt2-style":
+            variants.append(("ours", False))
+            if args.nanogpt:
+                variants.append(("nanoGPT", False))
+        for impl, tuned in variants:
+            cmd = [sys.executable, __file__, "train-row", name, "--impl", impl, "--steps", str(args.steps),
+                   "--device", device] + (["--tuned"] if tuned else []) + (["--compile"] if args.compile else [])
+            cmd += ["--nanogpt", args.nanogpt] if impl == "nanoGPT" else []
+            cmd += ["--batch_size", str(args.batch_size)] if args.batch_size else []
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["mfu"] = row["tps"] * row["flops_per_token"] / peak
+            rows.append(row)
+    print(f"{'model':37s} {'params':>8s} {'B x T':>9s} {'ms/step':>9s} {'tokens/s':>9s} {'best tok/s':>10s} {'MFU':>6s}")
     for r in rows:
-        print(f"{r['name']:28s} {r['params'] / 1e6:7.2f}M {r['bt']:>9s} {r['ms']:9.0f} {r['tps']:9.0f} "
+        print(f"{r['name']:37s} {r['params'] / 1e6:7.2f}M {r['bt']:>9s} {r['ms']:9.0f} {r['tps']:9.0f} "
               f"{r['best']:10.0f} {r['mfu']:6.1%}")
-    ours = next((r for r in rows if r["name"] == "ours gpt2-style"), None)
-    theirs = next((r for r in rows if r["name"].startswith("nanoGPT")), None)
+    by_name = {r["name"]: r for r in rows}
+    ours, theirs = by_name.get("ours gpt2-style"), by_name.get("nanoGPT gpt2-style (default malloc)")
     if ours and theirs:
-        print(f"\nours / nanoGPT (median tokens/s): {ours['tps'] / theirs['tps']:.3f}")
+        same = by_name["ours gpt2-style (default malloc)"]
+        print(f"\nours (as train.py runs it) / nanoGPT (as shipped): {ours['tps'] / theirs['tps']:.3f}; "
+              f"like for like (both default malloc): {same['tps'] / theirs['tps']:.3f}")
     return rows
 
 
-def _row(name, cfg, batch, params, times, peak):
-    med = statistics.median(times)
-    tokens = batch * cfg.block_size
-    tps = tokens / med
-    return {"name": name, "params": params, "bt": f"{batch}x{cfg.block_size}", "ms": med * 1e3, "tps": tps,
-            "best": tokens / min(times), "mfu": tps * flops_per_token(cfg) / peak}
+def bench_train_row(args):
+    """Time one configuration in this process and print one JSON line (used by bench_train)."""
+    device = pick_device(args.device)
+    if args.tuned:
+        tune_cpu_allocator()
+    kw, batch = TRAIN_CONFIGS[args.config]
+    batch = args.batch_size or batch
+    cfg = TransformerConfig(**kw)
+    torch.manual_seed(0)
+    if args.impl == "nanoGPT":
+        ng = load_nanogpt(args.nanogpt)
+        model = ng.GPT(ng.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layers,
+                                    n_head=cfg.n_heads, n_embd=cfg.d_model, dropout=0.0, bias=cfg.bias)).to(device)
+        loss_fn = lambda x, y: model(x, y)[1]
+    else:
+        model = Transformer(cfg).to(device)
+        fwd = torch.compile(model) if args.compile else model
+        loss_fn = lambda x, y: F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())
+    step = train_step_fn(model, loss_fn, batch, cfg.block_size, cfg.vocab_size, device)
+    times = time_steps(step, args.steps, device)
+    med, tokens = statistics.median(times), batch * cfg.block_size
+    name = f"{args.impl} {args.config}" + (" (compiled)" if args.compile else "") + \
+        ("" if args.tuned else " (default malloc)")
+    print(json.dumps({"name": name, "params": sum(p.numel() for p in model.parameters()),
+                      "bt": f"{batch}x{cfg.block_size}", "ms": med * 1e3, "tps": tokens / med,
+                      "best": tokens / min(times), "flops_per_token": flops_per_token(cfg)}))
 
 
 def main(argv=None):
@@ -140,9 +158,17 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--nanogpt", help="path to a nanoGPT checkout: time its model.py on gpt2-style too")
-    p.add_argument("--no-tune-allocator", dest="tune_allocator", action="store_false",
-                   help="leave glibc's malloc settings alone (train.py tunes them)")
     p.set_defaults(func=bench_train)
+    row = sub.add_parser("train-row", help=argparse.SUPPRESS)   # one row of `train`, in its own process
+    row.add_argument("config", choices=list(TRAIN_CONFIGS))
+    row.add_argument("--impl", choices=["ours", "nanoGPT"], default="ours")
+    row.add_argument("--steps", type=int, default=8)
+    row.add_argument("--batch_size", type=int, default=None)
+    row.add_argument("--device", default="auto")
+    row.add_argument("--tuned", action="store_true", help="apply utils.tune_cpu_allocator() as train.py does")
+    row.add_argument("--compile", action="store_true")
+    row.add_argument("--nanogpt")
+    row.set_defaults(func=bench_train_row)
     args = parser.parse_args(argv)
     args.func(args)
 

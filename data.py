@@ -83,7 +83,11 @@ def load_text(path: Optional[str]) -> str:
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data.path '{path}' does not exist")
-    files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+    if p.is_dir():   # every file below, skipping hidden files and folders (.git, .venv, ...)
+        files = sorted(f for f in p.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    else:
+        files = [p]
     texts = []
     for f in files:
         try:

@@ -329,7 +329,7 @@ class Transformer(nn.Module):
         >>> model = Transformer(vocab_size=65, d_model=64, n_heads=4, n_layers=2)
 
     Incremental decoding with the KV cache:
-        >>> model.eval(); model.setup_cache(batch_size=1)
+        >>> _ = model.eval(); model.setup_cache(batch_size=1)
         >>> prompt = torch.tensor([[1, 2, 3]])
         >>> logits = model(prompt, start_pos=0)                   # prefill, (1, 3, 65)
         >>> logits = model(torch.tensor([[4]]), start_pos=3)      # one step, (1, 1, 65)

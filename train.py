@@ -57,7 +57,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 50            # random validation batches per periodic evaluation
     log_interval: int = 10
-    precision: str = "fp32"         # fp32 | bf16 | fp16 (fp16: CUDA only)
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (fp16 needs a GPU: CUDA or MPS)
     compile: bool = False           # torch.compile the model
     progress: bool = True           # tqdm progress bar
 
@@ -100,8 +100,10 @@ ALIASES = {"data": "data.path", "device": "training.device"}
 
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_iters steps, then decay by the fraction of the budget used
-    (steps, or seconds with max_time) down to learning_rate * min_lr_ratio."""
+    """learning_rate x linear warmup (over warmup_iters steps) x a decay that follows the
+    fraction of the budget used (steps, or seconds with max_time), down to
+    learning_rate * min_lr_ratio. The two factors multiply, so decay starts at step 0
+    (negligibly, while warmup is short)."""
     warm = min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters else 1.0
     p = min(max(progress, 0.0), 1.0)
     decay = {"cosine": 0.5 * (1 + math.cos(math.pi * p)), "linear": 1 - p, "constant": 1.0}[cfg.lr_schedule]
@@ -212,7 +214,7 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
     cfg = {**cfg, "model": model_cfg}
     model = Transformer(model_cfg).to(device)
     optimizer = make_optimizer(model, tcfg, device)
-    scaler = torch.amp.GradScaler(enabled=tcfg.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=tcfg.precision == "fp16")
     generator = torch.Generator().manual_seed(tcfg.seed)
     step, elapsed, best_val = 0, 0.0, float("inf")
     if resume_from:
@@ -229,6 +231,8 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if not resume_from:                       # a new run starts a new record; --resume appends
+        (out_dir / "log.jsonl").unlink(missing_ok=True)
     logger = JsonlLogger(out_dir / "log.jsonl")
     n_params = model.num_params()
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block_size
@@ -308,6 +312,7 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
             window_tokens, window_start = 0, now
         if step % tcfg.eval_interval == 0:
             last_eval = evaluate()
+            window_tokens, window_start = 0, time.perf_counter()   # tokens/s counts training only
         elapsed += time.perf_counter() - t0
         if bar:
             bar.n = min(int(elapsed), bar.total) if tcfg.max_time else step

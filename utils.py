@@ -2,7 +2,8 @@
 logging and profiling.
 
     >>> from utils import load_config
-    >>> cfg = load_config("config.yaml", ["--model.n_layers=4"], sections=SECTIONS)
+    >>> from train import SECTIONS
+    >>> cfg = load_config("config.yaml", ["--model.n_layers=4"], sections=SECTIONS, other_sections=("sample",))
     >>> cfg["model"].n_layers
     4
 """
@@ -192,6 +193,9 @@ def save_checkpoint(path, payload: dict) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp creates 0600; checkpoints are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -284,12 +288,12 @@ def measure_matmul_peak(*, device="cpu", dtype=torch.float32, n: int = 2048, sec
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    _sync(device)
+    synchronize(device)
     iters, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         iters += 1
-    _sync(device)
+    synchronize(device)
     return 2 * n ** 3 * iters / (time.perf_counter() - start)
 
 
@@ -308,7 +312,7 @@ def tune_cpu_allocator() -> bool:
                ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
 
 
-def _sync(device):
+def synchronize(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     elif str(device).startswith("mps"):

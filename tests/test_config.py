@@ -244,9 +244,7 @@ def test_coerce_int_round_trips(v):
     assert coerce(v, int, "k") == v
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: coerce() parses int strings through float(), so integers "
-                                       "beyond 2**53 (e.g. a 64-bit --training.seed) silently change")
-@given(st.integers(2**53 + 1, 2**64))
+@given(st.integers(2**53 + 1, 2**64))     # e.g. a 64-bit --training.seed: exact, not via float
 def test_coerce_large_int_strings_are_exact(v):
     assert coerce(str(v), int, "training.seed") == v
     assert coerce(str(-v), int, "training.seed") == -v

@@ -355,3 +355,12 @@ def test_load_dataset_builds_or_reuses_the_tokenizer(tmp_path):
 def test_data_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DataConfig(**kwargs)
+
+
+def test_load_text_skips_hidden_files_and_folders(tmp_path):
+    (tmp_path / ".git" / "objects").mkdir(parents=True)
+    (tmp_path / ".git" / "objects" / "pack").write_bytes(b"\xff\xfe binary")
+    (tmp_path / ".notes.txt").write_text("hidden")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("visible text")
+    assert load_text(str(tmp_path)) == "visible text"

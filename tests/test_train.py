@@ -383,11 +383,9 @@ def test_divergence_never_overwrites_last_pt_with_nan_weights(run_config):
     cfg = run_config("--training.learning_rate=1e6", "--training.eval_interval=1", "--training.warmup_iters=0")
     with pytest.raises(FloatingPointError, match=r"at step \d+"):
         train_mod.train(cfg)
-    last = Path(cfg["training"].out_dir) / "last.pt"
-    if last.exists():
-        ckpt = load_checkpoint(last)
-        assert math.isfinite(ckpt["val_loss"])
-        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    ckpt = load_checkpoint(Path(cfg["training"].out_dir) / "last.pt")   # step 1 still evaluates finite
+    assert ckpt["step"] >= 1 and math.isfinite(ckpt["val_loss"])
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 # --- the command line, end to end ------------------------------------------------------------------
@@ -484,3 +482,24 @@ def test_cli_resume_continues_from_last_pt(cli_run, tmp_path):
     assert [(r["step"], r["resumed"]) for r in starts] == [(0, False), (30, True)]
     assert [r["step"] for r in rows if r["event"] == "final"] == [30, 40]
     assert load_checkpoint(out2 / "last.pt")["step"] == 40
+
+
+def test_a_new_run_starts_a_new_log_and_resume_appends(run_config):
+    cfg = run_config("--training.max_iters=4", "--training.eval_interval=2")
+    log = Path(cfg["training"].out_dir) / "log.jsonl"
+    train_mod.train(cfg)
+    train_mod.train(cfg)                                   # same out_dir, not a resume
+    assert [e["event"] for e in read_jsonl(log)].count("start") == 1
+    more = run_config("--training.max_iters=6", "--training.eval_interval=2")
+    train_mod.train(more, resume_from=load_checkpoint(log.parent / "last.pt"))
+    starts = [e for e in read_jsonl(log) if e["event"] == "start"]
+    assert [s["resumed"] for s in starts] == [False, True]
+
+
+def test_checkpoints_are_ordinary_files_not_0600(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "c.pt", {"model": {}, "model_config": {}, "tokenizer": {}})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644

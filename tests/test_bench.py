@@ -1,0 +1,27 @@
+"""bench.py runs and prints its table (speed goals are printed by bench.py, never asserted here)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_train_row_reports_a_consistent_measurement():
+    out = subprocess.run([sys.executable, "bench.py", "train-row", "cpu-fast", "--steps", "1", "--device", "cpu"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["name"] == "ours cpu-fast (default malloc)"
+    assert row["bt"] == "16x64"
+    assert row["tps"] == 16 * 64 / (row["ms"] / 1e3)       # tokens/s and ms/step agree
+    assert row["best"] >= row["tps"] > 0 and row["flops_per_token"] > 6 * row["params"] * 0.5
+
+
+def test_train_prints_a_table():
+    out = subprocess.run([sys.executable, "bench.py", "train", "--configs", "cpu-fast", "--steps", "1",
+                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "fp32 matmul peak" in out.stdout
+    line = next(l for l in out.stdout.splitlines() if l.startswith("ours cpu-fast"))
+    assert line.split()[-1].endswith("%")
