@@ -25,7 +25,8 @@ from typing import Iterator, Optional
 import torch
 
 from train import SECTIONS as TRAIN_SECTIONS
-from utils import CheckpointError, load_checkpoint, load_config, model_from_checkpoint, pick_device
+from utils import (CheckpointError, config_file, load_checkpoint, load_config, model_from_checkpoint,
+                   pick_device)
 
 
 @dataclass
@@ -193,8 +194,7 @@ def main(argv=None):
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        config_path = args.config if (args.config != "config.yaml" or Path(args.config).exists()) else None
-        cfg = load_config(config_path, rest, sections=SECTIONS, aliases=ALIASES)
+        cfg = load_config(config_file(args.config), rest, sections=SECTIONS, aliases=ALIASES)
         scfg: SampleConfig = cfg["sample"]
         path = scfg.checkpoint or str(Path(cfg["training"].out_dir) / "best.pt")
         device = pick_device(scfg.device)

@@ -28,7 +28,7 @@ import yaml
 
 from data import DataConfig, load_dataset, tokenizer_from_state
 from model import PRESETS as MODEL_PRESETS, Transformer, TransformerConfig, closest
-from utils import (CheckpointError, JsonlLogger, config_to_dict, load_checkpoint, load_config,
+from utils import (CheckpointError, JsonlLogger, config_file, config_to_dict, load_checkpoint, load_config,
                    pick_device, save_checkpoint, tune_cpu_allocator)
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -344,8 +344,7 @@ def resolve(argv: list[str]) -> tuple[dict, Optional[dict]]:
     parser.add_argument("--resume", action="store_true", help="continue from training.out_dir/last.pt")
     parser.add_argument("--preset", help=f"named preset: {', '.join(PRESETS)}")
     args, rest = parser.parse_known_args(argv)
-    config_path = args.config if (args.config != "config.yaml" or Path(args.config).exists()) else None
-    cfg = load_config(config_path, rest, sections=SECTIONS, presets=PRESETS, preset=args.preset,
+    cfg = load_config(config_file(args.config), rest, sections=SECTIONS, presets=PRESETS, preset=args.preset,
                       aliases=ALIASES, other_sections=("sample",))
     if not args.resume:
         return cfg, None

@@ -163,6 +163,12 @@ def load_config(path: Optional[str], argv: list[str] = (), *, sections: dict[str
     return {name: cls(**values[name]) for name, cls in sections.items()}
 
 
+def config_file(path: str, default: str = "config.yaml") -> Optional[str]:
+    """The YAML file to read: a path the user named must exist (load_config says so);
+    the default may be absent, and then only defaults and overrides apply."""
+    return path if (path != default or Path(path).exists()) else None
+
+
 def config_to_dict(cfg: dict) -> dict:
     return {name: dataclasses.asdict(c) for name, c in cfg.items()}
 
