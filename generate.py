@@ -39,6 +39,8 @@ class SampleConfig:
     temperature: float = 0.8           # 0 = greedy
     top_k: Optional[int] = 50          # keep the k most likely tokens; None or 0 = off
     top_p: Optional[float] = 0.95      # keep the smallest set with this much probability; None = off
+    min_p: Optional[float] = None      # drop tokens less likely than min_p * the top token's probability
+    repetition_penalty: float = 1.0    # > 1 makes tokens already in the context less likely
     seed: Optional[int] = None
     num_samples: int = 1
     stream: bool = False
@@ -46,7 +48,8 @@ class SampleConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                       min_p=self.min_p, repetition_penalty=self.repetition_penalty)
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
         if self.num_samples < 1:
@@ -57,7 +60,12 @@ class SampleConfig:
 # -----------------------------------------------------------------------------
 
 
-def check_sampling(*, temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None):
+def check_sampling(*, temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                   min_p: Optional[float] = None, repetition_penalty: float = 1.0):
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p={min_p} must be in [0, 1]")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 = off)")
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if top_k is not None and top_k < 0:
@@ -82,17 +90,42 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def min_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least p times the most likely token's; the rest -inf."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    keep = logp >= logp.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(p))
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def penalize_repetition(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The usual (CTRL / Hugging Face) penalty on tokens present in context (B, T): their
+    logits are divided by penalty when positive and multiplied when negative, so for
+    penalty > 1 each seen token becomes less likely, whatever the sign of its logit."""
+    seen = torch.gather(logits, -1, context)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, context, seen)
+
+
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token ids (B, 1) from last-position logits (B, vocab)."""
-    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+                top_p: Optional[float] = None, min_p: Optional[float] = None,
+                repetition_penalty: float = 1.0, context: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids (B, 1) from last-position logits (B, vocab). Controls compose in this
+    order: repetition penalty (over context), temperature, top-k, top-p, min-p."""
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty)
+    logits = logits.float()
+    if repetition_penalty != 1.0 and context is not None:
+        logits = penalize_repetition(logits, context, repetition_penalty)
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits / temperature
     if top_k:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1:
         logits = top_p_filter(logits, top_p)
+    if min_p:
+        logits = min_p_filter(logits, min_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 # -----------------------------------------------------------------------------
@@ -103,6 +136,7 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int
 @torch.no_grad()
 def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: Optional[int] = None, top_p: Optional[float] = None,
+                    min_p: Optional[float] = None, repetition_penalty: float = 1.0,
                     generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
     """Yield max_new_tokens next-token tensors (B, 1) continuing idx (B, T).
 
@@ -110,7 +144,8 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
         >>> for tok in generate_tokens(model, torch.tensor([[1, 2]]), 5, temperature=0):
         ...     print(tok.item())
     """
-    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty)
     block = model.config.block_size
     model.setup_cache(idx.shape[0])
     window = idx[:, -block:]
@@ -118,7 +153,8 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
     pos = window.shape[1]
     try:
         for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, context=idx, generator=generator)
             yield nxt
             if i == max_new_tokens - 1:
                 break
@@ -169,6 +205,7 @@ def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, *, generator
     stream = TextStream(tokenizer)
     for tok in generate_tokens(model, torch.tensor([ids], device=device), cfg.max_new_tokens,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                               min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
                                generator=generator):
         piece = stream.push(tok.item())
         if out and piece:

@@ -309,3 +309,51 @@ def test_interactive_mode_ends_at_eof(trained_run):
     proc = _interactive(trained_run.out_dir / "best.pt", "")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
     assert proc.stdout.startswith("Interactive generation") and proc.stdout.endswith(">>> \n")
+
+
+# --- min_p and repetition penalty (issue: generation controls) ---------------------------------
+
+def test_min_p_keeps_tokens_above_the_scaled_threshold():
+    probs = torch.tensor([[0.5, 0.3, 0.12, 0.05, 0.03]])
+    logits = probs.log()
+    kept = torch.isfinite(generate.min_p_filter(logits, 0.2))      # threshold 0.2 * 0.5 = 0.1
+    assert kept.tolist() == [[True, True, True, False, False]]
+    assert torch.isfinite(generate.min_p_filter(logits, 0.0)).all()
+    assert torch.isfinite(generate.min_p_filter(logits, 1.0)).sum() == 1     # only the top token
+
+
+def test_repetition_penalty_is_the_ctrl_rule_and_lowers_seen_tokens():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    context = torch.tensor([[0, 1, 1]])                   # tokens 0 and 1 were seen (1 twice: once)
+    out = generate.penalize_repetition(logits, context, 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]        # positive / 2, negative * 2, unseen unchanged
+    before, after = torch.softmax(logits, -1), torch.softmax(out, -1)
+    assert (after[0, :2] < before[0, :2]).all() and (after[0, 2:] > before[0, 2:]).all()
+    assert torch.equal(generate.penalize_repetition(logits, context, 1.0), logits)
+
+
+def test_repetition_penalty_changes_greedy_choice_only_through_context():
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    assert generate.sample_next(logits, temperature=0).item() == 0
+    assert generate.sample_next(logits, temperature=0, repetition_penalty=1.5,
+                                context=torch.tensor([[0]])).item() == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(min_p=1.5), r"min_p=1.5"), (dict(min_p=-0.1), r"min_p=-0.1"),
+                                           (dict(repetition_penalty=0.0), r"repetition_penalty=0.0")])
+def test_invalid_min_p_and_penalty(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate.check_sampling(temperature=1.0, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        generate.SampleConfig(**kwargs)
+
+
+def test_penalty_reduces_repeats_in_generation():
+    torch.manual_seed(0)
+    m = Transformer(vocab_size=12, block_size=64, d_model=32, n_heads=4, n_layers=2).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    def distinct(penalty):
+        toks = torch.cat(list(generate.generate_tokens(m, prompt, 40, temperature=0,
+                                                       repetition_penalty=penalty)), 1)
+        return len(set(toks[0].tolist()))
+    assert distinct(100.0) > distinct(1.0) == 1     # an untrained model repeats one token greedily
