@@ -412,11 +412,10 @@ class Transformer(nn.Module):
 
     def _rope_tables(self, device, dtype):
         key = (device, dtype)
-        if key not in self._rope:
+        if key not in self._rope:   # computed in float64 once per (device, dtype), then rounded once
             cfg = self.config
-            if not self._rope:
-                self._rope["master"] = rope_tables(cfg.rotary_dim, cfg.block_size, cfg.rope_theta)
-            self._rope[key] = tuple(t.to(device=device, dtype=dtype) for t in self._rope["master"])
+            tables = rope_tables(cfg.rotary_dim, cfg.block_size, cfg.rope_theta)
+            self._rope[key] = tuple(t.to(device=device, dtype=dtype) for t in tables)
         return self._rope[key]
 
     def setup_cache(self, batch_size: int, max_len: Optional[int] = None, *, dtype=None, device=None):
