@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -41,6 +41,7 @@ class SampleConfig:
     top_p: Optional[float] = 0.95      # keep the smallest set with this much probability; None = off
     min_p: Optional[float] = None      # drop tokens less likely than min_p * the top token's probability
     repetition_penalty: float = 1.0    # > 1 makes tokens already in the context less likely
+    stop: list[str] = field(default_factory=list)  # stop strings: output ends before the first
     seed: Optional[int] = None
     num_samples: int = 1
     stream: bool = False
@@ -170,20 +171,36 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
 
 class TextStream:
     """Turns a growing list of token ids into text pieces, never splitting a character:
-    a trailing U+FFFD (an incomplete UTF-8 sequence) is held back until it completes."""
+    a trailing U+FFFD (an incomplete UTF-8 sequence) is held back until it completes.
 
-    def __init__(self, tokenizer):
+    With stop strings, the text ends just before the first one (which is never emitted), and
+    a tail that could still grow into a stop string is held back until it cannot; `done`
+    turns true once a stop string has appeared.
+    """
+
+    def __init__(self, tokenizer, stops=()):
         self.tokenizer, self.ids, self.emitted = tokenizer, [], 0
+        self.stops, self.done = [s for s in stops if s], False
+
+    def text(self) -> str:
+        """The continuation so far, cut before the first stop string."""
+        text = self.tokenizer.decode(self.ids)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=None)
+        self.done = cut is not None
+        return text if cut is None else text[:cut]
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        stable = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
+        text = self.text()
+        stable = len(text.rstrip("\ufffd"))
+        if not self.done:   # hold back a suffix that is the start of some stop string
+            stable -= max((k for s in self.stops for k in range(1, len(s))
+                           if text[:stable].endswith(s[:k])), default=0)
         piece, self.emitted = text[self.emitted:stable], max(self.emitted, stable)
         return piece
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
+        text = self.text()
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
 
@@ -202,7 +219,7 @@ def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, *, generator
     """Prompt + continuation as text; with out (a file), the continuation is streamed to it."""
     ids = encode_prompt(tokenizer, prompt)
     device = next(model.parameters()).device
-    stream = TextStream(tokenizer)
+    stream = TextStream(tokenizer, cfg.stop)
     for tok in generate_tokens(model, torch.tensor([ids], device=device), cfg.max_new_tokens,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
@@ -211,10 +228,12 @@ def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, *, generator
         if out and piece:
             out.write(piece)
             out.flush()
+        if stream.done:                               # a stop string appeared: stop decoding
+            break
     rest = stream.flush()
     if out and rest:
         out.write(rest)
-    return prompt + tokenizer.decode(stream.ids)
+    return prompt + stream.text()
 
 # -----------------------------------------------------------------------------
 # Command line

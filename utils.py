@@ -37,7 +37,12 @@ def _field_types(cls) -> dict[str, Any]:
 
 
 def coerce(value: Any, typ, where: str) -> Any:
-    """Convert a YAML or command-line value to the field's type, or say what is wrong."""
+    """Convert a YAML or command-line value to the field's type, or say what is wrong.
+    A list field (list[str]) takes a YAML list or a single value."""
+    if typing.get_origin(typ) is list:
+        (item,) = typing.get_args(typ)
+        items = value if isinstance(value, list) else [value]
+        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(items)]
     optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
     base = next(t for t in typing.get_args(typ) if t is not type(None)) if optional else typ
     text = value.strip().lower() if isinstance(value, str) else None
@@ -87,7 +92,8 @@ def _apply(values: dict, section_cls, section: str, updates: dict, source: str):
 def parse_overrides(argv: list[str], *, sections: dict[str, type], aliases: dict[str, str] = None):
     """`--section.key=value`, `--section.key value` or an alias (`--device cuda`), typed.
 
-    Returns {section: {key: raw value}}. Boolean keys may be given without a value.
+    Returns {section: {key: raw value}}. Boolean keys may be given without a value; list
+    keys collect every repetition (`--stop A --stop B`).
     """
     aliases = aliases or {}
     out: dict[str, dict] = {}
@@ -117,7 +123,10 @@ def parse_overrides(argv: list[str], *, sections: dict[str, type], aliases: dict
                 value = "true"
             else:
                 raise ValueError(f"option '--{name}' needs a value")
-        out.setdefault(section, {})[key] = value
+        if typing.get_origin(types[key]) is list:        # repeated flags accumulate
+            out.setdefault(section, {}).setdefault(key, []).append(value)
+        else:
+            out.setdefault(section, {})[key] = value
         i += 1
     return out
 

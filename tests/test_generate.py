@@ -357,3 +357,57 @@ def test_penalty_reduces_repeats_in_generation():
                                                        repetition_penalty=penalty)), 1)
         return len(set(toks[0].tolist()))
     assert distinct(100.0) > distinct(1.0) == 1     # an untrained model repeats one token greedily
+
+
+# --- stop strings ---------------------------------------------------------------------------------
+
+def _stream_pieces(text, stops):
+    tok = CharTokenizer.train(text)
+    stream = TextStream(tok, stops)
+    pieces = []
+    for i in tok.encode(text):
+        pieces.append(stream.push(i))
+        if stream.done:
+            break
+    pieces.append(stream.flush())
+    return pieces, stream
+
+
+def test_stop_string_ends_the_text_and_is_never_emitted():
+    pieces, stream = _stream_pieces("hello STOP world", ["STOP"])
+    assert "".join(pieces) == "hello " == stream.text() and stream.done
+    assert not any("S" in p for p in pieces)
+
+
+def test_a_possible_stop_prefix_is_held_back_then_released():
+    tok = CharTokenizer.train("abc STx")
+    stream = TextStream(tok, ["STOP"])
+    out = [stream.push(i) for i in tok.encode("abc ST")]
+    assert "".join(out) == "abc "                           # "ST" could still become "STOP"
+    assert stream.push(tok.encode("x")[0]) == "STx" and not stream.done
+
+
+def test_earliest_of_several_stop_strings_wins():
+    pieces, stream = _stream_pieces("one two three", ["three", "two"])
+    assert "".join(pieces) == "one " and stream.done
+
+
+def test_generate_text_with_stop_equals_the_plain_output_cut_at_the_stop(trained_run):
+    model, tok = model_from_checkpoint(load_checkpoint(trained_run.out_dir / "best.pt"))
+    plain = generate_text(model, tok, "the ", SampleConfig(max_new_tokens=60, temperature=0))
+    continuation = plain[len("the "):]
+    stop = continuation[10:12]                               # something the model will produce
+    cfg = SampleConfig(max_new_tokens=60, temperature=0, stop=[stop])
+    expected = "the " + continuation[:continuation.find(stop)]
+    assert generate_text(model, tok, "the ", cfg) == expected
+    buf = io.StringIO()
+    generate_text(model, tok, "the ", cfg, out=buf)
+    assert "the " + buf.getvalue() == expected              # streaming prints exactly the same
+
+
+def test_stop_strings_from_yaml_and_repeated_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text('sample:\n  stop: ["\\n\\n", "KING:"]\n')
+    assert load_config(str(path), sections=generate.SECTIONS)["sample"].stop == ["\n\n", "KING:"]
+    cfg = load_config(str(path), ["--stop", "A", "--stop=B"], sections=generate.SECTIONS, aliases=generate.ALIASES)
+    assert cfg["sample"].stop == ["A", "B"]
