@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
+from model import closest
 from train import SECTIONS as TRAIN_SECTIONS
-from utils import (CheckpointError, config_file, load_checkpoint, load_config, model_from_checkpoint,
+from utils import (CheckpointError, coerce, config_file, load_checkpoint, load_config, model_from_checkpoint,
                    pick_device)
 
 
@@ -46,6 +48,7 @@ class SampleConfig:
     num_samples: int = 1
     stream: bool = False
     interactive: bool = False
+    chat: bool = False                 # interactive: each prompt continues the conversation so far
     device: str = "auto"
 
     def __post_init__(self):
@@ -275,12 +278,27 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
 
-def interactive(model, tokenizer, cfg: SampleConfig, generator):
+COMMANDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "stop", "chat")
+
+
+def apply_command(cfg: SampleConfig, line: str) -> SampleConfig:
+    """`/temperature 0.5`-style settings change for interactive mode: a new, validated config."""
+    name, _, value = line[1:].strip().partition(" ")
+    if name not in COMMANDS:
+        raise ValueError(f"unknown command '/{name}'; {closest(name, COMMANDS)}")
+    hints = typing.get_type_hints(SampleConfig)
+    return replace(cfg, **{name: coerce(value, hints[name], f"/{name}")})
+
+
+def interactive(model, tokenizer, cfg: SampleConfig, generator, *, read=input):
+    """A prompt loop: Ctrl-D or `quit` exits; `/key value` changes a setting (`/settings`
+    shows them); with chat, the conversation so far is the context of each new prompt."""
     print(f"Interactive generation ({tokenizer.kind} tokenizer, {cfg.max_new_tokens} new tokens, "
-          f"temperature {cfg.temperature}). Ctrl-D or 'quit' exits.")
+          f"temperature {cfg.temperature}). Ctrl-D or 'quit' exits; /settings lists the settings.")
+    history = ""
     while True:
         try:
-            prompt = input(">>> ")
+            prompt = read(">>> ")
         except (EOFError, KeyboardInterrupt):
             print()
             return
@@ -289,9 +307,18 @@ def interactive(model, tokenizer, cfg: SampleConfig, generator):
         if not prompt:
             continue
         try:
-            sys.stdout.write(prompt)
-            generate_text(model, tokenizer, prompt, cfg, generator=generator, out=sys.stdout)
-            print()
+            if prompt.strip() == "/settings":
+                print(", ".join(f"{name}={getattr(cfg, name)!r}" for name in COMMANDS))
+            elif prompt.startswith("/"):
+                cfg = apply_command(cfg, prompt)
+                name = prompt[1:].split()[0]
+                print(f"{name} = {getattr(cfg, name)!r}")
+            else:
+                sys.stdout.write(prompt)
+                context = history + prompt if cfg.chat else prompt
+                text = generate_text(model, tokenizer, context, cfg, generator=generator, out=sys.stdout)
+                print()
+                history = text + "\n" if cfg.chat else ""
         except ValueError as e:
             print(f"\nerror: {e}")
 

@@ -411,3 +411,41 @@ def test_stop_strings_from_yaml_and_repeated_flags(tmp_path):
     assert load_config(str(path), sections=generate.SECTIONS)["sample"].stop == ["\n\n", "KING:"]
     cfg = load_config(str(path), ["--stop", "A", "--stop=B"], sections=generate.SECTIONS, aliases=generate.ALIASES)
     assert cfg["sample"].stop == ["A", "B"]
+
+
+# --- interactive commands and chat --------------------------------------------------------------
+
+def _scripted(lines):
+    it = iter(lines)
+    def read(_prompt):
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+    return read
+
+
+def test_interactive_commands_change_validated_settings(trained_run, capsys):
+    model, tok = model_from_checkpoint(load_checkpoint(trained_run.out_dir / "best.pt"))
+    cfg = SampleConfig(max_new_tokens=12, temperature=1.0, seed=1)
+    generate.interactive(model, tok, cfg, torch.Generator().manual_seed(1), read=_scripted(
+        ["/temperature 0", "/top_k -1", "/tempreature 1", "/stop xyz", "/settings", "the "]))
+    out = capsys.readouterr().out
+    assert "temperature = 0.0" in out
+    assert "error: top_k=-1 must be >= 0" in out
+    assert "unknown command '/tempreature'; did you mean 'temperature'" in out
+    assert "stop = ['xyz']" in out and "temperature=0.0" in out
+    greedy = generate_text(model, tok, "the ", SampleConfig(max_new_tokens=12, temperature=0, stop=["xyz"]))
+    assert out.rstrip("\n").endswith(greedy)
+
+
+def test_chat_uses_the_conversation_as_context(trained_run, capsys):
+    model, tok = model_from_checkpoint(load_checkpoint(trained_run.out_dir / "best.pt"))
+    cfg = SampleConfig(max_new_tokens=10, temperature=0, chat=True)
+    generate.interactive(model, tok, cfg, None, read=_scripted(["the ", "dog "]))
+    out = capsys.readouterr().out
+    first = generate_text(model, tok, "the ", cfg)
+    second = generate_text(model, tok, first + "\n" + "dog ", cfg)[len(first) + 1:]
+    assert out.splitlines()[1:3] == [first, second]       # after the header line, one line per turn
+    alone = generate_text(model, tok, "dog ", cfg)
+    assert second != alone or first == ""                  # the history changed the context
