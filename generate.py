@@ -49,6 +49,9 @@ class SampleConfig:
     stream: bool = False
     interactive: bool = False
     chat: bool = False                 # interactive: each prompt continues the conversation so far
+    beam_size: int = 1                 # > 1: beam search instead of sampling
+    length_penalty: float = 1.0        # beam score = sum of log-probs / length ** length_penalty
+    num_return_sequences: int = 1      # beam search: how many of the best beams to print
     device: str = "auto"
 
     def __post_init__(self):
@@ -58,6 +61,9 @@ class SampleConfig:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
         if self.num_samples < 1:
             raise ValueError(f"num_samples={self.num_samples} must be >= 1")
+        if self.beam_size < 1 or not 1 <= self.num_return_sequences <= self.beam_size:
+            raise ValueError(f"need beam_size >= 1 and 1 <= num_return_sequences <= beam_size "
+                             f"(got {self.beam_size}, {self.num_return_sequences})")
 
 # -----------------------------------------------------------------------------
 # Sampling: small pure functions on logits (B, vocab)
@@ -172,6 +178,51 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
         model.clear_cache()
 
 
+@torch.no_grad()
+def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int,
+                length_penalty: float = 1.0, num_return_sequences: int = 1) -> list[tuple[list[int], float]]:
+    """The num_return_sequences best continuations of prompt under beam search, best first,
+    as (token ids, score); score = sum of log-probabilities / length ** length_penalty.
+
+    Every beam is extended by one token per step (keeping the beam_size best of
+    beam_size x vocab candidates) and the KV cache rows follow their beams. With beam_size 1
+    this is greedy decoding.
+    """
+    if beam_size < 1 or not 1 <= num_return_sequences <= beam_size:
+        raise ValueError(f"need beam_size >= 1 and 1 <= num_return_sequences <= beam_size "
+                         f"(got {beam_size}, {num_return_sequences})")
+    block = model.config.block_size
+    device = next(model.parameters()).device
+    seqs = torch.tensor([prompt], device=device)                       # (1, T): one beam to start
+    scores = torch.zeros(1, device=device)
+    model.setup_cache(1)                                               # grows to the beams after step 1
+    try:
+        window = seqs[:, -block:]
+        logits = model(window, start_pos=0)[:, -1]
+        pos = window.shape[1]
+        for step in range(max_new_tokens):
+            logp = torch.log_softmax(logits.float(), dim=-1)               # (beams, vocab)
+            total = (scores[:, None] + logp).flatten()
+            scores, flat = total.topk(min(beam_size, total.numel()))
+            rows, tokens = flat // logp.shape[1], flat % logp.shape[1]
+            seqs = torch.cat([seqs[rows], tokens[:, None]], dim=1)
+            if step == max_new_tokens - 1:
+                break
+            if pos < block:
+                model.select_cache_rows(rows)                              # caches follow their beams
+                logits = model(tokens[:, None], start_pos=pos)[:, -1]
+                pos += 1
+            else:                                                          # window full: re-encode
+                model.select_cache_rows(rows)
+                logits = model(seqs[:, -block:], start_pos=0)[:, -1]
+    finally:
+        model.clear_cache()
+    n_new = seqs.shape[1] - len(prompt)
+    ranked = sorted(zip(seqs[:, len(prompt):].tolist(), (scores / max(n_new, 1) ** length_penalty).tolist()),
+                    key=lambda pair: -pair[1])
+    return ranked[:num_return_sequences]
+
+
 class TextStream:
     """Turns a growing list of token ids into text pieces, never splitting a character:
     a trailing U+FFFD (an incomplete UTF-8 sequence) is held back until it completes.
@@ -265,6 +316,13 @@ def main(argv=None):
             generator.seed()
         if scfg.interactive:
             return interactive(model, tokenizer, scfg, generator)
+        if scfg.beam_size > 1:
+            ranked = beam_search(model, encode_prompt(tokenizer, scfg.prompt), scfg.max_new_tokens,
+                                 beam_size=scfg.beam_size, length_penalty=scfg.length_penalty,
+                                 num_return_sequences=scfg.num_return_sequences)
+            for i, (ids, score) in enumerate(ranked):
+                print(("\n" if i else "") + f"[beam {i + 1}, score {score:.4f}]\n{scfg.prompt}{tokenizer.decode(ids)}")
+            return
         for i in range(scfg.num_samples):
             if i:
                 print("\n" + "-" * 40)

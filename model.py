@@ -236,6 +236,10 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def select(self, rows: torch.Tensor):
+        """Keep (and repeat) batch rows in this order, e.g. the surviving beams."""
+        self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
+
 # =============================================================================
 # 5. Attention
 # =============================================================================
@@ -428,6 +432,11 @@ class Transformer(nn.Module):
             block.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
                                           dtype=dtype or ref.dtype, device=device or ref.device)
         self._seen = None
+
+    def select_cache_rows(self, rows: torch.Tensor):
+        """Reorder every layer's KV cache along the batch: row i becomes old row rows[i]."""
+        for block in self.blocks:
+            block.attn.kv_cache.select(rows)
 
     def clear_cache(self):
         """Drop the KV caches (frees their memory)."""

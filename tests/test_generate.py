@@ -449,3 +449,39 @@ def test_chat_uses_the_conversation_as_context(trained_run, capsys):
     assert out.splitlines()[1:3] == [first, second]       # after the header line, one line per turn
     alone = generate_text(model, tok, "dog ", cfg)
     assert second != alone or first == ""                  # the history changed the context
+
+
+# --- beam search ----------------------------------------------------------------------------------
+
+def test_beam_size_one_is_greedy_even_past_block_size():
+    torch.manual_seed(0)
+    m = Transformer(vocab_size=7, block_size=8, d_model=16, n_heads=2, n_layers=1).eval()
+    greedy = torch.cat(list(generate_tokens(m, torch.tensor([[1, 2]]), 12, temperature=0)), 1)[0].tolist()
+    [(ids, _)] = generate.beam_search(m, [1, 2], 12, beam_size=1)
+    assert ids == greedy
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_search_finds_the_best_sequence_on_an_enumerable_model(seed):
+    import itertools
+    torch.manual_seed(seed)
+    m = Transformer(vocab_size=4, block_size=16, d_model=16, n_heads=2, n_layers=1, init_std=0.5).eval()
+    prompt = [1, 2]
+
+    def score(seq):
+        with torch.no_grad():
+            logp = torch.log_softmax(m(torch.tensor([prompt + list(seq)])).float(), -1)[0]
+        return sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(seq))
+
+    ranked = sorted(itertools.product(range(4), repeat=3), key=score, reverse=True)
+    beams = generate.beam_search(m, prompt, 3, beam_size=16, num_return_sequences=3, length_penalty=0.0)
+    assert [tuple(ids) for ids, _ in beams] == ranked[:3]            # beam 16 = 4^2 is exact here
+    assert [s for _, s in beams] == pytest.approx([score(r) for r in ranked[:3]], abs=1e-4)
+
+
+def test_beam_search_options_are_checked():
+    m = Transformer(vocab_size=4, block_size=8, d_model=16, n_heads=2, n_layers=1).eval()
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        generate.beam_search(m, [1], 2, beam_size=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match="beam_size"):
+        SampleConfig(beam_size=0)
