@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 
 from model import closest
 from train import SECTIONS as TRAIN_SECTIONS
@@ -52,6 +54,8 @@ class SampleConfig:
     beam_size: int = 1                 # > 1: beam search instead of sampling
     length_penalty: float = 1.0        # beam score = sum of log-probs / length ** length_penalty
     num_return_sequences: int = 1      # beam search: how many of the best beams to print
+    draft_checkpoint: Optional[str] = None  # a smaller model with the same tokenizer: speculative decoding
+    speculative_k: int = 4             # tokens the draft proposes per target forward
     device: str = "auto"
 
     def __post_init__(self):
@@ -223,6 +227,74 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
     return ranked[:num_return_sequences]
 
 
+def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The distribution a token is drawn from: softmax(logits / T), or one-hot argmax at T = 0."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, *, k: int = 4,
+                         temperature: float = 1.0, generator: Optional[torch.Generator] = None):
+    """Speculative decoding: the draft proposes k tokens, the target checks them in one forward.
+
+    Token x drawn from the draft's q is kept with probability min(1, p(x) / q(x)) under the
+    target's p; the first rejected one is replaced by a draw from normalize(max(0, p - q)),
+    and when all k are kept the target adds one more. Outputs are distributed exactly as
+    sampling from the target alone; at temperature 0 they equal its greedy output.
+    Returns (new token ids, acceptance rate of the draft's proposals).
+    """
+    if k < 1:
+        raise ValueError(f"speculative_k={k} must be >= 1")
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError("the draft and target models have different vocabularies")
+    limit = min(target.config.block_size, draft.config.block_size)
+    if len(prompt) + max_new_tokens + k > limit:
+        raise ValueError(f"speculative decoding needs prompt + max_new_tokens + k <= block_size "
+                         f"({len(prompt)} + {max_new_tokens} + {k} > {limit})")
+    device = next(target.parameters()).device
+    seq = list(prompt)
+    fed_t = fed_d = 0                       # how many tokens of seq each KV cache holds
+    proposed = accepted = 0
+    target.setup_cache(1)
+    draft.setup_cache(1)
+    try:
+        while len(seq) - len(prompt) < max_new_tokens:
+            logits = draft(torch.tensor([seq[fed_d:]], device=device), start_pos=fed_d)[:, -1]
+            fed_d = len(seq)
+            xs, qs = [], []
+            for i in range(k):                                   # the draft proposes k tokens
+                q = _probs(logits, temperature)[0]
+                x = torch.multinomial(q, 1, generator=generator).item()
+                xs.append(x)
+                qs.append(q)
+                if i < k - 1:
+                    logits = draft(torch.tensor([[x]], device=device), start_pos=fed_d + i)[:, -1]
+            chunk = torch.tensor([seq[fed_t:] + xs], device=device)    # the target checks them at once
+            ps = _probs(target(chunk, start_pos=fed_t)[0, -(k + 1):], temperature)   # (k+1, vocab)
+            before = len(seq)
+            for i, (x, q) in enumerate(zip(xs, qs)):
+                proposed += 1
+                u = torch.rand(1, generator=generator, device=q.device).item()
+                if u < min(1.0, (ps[i, x] / q[x]).item()):
+                    seq.append(x)
+                    accepted += 1
+                    continue
+                residual = (ps[i] - q).clamp(min=0)
+                seq.append(torch.multinomial(residual / residual.sum(), 1, generator=generator).item())
+                break
+            else:                                                 # all k kept: one more from the target
+                seq.append(torch.multinomial(ps[k], 1, generator=generator).item())
+            kept = len(seq) - before - 1                          # draft tokens kept this round
+            fed_t = before + kept                                 # the new last token is not cached yet
+            fed_d = before + min(kept, k - 1)
+    finally:
+        target.clear_cache()
+        draft.clear_cache()
+    return seq[len(prompt):len(prompt) + max_new_tokens], accepted / max(proposed, 1)
+
+
 class TextStream:
     """Turns a growing list of token ids into text pieces, never splitting a character:
     a trailing U+FFFD (an incomplete UTF-8 sequence) is held back until it completes.
@@ -316,6 +388,8 @@ def main(argv=None):
             generator.seed()
         if scfg.interactive:
             return interactive(model, tokenizer, scfg, generator)
+        if scfg.draft_checkpoint:
+            return speculative_main(model, tokenizer, scfg, generator, device)
         if scfg.beam_size > 1:
             ranked = beam_search(model, encode_prompt(tokenizer, scfg.prompt), scfg.max_new_tokens,
                                  beam_size=scfg.beam_size, length_penalty=scfg.length_penalty,
@@ -346,6 +420,35 @@ def apply_command(cfg: SampleConfig, line: str) -> SampleConfig:
         raise ValueError(f"unknown command '/{name}'; {closest(name, COMMANDS)}")
     hints = typing.get_type_hints(SampleConfig)
     return replace(cfg, **{name: coerce(value, hints[name], f"/{name}")})
+
+
+def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
+    """generate.py --draft_checkpoint: print each sample, then the acceptance rate and the
+    speed-up over decoding with the target alone (measured on the same prompt and length)."""
+    draft_ckpt = load_checkpoint(cfg.draft_checkpoint)
+    draft, draft_tok = model_from_checkpoint(draft_ckpt, device=device)
+    if draft_tok.state() != tokenizer.state():
+        raise ValueError(f"the draft checkpoint '{cfg.draft_checkpoint}' has another tokenizer than the target")
+    ids = encode_prompt(tokenizer, cfg.prompt)
+    for i in range(cfg.num_samples):
+        start = time.perf_counter()
+        new, rate = speculative_generate(model, draft, ids, cfg.max_new_tokens, k=cfg.speculative_k,
+                                         temperature=cfg.temperature, generator=generator)
+        spec_s = time.perf_counter() - start
+        stream = TextStream(tokenizer, cfg.stop)
+        for tok in new:
+            stream.push(tok)
+            if stream.done:
+                break
+        print(("\n" + "-" * 40 + "\n" if i else "") + cfg.prompt + stream.text())
+        start = time.perf_counter()
+        for _ in generate_tokens(model, torch.tensor([ids], device=device), cfg.max_new_tokens,
+                                 temperature=cfg.temperature, generator=torch.Generator(device=device)):
+            pass
+        plain_s = time.perf_counter() - start
+        print(f"[speculative k={cfg.speculative_k}: acceptance {rate:.0%}, {len(new) / spec_s:.0f} tokens/s; "
+              f"target alone {cfg.max_new_tokens / plain_s:.0f} tokens/s; speed-up {plain_s / spec_s:.2f}x]",
+              file=sys.stderr)
 
 
 def interactive(model, tokenizer, cfg: SampleConfig, generator, *, read=input):

@@ -485,3 +485,64 @@ def test_beam_search_options_are_checked():
         generate.beam_search(m, [1], 2, beam_size=2, num_return_sequences=3)
     with pytest.raises(ValueError, match="beam_size"):
         SampleConfig(beam_size=0)
+
+
+# --- speculative decoding -------------------------------------------------------------------------
+
+def _pair(seed=0):
+    torch.manual_seed(seed)
+    target = Transformer(vocab_size=4, block_size=32, d_model=32, n_heads=4, n_layers=2, init_std=0.3).eval()
+    draft = Transformer(vocab_size=4, block_size=32, d_model=16, n_heads=2, n_layers=1, init_std=0.3).eval()
+    return target, draft
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_speculative_equals_target_greedy(k):
+    target, draft = _pair()
+    greedy = torch.cat(list(generate_tokens(target, torch.tensor([[1, 2]]), 20, temperature=0)), 1)[0].tolist()
+    out, rate = generate.speculative_generate(target, draft, [1, 2], 20, k=k, temperature=0)
+    assert out == greedy and 0 <= rate <= 1
+
+
+def test_sampled_speculative_follows_the_target_distribution():
+    # the joint law of the first two new tokens (16 cells) vs the target's exact probabilities
+    target, draft = _pair(1)
+    prompt = [1, 2]
+    with torch.no_grad():
+        p1 = torch.softmax(target(torch.tensor([prompt]))[0, -1], -1)
+        exact = torch.stack([p1[a] * torch.softmax(target(torch.tensor([prompt + [a]]))[0, -1], -1)
+                             for a in range(4)]).flatten()
+    g = torch.Generator().manual_seed(0)
+    n = 1500
+    counts = torch.zeros(16)
+    for _ in range(n):
+        (a, b), _ = generate.speculative_generate(target, draft, prompt, 2, k=3, temperature=1.0, generator=g)
+        counts[a * 4 + b] += 1
+    expected = n * exact
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 37.7          # chi-square, 15 degrees of freedom, p = 0.001
+
+
+def test_speculative_errors():
+    target, draft = _pair()
+    with pytest.raises(ValueError, match="block_size"):
+        generate.speculative_generate(target, draft, [1] * 20, 10, k=4)
+    other = Transformer(vocab_size=5, block_size=32, d_model=16, n_heads=2, n_layers=1)
+    with pytest.raises(ValueError, match="different vocabularies"):
+        generate.speculative_generate(target, other, [1], 3)
+
+
+def test_cli_speculative_reports_acceptance_and_checks_the_tokenizer(trained_run, capsys, tmp_path):
+    ckpt = str(trained_run.out_dir / "best.pt")
+    generate.main(["--checkpoint", ckpt, "--draft_checkpoint", ckpt, "--prompt", "the ",
+                   "--max_new_tokens", "8", "--temperature", "0", "--speculative_k", "3"])
+    captured = capsys.readouterr()
+    model, tok = model_from_checkpoint(load_checkpoint(ckpt))
+    assert captured.out.strip() == generate_text(model, tok, "the ", SampleConfig(max_new_tokens=8, temperature=0)).strip()
+    assert "acceptance 100%" in captured.err and "speed-up" in captured.err   # a model drafting for itself
+    other = load_checkpoint(ckpt)
+    other["tokenizer"] = ByteTokenizer().state()
+    from utils import save_checkpoint
+    save_checkpoint(tmp_path / "other.pt", other)
+    with pytest.raises(SystemExit, match="another tokenizer"):
+        generate.main(["--checkpoint", ckpt, "--draft_checkpoint", str(tmp_path / "other.pt"), "--prompt", "the "])
