@@ -3,6 +3,7 @@
     python bench.py train                          # tokens/s and MFU of training steps
     python bench.py train --nanogpt ~/nanoGPT      # side by side with nanoGPT's model.py
     python bench.py train --configs gpt2-style,small --steps 10
+    python bench.py decode                         # batch-1 decode vs roofline and HF generate
 
 `train` times each row in a fresh process. Our rows run as train.py does (glibc malloc
 tuned by utils.tune_cpu_allocator); nanoGPT runs as shipped; on gpt2-style, a third row
@@ -147,6 +148,85 @@ def bench_train_row(args):
                       "best": tokens / min(times), "flops_per_token": flops_per_token(cfg)}))
 
 
+# Llama-shaped decode sizes of the generation issue (llama2.c's 15M and 110M shapes).
+DECODE_CONFIGS = {
+    "15M": dict(vocab_size=32000, d_model=288, n_layers=6, n_heads=6, d_ff=768, block_size=1024),
+    "110M": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, d_ff=2048, block_size=1024),
+}
+
+
+def measure_bandwidth(*, n_bytes: int = 1 << 28, seconds: float = 1.0) -> float:
+    """Sustained read bandwidth (bytes per second): summing a tensor far larger than the caches,
+    as decoding reads every weight once per token."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32).normal_()
+    src.sum()
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        src.sum()
+        iters += 1
+    return n_bytes * iters / (time.perf_counter() - start)
+
+
+def bench_decode(args):
+    """Batch-1 greedy decode tokens/s: ours with the KV cache, ours without, and Hugging Face
+    LlamaForCausalLM.generate (when transformers is installed), against the roofline of
+    reading every weight once per token."""
+    from generate import generate_tokens
+    torch.manual_seed(0)
+    bandwidth = measure_bandwidth()
+    print(f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"{args.tokens} new tokens after a {args.prompt_len}-token prompt, fp32, greedy\n")
+    print(f"{'model':6s} {'params':>8s} {'roofline tok/s':>14s} {'ours tok/s':>10s} {'% roofline':>10s} "
+          f"{'no-cache tok/s':>14s} {'cache speed-up':>14s} {'HF tok/s':>9s} {'ours/HF':>8s}")
+    for name in args.sizes.split(","):
+        cfg = TransformerConfig(**DECODE_CONFIGS[name], tie_weights=True)   # as llama2.c's models
+        model = Transformer(cfg).eval()
+        prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len))
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied head reads all
+        roofline = bandwidth / weight_bytes
+
+        def ours():
+            for _ in generate_tokens(model, prompt, args.tokens, temperature=0):
+                pass
+        ours_tps = args.tokens / min(_timed(ours) for _ in range(2))
+        nocache_tps = float("nan")
+        if not args.skip_nocache:
+            def nocache():
+                seq = prompt
+                with torch.no_grad():
+                    for _ in range(args.tokens):
+                        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+            nocache_tps = args.tokens / _timed(nocache)
+        hf_tps = _hf_decode(cfg, model, prompt, args.tokens) if args.hf else float("nan")
+        print(f"{name:6s} {model.num_params() / 1e6:7.1f}M {roofline:14.0f} {ours_tps:10.0f} "
+              f"{ours_tps / roofline:10.0%} {nocache_tps:14.0f} {ours_tps / nocache_tps:13.1f}x "
+              f"{hf_tps:9.0f} {ours_tps / hf_tps:7.2f}x")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _hf_decode(cfg, model, prompt, tokens) -> float:
+    """tokens/s of transformers' LlamaForCausalLM.generate with its cache, same shape (random weights)."""
+    try:
+        import transformers
+    except ImportError:
+        return float("nan")
+    hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+                                      intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
+                                      num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                                      max_position_embeddings=cfg.block_size, tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, use_cache=True,
+                  pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    with torch.no_grad():
+        hf.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        return tokens / min(_timed(lambda: hf.generate(prompt, **kwargs)) for _ in range(2))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +239,13 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--nanogpt", help="path to a nanoGPT checkout: time its model.py on gpt2-style too")
     p.set_defaults(func=bench_train)
+    d = sub.add_parser("decode", help="batch-1 decode tokens/s vs the bandwidth roofline and Hugging Face")
+    d.add_argument("--sizes", default="15M,110M", help=f"comma-separated: {', '.join(DECODE_CONFIGS)}")
+    d.add_argument("--tokens", type=int, default=512, help="new tokens per measurement")
+    d.add_argument("--prompt_len", type=int, default=16)
+    d.add_argument("--no-hf", dest="hf", action="store_false", help="skip the Hugging Face comparison")
+    d.add_argument("--skip-nocache", action="store_true", help="skip the (slow) no-cache measurement")
+    d.set_defaults(func=bench_decode)
     row = sub.add_parser("train-row", help=argparse.SUPPRESS)   # one row of `train`, in its own process
     row.add_argument("config", choices=list(TRAIN_CONFIGS))
     row.add_argument("--impl", choices=["ours", "nanoGPT"], default="ours")

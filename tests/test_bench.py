@@ -25,3 +25,12 @@ def test_train_prints_a_table():
     assert "fp32 matmul peak" in out.stdout
     line = next(l for l in out.stdout.splitlines() if l.startswith("ours cpu-fast"))
     assert line.split()[-1].endswith("%")
+
+
+def test_decode_prints_a_row_per_size():
+    out = subprocess.run([sys.executable, "bench.py", "decode", "--sizes", "15M", "--tokens", "4", "--no-hf",
+                          "--skip-nocache"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    row = next(l for l in out.stdout.splitlines() if l.startswith("15M"))
+    params, roofline, ours = row.split()[1:4]
+    assert params == "15.2M" and float(roofline) > 0 and float(ours) > 0
