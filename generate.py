@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -29,8 +28,8 @@ import torch.nn.functional as F
 
 from model import closest
 from train import SECTIONS as TRAIN_SECTIONS
-from utils import (CheckpointError, coerce, config_file, load_checkpoint, load_config, model_from_checkpoint,
-                   pick_device)
+from utils import (CheckpointError, coerce, config_file, field_types, load_checkpoint, load_config,
+                   model_from_checkpoint, pick_device)
 
 
 @dataclass
@@ -147,6 +146,20 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int
 # -----------------------------------------------------------------------------
 
 
+def _prefill(model, seq: torch.Tensor):
+    """Run the last block_size tokens of seq (B, T) into a fresh cache: (last logits, next position)."""
+    window = seq[:, -model.config.block_size:]
+    return model(window, start_pos=0)[:, -1], window.shape[1]
+
+
+def _next_logits(model, seq: torch.Tensor, pos: int):
+    """Logits after seq's last token (already appended), and the next position: one cached step
+    while the window has room, else the window slides and its last block_size tokens are re-encoded."""
+    if pos < model.config.block_size:
+        return model(seq[:, -1:], start_pos=pos)[:, -1], pos + 1
+    return _prefill(model, seq)
+
+
 @torch.no_grad()
 def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -160,11 +173,8 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty)
-    block = model.config.block_size
     model.setup_cache(idx.shape[0])
-    window = idx[:, -block:]
-    logits = model(window, start_pos=0)[:, -1]           # prefill: the prompt in one forward
-    pos = window.shape[1]
+    logits, pos = _prefill(model, idx)                   # the prompt in one forward
     try:
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -173,11 +183,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
             if i == max_new_tokens - 1:
                 break
             idx = torch.cat([idx, nxt], dim=1)
-            if pos < block:                               # one new token against the cache
-                logits = model(nxt, start_pos=pos)[:, -1]
-                pos += 1
-            else:                                         # window full: slide and re-encode
-                logits = model(idx[:, -block:], start_pos=0)[:, -1]
+            logits, pos = _next_logits(model, idx, pos)
     finally:
         model.clear_cache()
 
@@ -195,15 +201,12 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
     if beam_size < 1 or not 1 <= num_return_sequences <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= num_return_sequences <= beam_size "
                          f"(got {beam_size}, {num_return_sequences})")
-    block = model.config.block_size
     device = next(model.parameters()).device
     seqs = torch.tensor([prompt], device=device)                       # (1, T): one beam to start
     scores = torch.zeros(1, device=device)
     model.setup_cache(1)                                               # grows to the beams after step 1
     try:
-        window = seqs[:, -block:]
-        logits = model(window, start_pos=0)[:, -1]
-        pos = window.shape[1]
+        logits, pos = _prefill(model, seqs)
         for step in range(max_new_tokens):
             logp = torch.log_softmax(logits.float(), dim=-1)               # (beams, vocab)
             total = (scores[:, None] + logp).flatten()
@@ -212,13 +215,8 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
             seqs = torch.cat([seqs[rows], tokens[:, None]], dim=1)
             if step == max_new_tokens - 1:
                 break
-            if pos < block:
-                model.select_cache_rows(rows)                              # caches follow their beams
-                logits = model(tokens[:, None], start_pos=pos)[:, -1]
-                pos += 1
-            else:                                                          # window full: re-encode
-                model.select_cache_rows(rows)
-                logits = model(seqs[:, -block:], start_pos=0)[:, -1]
+            model.select_cache_rows(rows)                                  # caches follow their beams
+            logits, pos = _next_logits(model, seqs, pos)
     finally:
         model.clear_cache()
     n_new = seqs.shape[1] - len(prompt)
@@ -418,8 +416,7 @@ def apply_command(cfg: SampleConfig, line: str) -> SampleConfig:
     name, _, value = line[1:].strip().partition(" ")
     if name not in COMMANDS:
         raise ValueError(f"unknown command '/{name}'; {closest(name, COMMANDS)}")
-    hints = typing.get_type_hints(SampleConfig)
-    return replace(cfg, **{name: coerce(value, hints[name], f"/{name}")})
+    return replace(cfg, **{name: coerce(value, field_types(SampleConfig)[name], f"/{name}")})
 
 
 def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):

@@ -31,7 +31,8 @@ from data import tokenizer_from_state
 # =============================================================================
 
 
-def _field_types(cls) -> dict[str, Any]:
+def field_types(cls) -> dict[str, Any]:
+    """{field name: its resolved type annotation} of a config dataclass."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -81,7 +82,7 @@ def coerce(value: Any, typ, where: str) -> Any:
 
 
 def _apply(values: dict, section_cls, section: str, updates: dict, source: str):
-    types = _field_types(section_cls)
+    types = field_types(section_cls)
     for key, value in updates.items():
         if key not in types:
             raise ValueError(f"unknown key '{section}.{key}' in {source}; "
@@ -106,11 +107,11 @@ def parse_overrides(argv: list[str], *, sections: dict[str, type], aliases: dict
         dotted = aliases.get(name, name)
         section, dot, key = dotted.partition(".")
         if not dot:
-            valid = list(aliases) + [f"{s}.{k}" for s, c in sections.items() for k in _field_types(c)]
+            valid = list(aliases) + [f"{s}.{k}" for s, c in sections.items() for k in field_types(c)]
             raise ValueError(f"unknown option '--{name}'; {closest(name, valid)}")
         if section not in sections:
             raise ValueError(f"unknown config section '{section}' in '--{name}'; {closest(section, sections)}")
-        types = _field_types(sections[section])
+        types = field_types(sections[section])
         if key not in types:
             valid = [f"{section}.{k}" for k in types]
             raise ValueError(f"unknown option '--{name}'; {closest(dotted, valid)}")
