@@ -244,12 +244,13 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
     def progress() -> float:
         return elapsed / tcfg.max_time if tcfg.max_time else step / tcfg.max_iters
 
-    def checkpoint(name: str, val_loss: float):
-        save_checkpoint(out_dir / name, {
-            "model": model.state_dict(), "model_config": model_cfg.to_dict(),
-            "tokenizer": data.tokenizer.state(), "config": config_to_dict(cfg),
-            "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
-            "best_val_loss": best_val, "val_loss": val_loss, "rng": _rng_state(generator)})
+    def checkpoint(names: list[str], val_loss: float):
+        payload = {"model": model.state_dict(), "model_config": model_cfg.to_dict(),
+                   "tokenizer": data.tokenizer.state(), "config": config_to_dict(cfg),
+                   "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
+                   "best_val_loss": best_val, "val_loss": val_loss, "rng": _rng_state(generator)}
+        for name in names:
+            save_checkpoint(out_dir / name, payload)
 
     def evaluate():
         nonlocal best_val
@@ -263,9 +264,7 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
                    perplexity=math.exp(losses["val"]), elapsed=round(elapsed, 2))
         say(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
             f"(ppl {math.exp(losses['val']):.2f}){' *best' if improved else ''} [{elapsed:.0f}s]")
-        if improved:
-            checkpoint("best.pt", losses["val"])
-        checkpoint("last.pt", losses["val"])
+        checkpoint(["best.pt", "last.pt"] if improved else ["last.pt"], losses["val"])
         return step
 
     bar = None
