@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from model import closest
 from train import SECTIONS as TRAIN_SECTIONS
-from utils import (CheckpointError, coerce, config_file, field_types, load_checkpoint, load_config,
-                   model_from_checkpoint, pick_device)
+from utils import (CheckpointError, coerce, config_file, field_types, load_config,
+                   load_model, pick_device)
 
 
 @dataclass
@@ -37,6 +37,7 @@ class SampleConfig:
     """Sampling settings for generate.py (the `sample` section of config.yaml)."""
 
     checkpoint: Optional[str] = None   # None: <training.out_dir>/best.pt
+    lora: Optional[str] = None         # a LoRA adapter checkpoint to apply to the model
     prompt: str = "\n"
     max_new_tokens: int = 300
     temperature: float = 0.8           # 0 = greedy
@@ -364,7 +365,8 @@ def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, *, generator
 # -----------------------------------------------------------------------------
 
 SECTIONS = {**TRAIN_SECTIONS, "sample": SampleConfig}
-ALIASES = {name: f"sample.{name}" for name in SampleConfig.__dataclass_fields__}
+ALIASES = {**{name: f"sample.{name}" for name in SampleConfig.__dataclass_fields__},
+           "quantize": "quantize.mode", "group_size": "quantize.group_size"}
 
 
 def main(argv=None):
@@ -378,7 +380,7 @@ def main(argv=None):
         scfg: SampleConfig = cfg["sample"]
         path = scfg.checkpoint or str(Path(cfg["training"].out_dir) / "best.pt")
         device = pick_device(scfg.device)
-        model, tokenizer = model_from_checkpoint(load_checkpoint(path), device=device)
+        model, tokenizer = load_model(path, lora=scfg.lora, quantize=cfg["quantize"], device=device)
         generator = torch.Generator(device=device)
         if scfg.seed is not None:
             generator.manual_seed(scfg.seed)
@@ -422,8 +424,7 @@ def apply_command(cfg: SampleConfig, line: str) -> SampleConfig:
 def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
     """generate.py --draft_checkpoint: print each sample, then the acceptance rate and the
     speed-up over decoding with the target alone (measured on the same prompt and length)."""
-    draft_ckpt = load_checkpoint(cfg.draft_checkpoint)
-    draft, draft_tok = model_from_checkpoint(draft_ckpt, device=device)
+    draft, draft_tok = load_model(cfg.draft_checkpoint, device=device)
     if draft_tok.state() != tokenizer.state():
         raise ValueError(f"the draft checkpoint '{cfg.draft_checkpoint}' has another tokenizer than the target")
     ids = encode_prompt(tokenizer, cfg.prompt)

@@ -9,6 +9,8 @@ Sections, in reading order:
     6. FeedForward -- SwiGLU / GeGLU (gated) and GELU / ReLU / SiLU MLPs
     7. Block       -- pre-norm or post-norm residual block
     8. Model       -- Transformer: embeddings, blocks, head, caches
+    9. Surgery     -- LoRA adapters and int8/int4 weight quantization, applied by
+                      swapping the nn.Linear modules of a built model
 
 Example:
     >>> import torch
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -456,3 +458,404 @@ class Transformer(nn.Module):
         logits = self(idx[:, n:], start_pos=n)
         self._seen = idx.detach().clone()
         return logits
+
+# =============================================================================
+# 9. Surgery: LoRA and quantization
+# =============================================================================
+# Both swap nn.Linear modules of a built model for modules with the same in/out
+# features (gpt-fast's approach), so nothing above this line knows they exist.
+
+LORA_TARGETS = ("q", "k", "v", "o", "mlp")
+QUANT_MODES = ("int8", "int4")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters: W x + (alpha / r) B A x, with W frozen and A, B trained.
+
+    r = 0 turns LoRA off. targets name projections: q, k, v (slices of the fused
+    wqkv, each with its own adapter), o (attention output) and mlp (w1, w2, w3).
+    """
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        self.targets = [t.strip() for item in self.targets for t in item.split(",") if t.strip()]
+        for t in self.targets:
+            if t not in LORA_TARGETS:
+                raise ValueError(f"lora.targets: unknown target '{t}'; {closest(t, LORA_TARGETS)}")
+        if not (isinstance(self.r, int) and self.r >= 0):
+            raise ValueError(f"lora.r={self.r!r} must be an integer >= 0 (0 turns LoRA off)")
+        if self.r and not self.targets:
+            raise ValueError(f"lora.targets is empty; choose from {', '.join(LORA_TARGETS)}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha={self.alpha} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class QuantConfig:
+    """Weight-only quantization of the linear layers: int8 per output channel, or
+    int4 in groups of group_size input columns. mode None keeps float weights."""
+
+    mode: Optional[str] = None
+    group_size: int = 64
+
+    def __post_init__(self):
+        if self.mode is not None and self.mode not in QUANT_MODES:
+            raise ValueError(f"quantize mode {self.mode!r}; {closest(str(self.mode), QUANT_MODES)}")
+        if self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"quantize group_size={self.group_size}; valid: 32, 64, 128, 256")
+
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / r) * B A dropout(x). B starts at zero, so a fresh adapter
+    changes nothing. `segments` are output slices [lo, hi) that each get their own
+    A and B: q, k and v of a fused wqkv behave as three separately adapted layers."""
+
+    def __init__(self, base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0,
+                 segments: Optional[list[tuple[int, int]]] = None):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.segments = segments or [(0, base.out_features)]
+        self.r, self.scaling = r, alpha / r
+        kw = dict(device=next(iter([*base.parameters(), *base.buffers()])).device)
+        self.lora_A = nn.Parameter(torch.empty(len(self.segments) * r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(sum(hi - lo for lo, hi in self.segments), r, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))    # nn.Linear's (and PEFT's) init
+        self.dropout = nn.Dropout(dropout)
+
+    def _full_B(self) -> torch.Tensor:
+        """B as one (out_features, n_segments * r) block matrix: zero outside the segments."""
+        if self.segments == [(0, self.out_features)]:
+            return self.lora_B
+        B = self.lora_B.new_zeros(self.out_features, len(self.segments) * self.r)
+        row = 0
+        for j, (lo, hi) in enumerate(self.segments):
+            B[lo:hi, j * self.r:(j + 1) * self.r] = self.lora_B[row:row + hi - lo]
+            row += hi - lo
+        return B
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) B A, the change the adapter makes to the weight: (out, in)."""
+        return self.scaling * self._full_B() @ self.lora_A
+
+    def forward(self, x):
+        a = self.dropout(x) @ self.lora_A.to(x.dtype).T                  # (..., n*r)
+        return self.base(x) + self.scaling * (a @ self._full_B().to(x.dtype).T)
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear computing what this module computes (dropout aside)."""
+        base = self.base
+        weight = base.weight if isinstance(base, nn.Linear) else base.dequantize()
+        bias = base.bias
+        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                        device=weight.device, dtype=self.lora_A.dtype)
+        with torch.no_grad():
+            out.weight.copy_(weight.float() + self.delta_weight())
+            if bias is not None:
+                out.bias.copy_(bias)
+        return out
+
+
+def _swap(model: nn.Module, make) -> int:
+    """Replace each child module m (found by a depth-first walk) with make(path, m) when
+    that returns a module; returns how many were replaced."""
+    count = 0
+    for path, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            new = make(f"{path}.{name}" if path else name, child)
+            if new is not None:
+                setattr(parent, name, new)
+                count += 1
+    return count
+
+
+def apply_lora(model: "Transformer", cfg: LoRAConfig) -> int:
+    """Freeze every weight of the model and add adapters to cfg.targets; returns the
+    number of trainable (adapter) parameters.
+
+        >>> model = Transformer(vocab_size=16, d_model=32, n_heads=4, n_layers=2)
+        >>> apply_lora(model, LoRAConfig(r=4, targets=["q", "v"]))
+        1024
+    """
+    if cfg.r <= 0:
+        raise ValueError("apply_lora needs lora.r > 0")
+    model.requires_grad_(False)
+    c = model.config
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    slices = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+    wanted = {"attn.wqkv": [slices[t] for t in "qkv" if t in cfg.targets],
+              "attn.wo": [None] if "o" in cfg.targets else [],
+              **{f"mlp.{w}": [None] if "mlp" in cfg.targets else [] for w in ("w1", "w2", "w3")}}
+
+    def make(path, module):
+        segments = wanted.get(path.split(".", 2)[-1]) if path.startswith("blocks.") else None
+        if segments and not isinstance(module, LoRALinear):
+            return LoRALinear(module, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                              segments=None if segments == [None] else segments)
+        return None
+
+    _swap(model, make)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """Only the adapter weights: what an adapter checkpoint stores."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def load_lora_state_dict(model: nn.Module, state: dict) -> None:
+    """Load adapter weights into a model that apply_lora prepared the same way."""
+    mine = lora_state_dict(model)
+    if set(mine) != set(state) or any(mine[k].shape != state[k].shape for k in mine):
+        raise ValueError("the adapter does not fit this model: its rank, targets or the base "
+                         "model's shape differ from those it was trained with")
+    model.load_state_dict(state, strict=False)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its layer (W + (alpha/r) B A); a model without adapters
+    is returned unchanged, so merging twice equals merging once."""
+    _swap(model, lambda path, m: m.merged() if isinstance(m, LoRALinear) else None)
+    return model
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per output channel: w ~= q * scale[:, None], q in [-127, 127] (int8)."""
+    scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127                # (N,)
+    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric per group of input columns: codes in [0, 15] (uint8, (N, K)) and
+    scales_and_zeros (K / group_size, N, 2) with w ~= (code - 8) * scale + zero,
+    the layout PyTorch's int4 kernels take."""
+    N, K = w.shape
+    g = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)                                     # (N, K/g)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    zero = lo + 8 * scale                                                       # code 8 <-> zero
+    return codes.reshape(N, K), torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte, column 2j in the low nibble: (N, K) -> (N, K/2) uint8."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: (N, K/2) uint8 -> (N, K) codes."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(1)
+
+
+def _fused(op: str) -> bool:
+    """Does this torch build have the fused kernel `op`? (Checked, never assumed.)"""
+    return hasattr(torch.ops.aten, op)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear layer: y = (x @ q.T) * scale (+ bias).
+
+    Uses torch's fused `_weight_int8pack_mm` on CPU when no gradient is needed;
+    otherwise (training a QLoRA adapter, other devices) dequantizes then multiplies,
+    which gives the same result.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.use_kernel = True
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device)
+        layer.weight, layer.scales = quantize_int8(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().float().clone()
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales[:, None]                      # (N, K)
+
+    def forward(self, x):
+        scales = self.scales.to(x.dtype)
+        if (self.use_kernel and x.device.type == "cpu" and _fused("_weight_int8pack_mm")
+                and not (torch.is_grad_enabled() and x.requires_grad)):
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(),
+                                                   self.weight, scales)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * scales
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only int4 linear layer, group-wise (see quantize_int4).
+
+    The state dict always holds the portable layout (pack_int4: two codes per byte).
+    `to_kernel_layout()` repacks the weight in memory for torch's fused int4 matmul
+    on CPU (and CUDA), after checking that the kernel reproduces the codes; the state
+    dict is still written in the portable layout. Without a kernel, or while a
+    gradient is needed (QLoRA training), it dequantizes then multiplies.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, group_size: int = 64,
+                 bias: bool = False, device=None):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"int4 needs in_features ({in_features}) divisible by group_size "
+                             f"({group_size}); choose another quantize group_size")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2,
+                                                             device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.layout = "portable"           # or the device type whose kernel layout `weight` is in
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, group_size: int) -> "Int4Linear":
+        layer = cls(linear.in_features, linear.out_features, group_size=group_size,
+                    bias=linear.bias is not None, device=linear.weight.device)
+        codes, layer.scales_and_zeros = quantize_int4(linear.weight.detach(), group_size)
+        layer.weight = pack_int4(codes)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().float().clone()
+        return layer
+
+    # -- torch's fused kernels, per device type: (repack codes, matmul, activation dtype) --
+    @staticmethod
+    def _kernel(device_type: str):
+        if device_type == "cpu" and _fused("_weight_int4pack_mm_for_cpu"):
+            return (lambda codes: torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1),
+                    torch.ops.aten._weight_int4pack_mm_for_cpu, None)
+        if device_type == "cuda" and _fused("_weight_int4pack_mm"):     # bf16 only; even column high
+            return (lambda codes: torch.ops.aten._convert_weight_to_int4pack(
+                        (codes[:, 0::2] << 4) | codes[:, 1::2], 8),
+                    torch.ops.aten._weight_int4pack_mm, torch.bfloat16)
+        return None
+
+    def _matmul(self, x: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+        """x (M, K) @ the packed weight through the kernel, in the kernel's dtype."""
+        _, mm, dtype = self._kernel(self.layout)
+        dtype = dtype or x.dtype
+        return mm(x.to(dtype), self.weight, self.group_size, scales_and_zeros.to(dtype)).to(x.dtype)
+
+    def _kernel_codes(self) -> torch.Tensor:
+        """Read the codes back through the kernel: identity input, scale 1, zero 8."""
+        K, N, g = self.in_features, self.out_features, self.group_size
+        eye = torch.eye(K, device=self.weight.device)                    # codes <= 15: exact in bf16
+        unit = torch.tensor([1.0, 8.0], device=eye.device).expand(K // g, N, 2).contiguous()
+        return self._matmul(eye, unit).T.round().to(torch.uint8)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_int4(self.weight) if self.layout == "portable" else self._kernel_codes()
+
+    def to_kernel_layout(self) -> bool:
+        """Repack for the fused kernel of the weight's device; False (and unchanged) when
+        there is none, the shape does not suit it, or it does not reproduce the codes."""
+        kernel = self._kernel(self.weight.device.type)
+        if self.layout != "portable" or kernel is None:
+            return self.layout != "portable"
+        codes = self.codes()
+        try:
+            packed = kernel[0](codes)
+        except RuntimeError:                     # e.g. the CPU kernel needs N % 16 == 0
+            return False
+        portable, self.weight, self.layout = self.weight, packed, self.weight.device.type
+        if not torch.equal(self._kernel_codes(), codes):
+            self.weight, self.layout = portable, "portable"
+            return False
+        return True
+
+    def dequantize(self) -> torch.Tensor:
+        scale, zero = self.scales_and_zeros.repeat_interleave(self.group_size, dim=0).unbind(-1)  # (K, N)
+        return ((self.codes().float() - 8) * scale.T + zero.T)                                    # (N, K)
+
+    def forward(self, x):
+        if self.layout != "portable" and not (torch.is_grad_enabled() and x.requires_grad):
+            if x.device.type != self.layout:
+                raise RuntimeError(f"int4 weights packed for {self.layout} used on {x.device.type}; "
+                                   f"quantize after moving the model to its device")
+            y = self._matmul(x.reshape(-1, self.in_features).contiguous(), self.scales_and_zeros)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "portable":
+            destination[prefix + "weight"] = pack_int4(self.codes())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        kernel = self.layout != "portable"
+        if kernel:
+            self.weight = torch.zeros(self.out_features, self.in_features // 2, dtype=torch.uint8,
+                                      device=self.weight.device)
+            self.layout = "portable"
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if kernel:
+            self.to_kernel_layout()
+
+
+def quantize_model(model: "Transformer", cfg: QuantConfig, *, kernels: bool = True) -> "Transformer":
+    """Swap every nn.Linear (blocks and head) for an int8 or int4 one, in place.
+
+    kernels: repack int4 weights for the fused kernel (inference). Training a QLoRA
+    adapter passes False: the kernels have no backward, and dequantizing the portable
+    layout is cheap. A tied head gets its own quantized copy; the embedding stays float.
+
+        >>> model = Transformer(vocab_size=64, d_model=64, n_heads=4, n_layers=1)
+        >>> type(quantize_model(model, QuantConfig("int8")).lm_head).__name__
+        'Int8Linear'
+    """
+    if cfg.mode is None:
+        return model
+
+    def make(path, module):
+        if type(module) is not nn.Linear:
+            return None
+        if cfg.mode == "int8":
+            return Int8Linear.from_linear(module)
+        layer = Int4Linear.from_linear(module, group_size=cfg.group_size)
+        if kernels:
+            layer.to_kernel_layout()
+        return layer
+
+    with torch.no_grad():
+        _swap(model, make)
+    return model
+
+
+def dequantize_model(model: "Transformer") -> "Transformer":
+    """Swap quantized layers back for float nn.Linear ones (in place). A tied head is
+    tied to the (never quantized) embedding again, which restores it exactly."""
+    def make(path, module):
+        if not isinstance(module, (Int8Linear, Int4Linear)):
+            return None
+        layer = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device=module.weight.device)
+        with torch.no_grad():
+            layer.weight.copy_(module.dequantize())
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        return layer
+
+    _swap(model, make)
+    if getattr(model, "config", None) is not None and model.config.tie_weights:
+        model.lm_head.weight = model.tok_emb.weight
+    return model

@@ -4,6 +4,8 @@
     python train.py --config config.yaml --data my.txt --model.n_layers=4 --training.max_iters=200
     python train.py --config config.yaml --preset cpu-fast --data ../shared/data/tinyshakespeare.txt
     python train.py --config config.yaml --resume              # continue from out/last.pt
+    python train.py --config config.yaml --init_from out/best.pt --lora.r=8 --data new.txt \
+        --training.out_dir=out-lora                            # LoRA fine-tune (add --quantize int8: QLoRA)
 
 Writes to training.out_dir: last.pt (for --resume), best.pt (best validation loss),
 config.yaml (the resolved configuration) and log.jsonl (one JSON object per event).
@@ -27,9 +29,11 @@ import torch.nn.functional as F
 import yaml
 
 from data import DataConfig, load_dataset, tokenizer_from_state
-from model import PRESETS as MODEL_PRESETS, Transformer, TransformerConfig, closest
-from utils import (CheckpointError, JsonlLogger, config_file, config_to_dict, load_checkpoint, load_config,
-                   pick_device, save_checkpoint, tune_cpu_allocator)
+from model import (PRESETS as MODEL_PRESETS, LoRAConfig, QuantConfig, Transformer, TransformerConfig,
+                   apply_lora, closest, load_lora_state_dict, lora_state_dict, quantize_model)
+from utils import (CheckpointError, JsonlLogger, base_reference, check_base, config_file, config_to_dict,
+                   load_checkpoint, load_config, model_from_checkpoint, pick_device, save_checkpoint,
+                   tune_cpu_allocator)
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -40,6 +44,7 @@ class TrainConfig:
     """How to train: optimisation, budget, evaluation and output."""
 
     out_dir: str = "out"
+    init_from: Optional[str] = None  # start from this checkpoint's weights and tokenizer (fine-tuning)
     device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
     seed: int = 1337
     batch_size: int = 32
@@ -76,7 +81,8 @@ class TrainConfig:
             raise ValueError("training: need learning_rate > 0, 0 <= min_lr_ratio <= 1, warmup_iters >= 0")
 
 
-SECTIONS = {"model": TransformerConfig, "data": DataConfig, "training": TrainConfig}
+SECTIONS = {"model": TransformerConfig, "data": DataConfig, "training": TrainConfig,
+            "lora": LoRAConfig, "quantize": QuantConfig}
 
 # Run presets set model and training keys together; every model preset is a run preset too.
 RUN_PRESETS = {
@@ -92,7 +98,8 @@ RUN_PRESETS = {
     },
 }
 PRESETS = {**{name: {"model": p} for name, p in MODEL_PRESETS.items()}, **RUN_PRESETS}
-ALIASES = {"data": "data.path", "device": "training.device"}
+ALIASES = {"data": "data.path", "device": "training.device", "init_from": "training.init_from",
+           "quantize": "quantize.mode", "group_size": "quantize.group_size"}
 
 # -----------------------------------------------------------------------------
 # Small pure pieces
@@ -193,6 +200,51 @@ def _set_rng_state(state: dict, generator: torch.Generator):
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
 
 
+def base_checkpoint(cfg: dict, resume_from: Optional[dict]) -> tuple[Optional[dict], Optional[dict]]:
+    """The checkpoint a fine-tune starts from and its reference ({path, sha256}), or (None, None).
+    A resumed LoRA run finds its base through the reference its adapter stores."""
+    tcfg, lcfg = cfg["training"], cfg["lora"]
+    if resume_from is not None:
+        if "lora" not in resume_from:
+            return None, None
+        ref = resume_from["lora"]["base"]
+        check_base(resume_from, ref["path"])
+        return load_checkpoint(ref["path"]), ref
+    if not tcfg.init_from:
+        if lcfg.r or cfg["quantize"].mode:
+            raise ValueError("LoRA and quantized training fine-tune a trained model: set training.init_from")
+        return None, None
+    init = Path(tcfg.init_from).resolve()
+    if init.parent == Path(tcfg.out_dir).resolve():
+        raise ValueError(f"training.init_from={tcfg.init_from} is inside training.out_dir, where this run "
+                         f"writes its checkpoints; choose another out_dir")
+    base = load_checkpoint(init)
+    if "lora" in base:
+        raise ValueError(f"{tcfg.init_from} is a LoRA adapter; merge it first (python utils.py merge-lora)")
+    return base, base_reference(init)
+
+
+def build_model(cfg: dict, tokenizer, device: str, base: Optional[dict]) -> Transformer:
+    """The model to train: fresh, or the base's weights (quantized, with LoRA adapters
+    trained on top, when asked)."""
+    lcfg, qcfg = cfg["lora"], cfg["quantize"]
+    if base is None:
+        return Transformer(dataclasses.replace(cfg["model"], vocab_size=tokenizer.vocab_size)).to(device)
+    if qcfg.mode and not lcfg.r:
+        raise ValueError("quantized weights cannot be trained; add LoRA adapters (--lora.r=8) for QLoRA")
+    # the base's architecture, with this run's dropout; int4 kernels have no backward
+    model, _ = model_from_checkpoint(base, device=device, quantize=qcfg, kernels=False,
+                                     dropout=cfg["model"].dropout)
+    if base.get("quantize") and not lcfg.r:
+        raise ValueError("the base checkpoint is quantized; fine-tune it with LoRA (--lora.r=8)")
+    if lcfg.r:
+        trainable = apply_lora(model, lcfg)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"LoRA r={lcfg.r} on {','.join(lcfg.targets)}: {trainable:,} trainable parameters "
+              f"({100 * trainable / total:.2f}% of {total:,})")
+    return model.train()
+
+
 def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
     """Train with a resolved config ({'model', 'data', 'training'} dataclasses).
 
@@ -206,19 +258,28 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
     np.random.seed(tcfg.seed)
     random.seed(tcfg.seed)
 
+    base, base_ref = base_checkpoint(cfg, resume_from)
+    if base:   # a fine-tune keeps the base's architecture and tokenizer
+        cfg = {**cfg, "model": TransformerConfig.from_dict({**base["model_config"],
+                                                            "dropout": cfg["model"].dropout})}
     block_size = cfg["model"].block_size
-    tokenizer = tokenizer_from_state(resume_from["tokenizer"]) if resume_from else None
+    known = resume_from or base
+    tokenizer = tokenizer_from_state(known["tokenizer"]) if known else None
     data = load_dataset(cfg["data"], block_size=block_size, tokenizer=tokenizer)
+    model = build_model(cfg, data.tokenizer, device, base)
     # the vocabulary belongs to the tokenizer, so the model's vocab_size follows it
-    model_cfg = dataclasses.replace(cfg["model"], vocab_size=data.tokenizer.vocab_size)
+    model_cfg = model.config
     cfg = {**cfg, "model": model_cfg}
-    model = Transformer(model_cfg).to(device)
+    lora = cfg["lora"].r > 0
     optimizer = make_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=tcfg.precision == "fp16")
     generator = torch.Generator().manual_seed(tcfg.seed)
     step, elapsed, best_val = 0, 0.0, float("inf")
     if resume_from:
-        model.load_state_dict(resume_from["model"])
+        if lora:
+            load_lora_state_dict(model, resume_from["model"])
+        else:
+            model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])
         step, elapsed, best_val = resume_from["step"], resume_from["elapsed"], resume_from["best_val_loss"]
         _set_rng_state(resume_from["rng"], generator)
@@ -234,7 +295,7 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
     if not resume_from:                       # a new run starts a new record; --resume appends
         (out_dir / "log.jsonl").unlink(missing_ok=True)
     logger = JsonlLogger(out_dir / "log.jsonl")
-    n_params = model.num_params()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block_size
     print(f"{n_params / 1e6:.2f}M parameters | vocab {model_cfg.vocab_size} ({data.tokenizer.kind}) | "
           f"train {len(data.splits['train']):,} tokens, val {len(data.splits['val']):,} | device {device}"
@@ -245,10 +306,15 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
         return elapsed / tcfg.max_time if tcfg.max_time else step / tcfg.max_iters
 
     def checkpoint(names: list[str], val_loss: float):
-        payload = {"model": model.state_dict(), "model_config": model_cfg.to_dict(),
+        payload = {"model": lora_state_dict(model) if lora else model.state_dict(),
+                   "model_config": model_cfg.to_dict(),
                    "tokenizer": data.tokenizer.state(), "config": config_to_dict(cfg),
                    "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
                    "best_val_loss": best_val, "val_loss": val_loss, "rng": _rng_state(generator)}
+        if lora:     # an adapter: only its weights, and which base they belong to
+            payload["lora"] = {"config": dataclasses.asdict(cfg["lora"]), "base": base_ref}
+        if cfg["quantize"].mode:
+            payload["quantize"] = dataclasses.asdict(cfg["quantize"])
         for name in names:
             save_checkpoint(out_dir / name, payload)
 

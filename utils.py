@@ -9,9 +9,12 @@ logging and profiling.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -23,7 +26,9 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from model import Transformer, TransformerConfig, closest
+from model import (QUANT_MODES, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer,
+                   TransformerConfig, apply_lora, closest, dequantize_model, load_lora_state_dict, merge_lora,
+                   quantize_model)
 from data import tokenizer_from_state
 
 # =============================================================================
@@ -240,11 +245,77 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, *, device="cpu"):
-    """(model in eval mode, tokenizer) from a loaded checkpoint."""
-    model = Transformer(TransformerConfig.from_dict(ckpt["model_config"]))
+def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantConfig] = None,
+                          kernels: bool = True, **config_overrides):
+    """(model in eval mode, tokenizer) from a loaded full or quantized checkpoint.
+
+    quantize: quantize the weights after loading (ignored when already quantized).
+    kernels: let int4 layers use the fused inference kernel (False for QLoRA training).
+    config_overrides: model config changes that keep the weights' shapes (dropout).
+    """
+    if "lora" in ckpt:
+        raise CheckpointError("this is a LoRA adapter, not a model; load it with load_model(path)")
+    cfg = TransformerConfig.from_dict({**ckpt["model_config"], **config_overrides})
+    model = Transformer(cfg).to(device)
+    stored = QuantConfig(**ckpt["quantize"]) if ckpt.get("quantize") else None
+    if stored:                                      # quantized layers first, so the shapes match
+        quantize_model(model, stored, kernels=kernels)
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), tokenizer_from_state(ckpt["tokenizer"])
+    if quantize and quantize.mode and not stored:
+        quantize_model(model, quantize, kernels=kernels)
+    return model.eval(), tokenizer_from_state(ckpt["tokenizer"])
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def base_reference(path) -> dict:
+    """What an adapter records of its base checkpoint: where it was and its hash."""
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+
+
+def check_base(adapter: dict, base_path) -> None:
+    """The base file must be the one the adapter was trained on (same sha256)."""
+    expected = adapter["lora"]["base"]["sha256"]
+    if file_sha256(base_path) != expected:
+        raise CheckpointError(f"'{base_path}' is not the base this adapter was trained on (sha256 "
+                              f"{expected[:12]}... expected, from {adapter['lora']['base']['path']})")
+
+
+def load_model(path, *, lora=None, quantize: Optional[QuantConfig] = None, device="cpu", kernels=True):
+    """(model in eval mode, tokenizer) from a checkpoint file: full, quantized, or a LoRA
+    adapter (its base is found through the reference it stores). lora: an adapter file
+    to add to the model in `path`. quantize: quantize on the fly (a QLoRA adapter's
+    base is quantized as in training unless quantize says otherwise).
+
+        >>> model, tokenizer = load_model("out/best.pt", lora="out-lora/best.pt")  # doctest: +SKIP
+    """
+    ckpt = load_checkpoint(path)
+    if "lora" in ckpt:                              # an adapter on its own: find its base
+        if lora:
+            raise CheckpointError(f"'{path}' is a LoRA adapter; pass the base model as the checkpoint")
+        base = ckpt["lora"]["base"]["path"]
+        if not Path(base).exists():
+            raise CheckpointError(f"the base of adapter '{path}' is not at {base}; pass it as the "
+                                  f"checkpoint and the adapter with --lora")
+        return load_model(base, lora=path, quantize=quantize, device=device, kernels=kernels)
+    if not lora:
+        return model_from_checkpoint(ckpt, device=device, quantize=quantize, kernels=kernels)
+    adapter = load_checkpoint(lora)
+    if "lora" not in adapter:
+        raise CheckpointError(f"'{lora}' is not a LoRA adapter (it holds a full model)")
+    check_base(adapter, path)
+    if quantize is None or quantize.mode is None:
+        quantize = QuantConfig(**adapter["quantize"]) if adapter.get("quantize") else quantize
+    model, tokenizer = model_from_checkpoint(ckpt, device=device, quantize=quantize, kernels=kernels)
+    apply_lora(model, LoRAConfig(**adapter["lora"]["config"]))
+    load_lora_state_dict(model, {k: v.to(device) for k, v in adapter["model"].items()})
+    return model.eval(), tokenizer
 
 # =============================================================================
 # Devices, logging, profiling
@@ -333,3 +404,96 @@ def synchronize(device):
         torch.cuda.synchronize()
     elif str(device).startswith("mps"):
         torch.mps.synchronize()
+
+# =============================================================================
+# Command line: python utils.py quantize | merge-lora
+# =============================================================================
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _plain_payload(model, tokenizer, ckpt: dict, **extra) -> dict:
+    """A checkpoint of just a model: weights, configs and tokenizer (no training state)."""
+    return {"model": model.state_dict(), "model_config": model.config.to_dict(),
+            "tokenizer": tokenizer.state(), "config": ckpt.get("config", {}), **extra}
+
+
+def val_perplexity(model, tokenizer, ckpt: dict, data_path: Optional[str] = None) -> float:
+    """Perplexity over every validation token once, on the data the checkpoint trained on
+    (or data_path), split as in training."""
+    from data import DataConfig, load_dataset            # train imports utils: import lazily
+    from train import split_loss
+    data_cfg = DataConfig(**{**ckpt.get("config", {}).get("data", {}),
+                             **({"path": data_path} if data_path else {})})
+    block = model.config.block_size
+    data = load_dataset(data_cfg, block_size=block, tokenizer=tokenizer)
+    device = str(next(model.buffers(), next(model.parameters())).device)
+    return math.exp(split_loss(model, data, "val", block_size=block, batch_size=16, device=device))
+
+
+def quantize_main(argv: list[str]) -> None:
+    """python utils.py quantize --checkpoint out/best.pt --mode int8|int4 [--group_size 64]
+    [--out q.pt] [--eval]: write a weight-only quantized checkpoint."""
+    p = argparse.ArgumentParser(prog="utils.py quantize", description=quantize_main.__doc__)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--mode", required=True, choices=QUANT_MODES)
+    p.add_argument("--group_size", type=int, default=QuantConfig.group_size, help="int4 group (32|64|128|256)")
+    p.add_argument("--out", help="default: <checkpoint>-<mode>.pt beside it")
+    p.add_argument("--eval", action="store_true", help="validation perplexity before and after")
+    p.add_argument("--data", help="--eval on this text instead of the checkpoint's training data")
+    args = p.parse_args(argv)
+    qcfg = QuantConfig(args.mode, args.group_size)
+    ckpt = load_checkpoint(args.checkpoint)
+    model, tokenizer = model_from_checkpoint(ckpt)
+    linear_fp32 = _bytes(m.weight for m in model.modules() if type(m) is torch.nn.Linear)
+    before = val_perplexity(model, tokenizer, ckpt, args.data) if args.eval else None
+    quantize_model(model, qcfg)
+    linear_q = sum(_bytes(b for n, b in m.state_dict().items() if n != "bias")
+                   for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
+    src = Path(args.checkpoint)
+    out = Path(args.out or src.with_name(f"{src.stem}-{args.mode}.pt"))
+    save_checkpoint(out, _plain_payload(model, tokenizer, ckpt, quantize=dataclasses.asdict(qcfg)))
+    print(f"{out}: {out.stat().st_size / 1e6:.2f} MB (from {src.stat().st_size / 1e6:.2f} MB); linear "
+          f"weights {linear_fp32 / 1e6:.2f} -> {linear_q / 1e6:.2f} MB ({linear_fp32 / linear_q:.1f}x smaller)")
+    if args.eval:
+        after = val_perplexity(model, tokenizer, ckpt, args.data)
+        print(f"validation perplexity: fp32 {before:.4f}, {args.mode} {after:.4f} "
+              f"({100 * (after / before - 1):+.2f}%)")
+
+
+def merge_lora_main(argv: list[str]) -> None:
+    """python utils.py merge-lora --lora adapter.pt [--checkpoint base.pt] --out merged.pt:
+    fold a LoRA adapter into its base and write a plain float checkpoint."""
+    p = argparse.ArgumentParser(prog="utils.py merge-lora", description=merge_lora_main.__doc__)
+    p.add_argument("--lora", required=True, help="the adapter checkpoint")
+    p.add_argument("--checkpoint", help="its base (default: the base the adapter refers to)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.checkpoint:
+        model, tokenizer = load_model(args.checkpoint, lora=args.lora, kernels=False)
+    else:
+        model, tokenizer = load_model(args.lora, kernels=False)
+    dequantize_model(merge_lora(model))            # a QLoRA base becomes float again
+    adapter = load_checkpoint(args.lora)
+    save_checkpoint(args.out, _plain_payload(model, tokenizer, adapter))
+    print(f"merged {args.lora} into {adapter['lora']['base']['path']} -> {args.out}")
+
+
+COMMANDS = {"quantize": quantize_main, "merge-lora": merge_lora_main}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        got = f"unknown command '{argv[0]}'; " if argv and not argv[0].startswith("-") else ""
+        sys.exit(f"usage: python utils.py <command> ...; {got}{closest(argv[0] if argv else '', COMMANDS)}")
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
