@@ -4,6 +4,7 @@
     python bench.py train --nanogpt ~/nanoGPT      # side by side with nanoGPT's model.py
     python bench.py train --configs gpt2-style,small --steps 10
     python bench.py decode                         # batch-1 decode vs roofline and HF generate
+    python bench.py quant                          # decode speed and memory: fp32, bf16, int8, int4
 
 `train` times each row in a fresh process. Our rows run as train.py does (glibc malloc
 tuned by utils.tune_cpu_allocator); nanoGPT runs as shipped; on gpt2-style, a third row
@@ -227,6 +228,80 @@ def _hf_decode(cfg, model, prompt, tokens) -> float:
         return tokens / min(_timed(lambda: hf.generate(prompt, **kwargs)) for _ in range(2))
 
 
+QUANT_ROWS = ("fp32", "bf16", "int8", "int4")
+
+
+def bench_quant(args):
+    """Batch-1 decode tokens/s and memory of one model stored as fp32, bf16, int8 and int4.
+    Each row loads a checkpoint (written here, as `utils.py quantize` writes them) in a fresh
+    process, so its peak memory is that of loading and decoding that file alone."""
+    import tempfile
+    from model import QuantConfig, quantize_model
+    from utils import save_checkpoint
+    from data import ByteTokenizer
+    cfg = TransformerConfig(**DECODE_CONFIGS[args.size], tie_weights=True)
+    if args.group_size is None:     # the largest of 128, 64, 32 that divides every layer's input width
+        args.group_size = next(g for g in (128, 64, 32) if cfg.d_model % g == 0 and cfg.d_ff % g == 0)
+    print(f"{args.size} Llama shape ({cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, "
+          f"tied head), {torch.get_num_threads()} threads; {args.tokens} new tokens after a "
+          f"{args.prompt_len}-token prompt, greedy; int4 group size {args.group_size}\n")
+    print(f"{'weights':8s} {'file MB':>8s} {'in memory MB':>12s} {'peak RSS MB':>11s} {'tokens/s':>9s} "
+          f"{'vs fp32':>8s} {'logits rel. err':>15s}")
+    torch.manual_seed(0)
+    base = Transformer(cfg).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        for mode in args.modes.split(","):
+            model = base
+            if mode in ("int8", "int4"):
+                import copy
+                model = quantize_model(copy.deepcopy(base), QuantConfig(mode, args.group_size), kernels=False)
+            path = Path(tmp) / f"{mode}.pt"
+            payload = {"model": model.state_dict(), "model_config": cfg.to_dict(),
+                       "tokenizer": ByteTokenizer().state()}   # a stand-in: decoding never decodes text
+            if mode in ("int8", "int4"):
+                payload["quantize"] = {"mode": mode, "group_size": args.group_size}
+            save_checkpoint(path, payload)
+            del model
+            cmd = [sys.executable, __file__, "quant-row", str(path), "--tokens", str(args.tokens),
+                   "--prompt_len", str(args.prompt_len)] + (["--bf16"] if mode == "bf16" else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
+            row = {"mode": mode, "file_mb": path.stat().st_size / 1e6, **json.loads(out.stdout.splitlines()[-1])}
+            rows.append(row)
+            ref = rows[0] if rows[0]["mode"] == "fp32" else None
+            speed = f"{row['tps'] / ref['tps']:7.2f}x" if ref else f"{'':8s}"
+            err = (torch.tensor(row["logits"]) - torch.tensor(ref["logits"])).norm() / torch.tensor(
+                ref["logits"]).norm() if ref else float("nan")
+            print(f"{mode:8s} {row['file_mb']:8.1f} {row['model_mb']:12.1f} {row['peak_mb']:11.0f} "
+                  f"{row['tps']:9.1f} {speed} {err:15.2e}")
+    return rows
+
+
+def bench_quant_row(args):
+    """Load one checkpoint, decode, print one JSON line (used by bench_quant)."""
+    import resource
+    from generate import generate_tokens
+    from utils import load_model
+    model, _ = load_model(args.checkpoint)
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}.values()
+    model_mb = sum(t.numel() * t.element_size() for t in tensors) / 1e6
+    torch.manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len))
+    with torch.no_grad():
+        logits = model(prompt)[0, -1, :64].float().tolist()     # accuracy probe: same prompt, every row
+
+    def decode():
+        for _ in generate_tokens(model, prompt, args.tokens, temperature=0):
+            pass
+    tps = args.tokens / min(_timed(decode) for _ in range(2))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # KiB on Linux
+    print(json.dumps({"tps": tps, "model_mb": model_mb, "peak_mb": peak_mb, "logits": logits}))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +321,19 @@ def main(argv=None):
     d.add_argument("--no-hf", dest="hf", action="store_false", help="skip the Hugging Face comparison")
     d.add_argument("--skip-nocache", action="store_true", help="skip the (slow) no-cache measurement")
     d.set_defaults(func=bench_decode)
+    q = sub.add_parser("quant", help="decode tokens/s and memory for fp32, bf16, int8 and int4 weights")
+    q.add_argument("--size", default="110M", choices=list(DECODE_CONFIGS))
+    q.add_argument("--modes", default=",".join(QUANT_ROWS), help="comma-separated, fp32 first")
+    q.add_argument("--tokens", type=int, default=64, help="new tokens per measurement")
+    q.add_argument("--prompt_len", type=int, default=16)
+    q.add_argument("--group_size", type=int, default=None, help="int4 group (default: largest that fits)")
+    q.set_defaults(func=bench_quant)
+    qr = sub.add_parser("quant-row", help=argparse.SUPPRESS)   # one row of `quant`, in its own process
+    qr.add_argument("checkpoint")
+    qr.add_argument("--tokens", type=int, default=64)
+    qr.add_argument("--prompt_len", type=int, default=16)
+    qr.add_argument("--bf16", action="store_true")
+    qr.set_defaults(func=bench_quant_row)
     row = sub.add_parser("train-row", help=argparse.SUPPRESS)   # one row of `train`, in its own process
     row.add_argument("config", choices=list(TRAIN_CONFIGS))
     row.add_argument("--impl", choices=["ours", "nanoGPT"], default="ours")

@@ -802,7 +802,9 @@ class Int4Linear(nn.Module):
             destination[prefix + "weight"] = pack_int4(self.codes())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        kernel = self.layout != "portable"
+        # only a state dict holding this layer's weight replaces it: a partial one (an
+        # adapter, loaded strict=False) must leave the kernel-layout weight as it is
+        kernel = self.layout != "portable" and prefix + "weight" in state_dict
         if kernel:
             self.weight = torch.zeros(self.out_features, self.in_features // 2, dtype=torch.uint8,
                                       device=self.weight.device)
@@ -838,6 +840,14 @@ def quantize_model(model: "Transformer", cfg: QuantConfig, *, kernels: bool = Tr
 
     with torch.no_grad():
         _swap(model, make)
+    return model
+
+
+def use_kernels(model: nn.Module) -> nn.Module:
+    """Repack int4 layers for their device's fused kernel (after loading or moving)."""
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            m.to_kernel_layout()
     return model
 
 

@@ -28,7 +28,7 @@ import yaml
 
 from model import (QUANT_MODES, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer,
                    TransformerConfig, apply_lora, closest, dequantize_model, load_lora_state_dict, merge_lora,
-                   quantize_model)
+                   quantize_model, use_kernels)
 from data import tokenizer_from_state
 
 # =============================================================================
@@ -256,13 +256,19 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
     if "lora" in ckpt:
         raise CheckpointError("this is a LoRA adapter, not a model; load it with load_model(path)")
     cfg = TransformerConfig.from_dict({**ckpt["model_config"], **config_overrides})
-    model = Transformer(cfg).to(device)
+    with torch.device("meta"):                      # shapes only: the checkpoint's tensors become the
+        model = Transformer(cfg)                    # weights, so float copies are never allocated
     stored = QuantConfig(**ckpt["quantize"]) if ckpt.get("quantize") else None
-    if stored:                                      # quantized layers first, so the shapes match
-        quantize_model(model, stored, kernels=kernels)
-    model.load_state_dict(ckpt["model"])
+    if stored:
+        quantize_model(model, stored, kernels=False)
+    model.load_state_dict(ckpt["model"], assign=True)
+    if cfg.tie_weights and isinstance(model.lm_head, torch.nn.Linear):
+        model.lm_head.weight = model.tok_emb.weight  # assign=True gave each name its own Parameter
+    model.to(device)
     if quantize and quantize.mode and not stored:
         quantize_model(model, quantize, kernels=kernels)
+    elif stored and kernels:
+        use_kernels(model)
     return model.eval(), tokenizer_from_state(ckpt["tokenizer"])
 
 
@@ -446,6 +452,9 @@ def quantize_main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     qcfg = QuantConfig(args.mode, args.group_size)
     ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.get("quantize"):         # its layers are quantized already: nothing to measure or redo
+        raise CheckpointError(f"'{args.checkpoint}' is already quantized ({ckpt['quantize']['mode']}); "
+                              f"quantize the float checkpoint it came from")
     model, tokenizer = model_from_checkpoint(ckpt)
     linear_fp32 = _bytes(m.weight for m in model.modules() if type(m) is torch.nn.Linear)
     before = val_perplexity(model, tokenizer, ckpt, args.data) if args.eval else None
@@ -471,12 +480,14 @@ def merge_lora_main(argv: list[str]) -> None:
     p.add_argument("--checkpoint", help="its base (default: the base the adapter refers to)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    adapter = load_checkpoint(args.lora)
+    if "lora" not in adapter:
+        raise CheckpointError(f"'{args.lora}' is not a LoRA adapter (it holds a full model)")
     if args.checkpoint:
         model, tokenizer = load_model(args.checkpoint, lora=args.lora, kernels=False)
     else:
         model, tokenizer = load_model(args.lora, kernels=False)
     dequantize_model(merge_lora(model))            # a QLoRA base becomes float again
-    adapter = load_checkpoint(args.lora)
     save_checkpoint(args.out, _plain_payload(model, tokenizer, adapter))
     print(f"merged {args.lora} into {adapter['lora']['base']['path']} -> {args.out}")
 
