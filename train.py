@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import yaml
 
 from data import DataConfig, load_dataset, tokenizer_from_state
-from model import (PRESETS as MODEL_PRESETS, LoRAConfig, QuantConfig, Transformer, TransformerConfig,
+from model import (PRESETS as MODEL_PRESETS, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer, TransformerConfig,
                    apply_lora, closest, load_lora_state_dict, lora_state_dict, quantize_model)
 from utils import (CheckpointError, JsonlLogger, base_reference, check_base, config_file, config_to_dict,
                    load_checkpoint, load_config, model_from_checkpoint, pick_device, save_checkpoint,
@@ -239,7 +239,9 @@ def build_model(cfg: dict, tokenizer, device: str, base: Optional[dict]) -> Tran
         raise ValueError("the base checkpoint is quantized; fine-tune it with LoRA (--lora.r=8)")
     if lcfg.r:
         trainable = apply_lora(model, lcfg)
-        total = sum(p.numel() for p in model.parameters())
+        # quantized weights are buffers, not parameters: count them as the weights they stand for
+        total = sum(p.numel() for p in model.parameters()) + sum(
+            m.in_features * m.out_features for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
         print(f"LoRA r={lcfg.r} on {','.join(lcfg.targets)}: {trainable:,} trainable parameters "
               f"({100 * trainable / total:.2f}% of {total:,})")
     return model.train()

@@ -254,7 +254,8 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
     config_overrides: model config changes that keep the weights' shapes (dropout).
     """
     if "lora" in ckpt:
-        raise CheckpointError("this is a LoRA adapter, not a model; load it with load_model(path)")
+        raise CheckpointError("this is a LoRA adapter, not a model: merge it first (python utils.py "
+                              "merge-lora) or load it with load_model(path)")
     cfg = TransformerConfig.from_dict({**ckpt["model_config"], **config_overrides})
     with torch.device("meta"):                      # shapes only: the checkpoint's tensors become the
         model = Transformer(cfg)                    # weights, so float copies are never allocated
@@ -499,7 +500,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         got = f"unknown command '{argv[0]}'; " if argv and not argv[0].startswith("-") else ""
-        sys.exit(f"usage: python utils.py <command> ...; {got}{closest(argv[0] if argv else '', COMMANDS)}")
+        sys.exit(f"usage: python utils.py <command> ...; {got}"
+                 + (closest(argv[0], COMMANDS) if got else f"commands: {', '.join(COMMANDS)}"))
     try:
         COMMANDS[argv[0]](argv[1:])
     except (ValueError, FileNotFoundError, CheckpointError) as e:
