@@ -662,12 +662,36 @@ def _fused(op: str) -> bool:
     return hasattr(torch.ops.aten, op)
 
 
+_INT8_KERNEL_FASTER: dict = {}
+
+
+def _int8_kernel_faster(dtype) -> bool:
+    """Is torch's fused int8 matmul faster than dequantize-then-matmul for one row here?
+    Measured once per process: on AVX2-only CPUs the kernel is several times slower."""
+    if dtype not in _INT8_KERNEL_FASTER:
+        import time
+        w, s = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8), torch.rand(1024, dtype=dtype)
+        x = torch.randn(1, 1024, dtype=dtype)
+        paths = [lambda: torch.ops.aten._weight_int8pack_mm(x, w, s), lambda: F.linear(x, w.to(dtype)) * s]
+        best = []
+        for path in paths:
+            path()
+            start = time.perf_counter()
+            for _ in range(10):
+                path()
+            best.append(time.perf_counter() - start)
+        _INT8_KERNEL_FASTER[dtype] = best[0] < best[1]
+    return _INT8_KERNEL_FASTER[dtype]
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 linear layer: y = (x @ q.T) * scale (+ bias).
 
-    Uses torch's fused `_weight_int8pack_mm` on CPU when no gradient is needed;
-    otherwise (training a QLoRA adapter, other devices) dequantizes then multiplies,
-    which gives the same result.
+    use_kernel: True uses torch's fused `_weight_int8pack_mm` (CPU, no gradient
+    needed); False dequantizes then multiplies, which gives the same result; None
+    (default) uses the kernel for decoding-sized inputs (<= 16 rows) where it measured
+    faster than the fallback on this machine (_int8_kernel_faster). Large batches always
+    take the fallback: the dequantization is amortized over the rows and BLAS wins.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False, device=None):
@@ -676,7 +700,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self.use_kernel = True
+        self.use_kernel: Optional[bool] = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -692,8 +716,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         scales = self.scales.to(x.dtype)
-        if (self.use_kernel and x.device.type == "cpu" and _fused("_weight_int8pack_mm")
-                and not (torch.is_grad_enabled() and x.requires_grad)):
+        kernel = (x.device.type == "cpu" and _fused("_weight_int8pack_mm")
+                  and not (torch.is_grad_enabled() and x.requires_grad) and self.use_kernel is not False)
+        if kernel and self.use_kernel is None:
+            kernel = x.numel() // self.in_features <= 16 and _int8_kernel_faster(x.dtype)
+        if kernel:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(),
                                                    self.weight, scales)
             y = y.view(*x.shape[:-1], self.out_features)

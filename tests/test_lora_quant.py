@@ -399,6 +399,7 @@ def test_int8_fused_kernel_and_fallback_agree():
         calls.append(1)
         return real(*args)
 
+    layer.use_kernel = True           # by default the kernel is used only where it measured faster
     with mock.patch.object(torch.ops.aten, INT8_OP, spy), torch.no_grad():
         fused = layer(x)
         assert calls, "no gradient needed on CPU: the fused kernel must be used"
@@ -890,3 +891,21 @@ def test_qlora_trains_an_adapter_on_a_quantized_base(runs, qlora, mode, group, t
     with torch.no_grad():     # the same but the head, which is the float embedding again
         a, b = m(ids), slow(ids)
         assert float((a - b).norm() / b.norm()) < (0.02 if mode == "int8" else 0.2)
+
+
+@needs_int8_kernel
+def test_int8_auto_kernel_choice_follows_batch_size_and_measurement(monkeypatch):
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 48))
+    calls = []
+    real = getattr(torch.ops.aten, INT8_OP)
+    monkeypatch.setattr(torch.ops.aten, INT8_OP, lambda *a: calls.append(1) or real(*a))
+    import model as model_module
+    with torch.no_grad():
+        monkeypatch.setitem(model_module._INT8_KERNEL_FASTER, torch.float32, True)
+        layer(torch.randn(1, 64))
+        assert len(calls) == 1                       # decode-sized and measured faster: the kernel
+        layer(torch.randn(4, 8, 64))
+        assert len(calls) == 1                       # 32 rows: dequantize-then-matmul
+        monkeypatch.setitem(model_module._INT8_KERNEL_FASTER, torch.float32, False)
+        layer(torch.randn(1, 64))
+        assert len(calls) == 1                       # measured slower here: never
