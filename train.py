@@ -232,11 +232,11 @@ def build_model(cfg: dict, tokenizer, device: str, base: Optional[dict]) -> Tran
         return Transformer(dataclasses.replace(cfg["model"], vocab_size=tokenizer.vocab_size)).to(device)
     if qcfg.mode and not lcfg.r:
         raise ValueError("quantized weights cannot be trained; add LoRA adapters (--lora.r=8) for QLoRA")
+    if base.get("quantize") and not lcfg.r:
+        raise ValueError("the base checkpoint is quantized; fine-tune it with LoRA (--lora.r=8)")
     # the base's architecture, with this run's dropout; int4 kernels have no backward
     model, _ = model_from_checkpoint(base, device=device, quantize=qcfg, kernels=False,
                                      dropout=cfg["model"].dropout)
-    if base.get("quantize") and not lcfg.r:
-        raise ValueError("the base checkpoint is quantized; fine-tune it with LoRA (--lora.r=8)")
     if lcfg.r:
         trainable = apply_lora(model, lcfg)
         # quantized weights are buffers, not parameters: count them as the weights they stand for

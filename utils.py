@@ -436,7 +436,7 @@ def val_perplexity(model, tokenizer, ckpt: dict, data_path: Optional[str] = None
                              **({"path": data_path} if data_path else {})})
     block = model.config.block_size
     data = load_dataset(data_cfg, block_size=block, tokenizer=tokenizer)
-    device = str(next(model.buffers(), next(model.parameters())).device)
+    device = str(model.tok_emb.weight.device)     # the embedding is never quantized
     return math.exp(split_loss(model, data, "val", block_size=block, batch_size=16, device=device))
 
 
