@@ -459,7 +459,9 @@ def quantize_main(argv: list[str]) -> None:
     model, tokenizer = model_from_checkpoint(ckpt)
     linear_fp32 = _bytes(m.weight for m in model.modules() if type(m) is torch.nn.Linear)
     before = val_perplexity(model, tokenizer, ckpt, args.data) if args.eval else None
-    quantize_model(model, qcfg)
+    # portable int4 layout: evaluation runs big batches, where dequantize-then-matmul beats
+    # torch's int4 kernel by far on some CPUs (tests check that both paths agree)
+    quantize_model(model, qcfg, kernels=False)
     linear_q = sum(_bytes(b for n, b in m.state_dict().items() if n != "bias")
                    for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
     src = Path(args.checkpoint)
