@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from data import DataConfig, load_dataset, tokenizer_from_state
+from data import DataConfig, prepared_dataset, tokenizer_from_state
 from model import PRESETS as MODEL_PRESETS, Transformer, TransformerConfig, closest
 from utils import (CheckpointError, JsonlLogger, config_file, config_to_dict, load_checkpoint, load_config,
                    pick_device, save_checkpoint, tune_cpu_allocator)
@@ -208,7 +208,9 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
 
     block_size = cfg["model"].block_size
     tokenizer = tokenizer_from_state(resume_from["tokenizer"]) if resume_from else None
-    data = load_dataset(cfg["data"], block_size=block_size, tokenizer=tokenizer)
+    # tokenized once into <out_dir>/data (or data.cache_dir), reused while the inputs are unchanged
+    data = prepared_dataset(cfg["data"], out_dir=out_dir, block_size=block_size, tokenizer=tokenizer,
+                            progress=tcfg.progress)
     # the vocabulary belongs to the tokenizer, so the model's vocab_size follows it
     model_cfg = dataclasses.replace(cfg["model"], vocab_size=data.tokenizer.vocab_size)
     cfg = {**cfg, "model": model_cfg}
@@ -237,7 +239,7 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
     n_params = model.num_params()
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block_size
     print(f"{n_params / 1e6:.2f}M parameters | vocab {model_cfg.vocab_size} ({data.tokenizer.kind}) | "
-          f"train {len(data.splits['train']):,} tokens, val {len(data.splits['val']):,} | device {device}"
+          f"train {data.num_tokens['train']:,} tokens, val {data.num_tokens['val']:,} | device {device}"
           f" | {tcfg.precision}")
     logger.log(event="start", step=step, params=n_params, device=device, resumed=bool(resume_from))
 
