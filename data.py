@@ -355,7 +355,7 @@ def learn_merges(counts: dict[str, int], n_merges: int) -> list[tuple[int, int]]
     (ties: the smallest pair of ids); merge i makes token 256 + i. Learning stops early when no
     pair occurs twice. Works on distinct pre-tokens weighted by count, and after each merge
     updates only the pair counts of the words that contained the pair (a heap with lazy
-    deletion finds the next best pair), so a 5 MB text learns 4000 merges in about a second.
+    deletion finds the next best pair), so a 5 MB text learns 4000 merges in seconds.
 
         >>> learn_merges({"aaabdaaabac": 1}, 10)     # Wikipedia's example: Z=aa, Y=ab, X=ZY
         [(97, 97), (97, 98), (256, 257)]
@@ -708,7 +708,8 @@ def read_meta(directory: Path) -> Optional[dict]:
 def stale_reason(meta: Optional[dict], directory: Path, settings: dict, digest: str, tokenizer=None) -> Optional[str]:
     """Why the prepared files in directory cannot be reused, or None if they can."""
     if meta is None:
-        return "no prepared data there yet"
+        return ("its meta.json is unreadable or of another format version" if (directory / "meta.json").exists()
+                else "no prepared data there yet")
     old = meta["settings"]
     changed = [f"data.{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in {**settings, **old}
                if old.get(k) != settings.get(k)]

@@ -4,9 +4,11 @@
     python train.py --config config.yaml --data my.txt --model.n_layers=4 --training.max_iters=200
     python train.py --config config.yaml --preset cpu-fast --data ../shared/data/tinyshakespeare.txt
     python train.py --config config.yaml --resume              # continue from out/last.pt
+    python train.py --config config.yaml --data corpus/ --data.tokenizer=bpe --data.vocab_size=4096
 
 Writes to training.out_dir: last.pt (for --resume), best.pt (best validation loss),
-config.yaml (the resolved configuration) and log.jsonl (one JSON object per event).
+config.yaml (the resolved configuration), log.jsonl (one JSON object per event) and data/
+(the prepared token files, reused by later runs on the same inputs; data.cache_dir moves them).
 """
 from __future__ import annotations
 

@@ -574,9 +574,16 @@ def test_a_vocabulary_too_large_for_any_token_file_is_a_clear_error():
         DataConfig(tokenizer="bpe", vocab_size=2 ** 32 + 1)
 
 
-def test_char_and_byte_states_saved_before_bpe_still_load():
+def test_char_and_byte_states_saved_before_bpe_still_load(tmp_path):
     # exactly what checkpoints written before BPE hold (their format is unchanged)
     char = tokenizer_from_state({"kind": "char", "version": 1, "chars": "\n !abc"})
     assert char.decode(char.encode("a b!\nc")) == "a b!\nc" and char.eot_id is None
     byte = tokenizer_from_state({"kind": "byte", "version": 1})
     assert byte.encode("é") == [195, 169] and byte.eot_id is None and byte.vocab_size == 256
+    from model import Transformer
+    from utils import load_checkpoint, model_from_checkpoint, save_checkpoint
+    model = Transformer(vocab_size=6, d_model=16, n_heads=2, n_layers=1, block_size=8)
+    save_checkpoint(tmp_path / "old.pt", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                          "tokenizer": {"kind": "char", "version": 1, "chars": "\n !abc"}})
+    _, tok = model_from_checkpoint(load_checkpoint(tmp_path / "old.pt"))
+    assert tok.state() == {"kind": "char", "version": 1, "chars": "\n !abc"} and tok.encode("cab") == [5, 3, 4]

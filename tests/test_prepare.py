@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import data
 import generate
 import train as train_mod
-from conftest import TEXT, make_run_config, single_thread
+from conftest import TEXT, make_run_config
 from data import (EOT, GPT2_PATTERN, CharTokenizer, DataConfig, MemmapDataset, load_dataset, prepare,
                   prepared_dataset, read_documents, read_pieces)
 from utils import load_checkpoint
@@ -190,6 +190,9 @@ def test_prepared_files_are_reused_and_rebuilt_as_promised(tmp_path, text_file):
         f.truncate(10)
     assert run(DataConfig(path=str(text_file), val_fraction=0.2), tokenizer=wider).endswith(
         "val.bin is missing or incomplete")
+    (where / "meta.json").write_text('{"format": "mini-transformer-tokens", "version": 0}')
+    assert run(DataConfig(path=str(text_file), val_fraction=0.2)).endswith(
+        "its meta.json is unreadable or of another format version")
 
 
 def test_a_new_file_in_the_folder_rebuilds(tmp_path):
