@@ -5,6 +5,7 @@
     python bench.py train --configs gpt2-style,small --steps 10
     python bench.py decode                         # batch-1 decode vs roofline and HF generate
     python bench.py quant                          # decode speed and memory: fp32, bf16, int8, int4
+    python bench.py tokenize                       # encode tokens/s: char, byte, trained BPE, tiktoken
 
 `train` times each row in a fresh process. Our rows run as train.py does (glibc malloc
 tuned by utils.tune_cpu_allocator); nanoGPT runs as shipped; on gpt2-style, a third row
@@ -302,6 +303,38 @@ def bench_quant_row(args):
     print(json.dumps({"tps": tps, "model_mb": model_mb, "peak_mb": peak_mb, "logits": logits}))
 
 
+def bench_tokenize(args):
+    """Encoding speed (tokens/s and MB/s of UTF-8 input) of each tokenizer on one text, one
+    thread, best of args.repeats: char, byte, a BPE learned from the text (its learning time
+    is printed too) and the named tiktoken encodings whose vocabulary is available offline."""
+    from data import BPETokenizer, ByteTokenizer, CharTokenizer, builtin_corpus
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else builtin_corpus()
+    mb = len(text.encode("utf-8")) / 1e6
+    print(f"{len(text):,} characters ({mb:.2f} MB of UTF-8) from {args.text or 'the built-in corpus'}; "
+          f"encode_array on the whole text, best of {args.repeats}\n")
+    start = time.perf_counter()
+    bpe = BPETokenizer.train(text, vocab_size=args.vocab_size)
+    learned = time.perf_counter() - start
+    rows = [("char", CharTokenizer.train(text)), ("byte", ByteTokenizer()), ("bpe (learned)", bpe)]
+    skipped = []
+    for name in filter(None, args.encodings.split(",")):
+        try:
+            rows.append((f"tiktoken {name}", BPETokenizer.from_tiktoken(name)))
+        except ValueError:           # not in tiktoken's cache, and no download possible (data.load_tiktoken)
+            skipped.append(f"tiktoken {name}: skipped, its vocabulary is neither cached (TIKTOKEN_CACHE_DIR) "
+                           f"nor downloadable here")
+    print(f"{'tokenizer':22s} {'vocab':>7s} {'tokens':>10s} {'bytes/token':>11s} {'seconds':>8s} "
+          f"{'tokens/s':>12s} {'MB/s':>7s}")
+    for name, tok in rows:
+        seconds = min(_timed(lambda: tok.encode_array(text)) for _ in range(args.repeats))
+        n = len(tok.encode_array(text))
+        print(f"{name:22s} {tok.vocab_size:7,d} {n:10,d} {mb * 1e6 / n:11.2f} {seconds:8.3f} "
+              f"{n / seconds:12,.0f} {mb / seconds:7.1f}")
+    print(f"\nthe {bpe.vocab_size}-token BPE was learned from this text in {learned:.1f}s")
+    for line in skipped:
+        print(line)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -334,6 +367,12 @@ def main(argv=None):
     qr.add_argument("--prompt_len", type=int, default=16)
     qr.add_argument("--bf16", action="store_true")
     qr.set_defaults(func=bench_quant_row)
+    t = sub.add_parser("tokenize", help="encode tokens/s of char, byte, a learned BPE and tiktoken encodings")
+    t.add_argument("--text", help="a UTF-8 text file (default: the built-in corpus)")
+    t.add_argument("--vocab_size", type=int, default=4096, help="of the BPE learned from the text")
+    t.add_argument("--encodings", default="gpt2", help="comma-separated tiktoken encodings ('' for none)")
+    t.add_argument("--repeats", type=int, default=3)
+    t.set_defaults(func=bench_tokenize)
     row = sub.add_parser("train-row", help=argparse.SUPPRESS)   # one row of `train`, in its own process
     row.add_argument("config", choices=list(TRAIN_CONFIGS))
     row.add_argument("--impl", choices=["ours", "nanoGPT"], default="ours")

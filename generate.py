@@ -56,6 +56,7 @@ class SampleConfig:
     num_return_sequences: int = 1      # beam search: how many of the best beams to print
     draft_checkpoint: Optional[str] = None  # a smaller model with the same tokenizer: speculative decoding
     speculative_k: int = 4             # tokens the draft proposes per target forward
+    eos: str = "stop"                  # stop | ignore: at the end-of-text token (BPE), end the output or go on
     device: str = "auto"
 
     def __post_init__(self):
@@ -68,6 +69,15 @@ class SampleConfig:
         if self.beam_size < 1 or not 1 <= self.num_return_sequences <= self.beam_size:
             raise ValueError(f"need beam_size >= 1 and 1 <= num_return_sequences <= beam_size "
                              f"(got {self.beam_size}, {self.num_return_sequences})")
+        if self.eos not in EOS_MODES:
+            raise ValueError(f"eos={self.eos!r}; {closest(self.eos, EOS_MODES)}")
+
+    def eos_id(self, tokenizer) -> Optional[int]:
+        """The token that ends the output: the tokenizer's end-of-text token with eos=stop, else None."""
+        return tokenizer.eot_id if self.eos == "stop" else None
+
+
+EOS_MODES = ("stop", "ignore")
 
 # -----------------------------------------------------------------------------
 # Sampling: small pure functions on logits (B, vocab)
@@ -191,13 +201,16 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
 
 @torch.no_grad()
 def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int,
-                length_penalty: float = 1.0, num_return_sequences: int = 1) -> list[tuple[list[int], float]]:
+                length_penalty: float = 1.0, num_return_sequences: int = 1,
+                eos_id: Optional[int] = None) -> list[tuple[list[int], float]]:
     """The num_return_sequences best continuations of prompt under beam search, best first,
     as (token ids, score); score = sum of log-probabilities / length ** length_penalty.
 
     Every beam is extended by one token per step (keeping the beam_size best of
     beam_size x vocab candidates) and the KV cache rows follow their beams. With beam_size 1
-    this is greedy decoding.
+    this is greedy decoding. A beam that emits eos_id is finished: it keeps its score (its only
+    continuation is eos again, at log-probability 0), and its output ends before the eos; its
+    length is the number of tokens before it (the eos's log-probability counts, as in HF).
     """
     if beam_size < 1 or not 1 <= num_return_sequences <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= num_return_sequences <= beam_size "
@@ -210,6 +223,10 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
         logits, pos = _prefill(model, seqs)
         for step in range(max_new_tokens):
             logp = torch.log_softmax(logits.float(), dim=-1)               # (beams, vocab)
+            if eos_id is not None and step:
+                done = seqs[:, -1] == eos_id                               # finished beams stay as they are
+                logp[done] = float("-inf")
+                logp[done, eos_id] = 0.0
             total = (scores[:, None] + logp).flatten()
             scores, flat = total.topk(min(beam_size, total.numel()))
             rows, tokens = flat // logp.shape[1], flat % logp.shape[1]
@@ -220,10 +237,15 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
             logits, pos = _next_logits(model, seqs, pos)
     finally:
         model.clear_cache()
-    n_new = seqs.shape[1] - len(prompt)
-    ranked = sorted(zip(seqs[:, len(prompt):].tolist(), (scores / max(n_new, 1) ** length_penalty).tolist()),
+    outputs = [_until(ids, eos_id) for ids in seqs[:, len(prompt):].tolist()]
+    ranked = sorted(((ids, score / max(len(ids), 1) ** length_penalty) for ids, score in zip(outputs, scores.tolist())),
                     key=lambda pair: -pair[1])
     return ranked[:num_return_sequences]
+
+
+def _until(ids: list[int], eos_id: Optional[int]) -> list[int]:
+    """ids up to (not including) the first eos_id."""
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -235,13 +257,15 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 @torch.no_grad()
 def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, *, k: int = 4,
-                         temperature: float = 1.0, generator: Optional[torch.Generator] = None):
+                         temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+                         eos_id: Optional[int] = None):
     """Speculative decoding: the draft proposes k tokens, the target checks them in one forward.
 
     Token x drawn from the draft's q is kept with probability min(1, p(x) / q(x)) under the
     target's p; the first rejected one is replaced by a draw from normalize(max(0, p - q)),
     and when all k are kept the target adds one more. Outputs are distributed exactly as
-    sampling from the target alone; at temperature 0 they equal its greedy output.
+    sampling from the target alone; at temperature 0 they equal its greedy output. The output
+    ends before the first eos_id, if one is given and drawn.
     Returns (new token ids, acceptance rate of the draft's proposals).
     """
     if k < 1:
@@ -285,6 +309,8 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
                 break
             else:                                                 # all k kept: one more from the target
                 seq.append(torch.multinomial(ps[k], 1, generator=generator).item())
+            if eos_id in seq[before:]:                            # the text ended: stop there
+                return seq[len(prompt):seq.index(eos_id, before)], accepted / max(proposed, 1)
             kept = len(seq) - before - 1                          # draft tokens kept this round
             fed_t = before + kept                                 # the new last token is not cached yet
             fed_d = before + min(kept, k - 1)
@@ -331,8 +357,10 @@ class TextStream:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt; `<|endoftext|>` in it is the special token (BPE), so a prompt of
+    just that starts a new document, as GPT-2's unconditional samples do."""
     try:
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt, special=True)
     except ValueError as e:
         raise ValueError(f"the prompt cannot be encoded: {e}") from None
     if not ids:
@@ -341,14 +369,17 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, *, generator=None, out=None) -> str:
-    """Prompt + continuation as text; with out (a file), the continuation is streamed to it."""
+    """Prompt + continuation as text; with out (a file), the continuation is streamed to it.
+    Decoding stops at a stop string, and (eos=stop) at the end-of-text token, which is not shown."""
     ids = encode_prompt(tokenizer, prompt)
     device = next(model.parameters()).device
-    stream = TextStream(tokenizer, cfg.stop)
+    stream, eos_id = TextStream(tokenizer, cfg.stop), cfg.eos_id(tokenizer)
     for tok in generate_tokens(model, torch.tensor([ids], device=device), cfg.max_new_tokens,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
                                generator=generator):
+        if tok.item() == eos_id:                      # the model ended the text
+            break
         piece = stream.push(tok.item())
         if out and piece:
             out.write(piece)
@@ -393,7 +424,8 @@ def main(argv=None):
         if scfg.beam_size > 1:
             ranked = beam_search(model, encode_prompt(tokenizer, scfg.prompt), scfg.max_new_tokens,
                                  beam_size=scfg.beam_size, length_penalty=scfg.length_penalty,
-                                 num_return_sequences=scfg.num_return_sequences)
+                                 num_return_sequences=scfg.num_return_sequences,
+                                 eos_id=scfg.eos_id(tokenizer))
             for i, (ids, score) in enumerate(ranked):
                 print(("\n" if i else "") + f"[beam {i + 1}, score {score:.4f}]\n{scfg.prompt}{tokenizer.decode(ids)}")
             return
@@ -410,7 +442,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
 
-COMMANDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "stop", "chat")
+COMMANDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "stop", "eos",
+            "chat")
 
 
 def apply_command(cfg: SampleConfig, line: str) -> SampleConfig:
@@ -431,7 +464,8 @@ def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
     for i in range(cfg.num_samples):
         start = time.perf_counter()
         new, rate = speculative_generate(model, draft, ids, cfg.max_new_tokens, k=cfg.speculative_k,
-                                         temperature=cfg.temperature, generator=generator)
+                                         temperature=cfg.temperature, generator=generator,
+                                         eos_id=cfg.eos_id(tokenizer))
         spec_s = time.perf_counter() - start
         stream = TextStream(tokenizer, cfg.stop)
         for tok in new:
@@ -439,13 +473,14 @@ def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
             if stream.done:
                 break
         print(("\n" + "-" * 40 + "\n" if i else "") + cfg.prompt + stream.text())
+        n = max(len(new), 1)                  # as many tokens as the output (fewer after an eos)
         start = time.perf_counter()
-        for _ in generate_tokens(model, torch.tensor([ids], device=device), cfg.max_new_tokens,
+        for _ in generate_tokens(model, torch.tensor([ids], device=device), n,
                                  temperature=cfg.temperature, generator=torch.Generator(device=device)):
             pass
         plain_s = time.perf_counter() - start
         print(f"[speculative k={cfg.speculative_k}: acceptance {rate:.0%}, {len(new) / spec_s:.0f} tokens/s; "
-              f"target alone {cfg.max_new_tokens / plain_s:.0f} tokens/s; speed-up {plain_s / spec_s:.2f}x]",
+              f"target alone {n / plain_s:.0f} tokens/s; speed-up {plain_s / spec_s:.2f}x]",
               file=sys.stderr)
 
 

@@ -4,11 +4,13 @@
     python train.py --config config.yaml --data my.txt --model.n_layers=4 --training.max_iters=200
     python train.py --config config.yaml --preset cpu-fast --data ../shared/data/tinyshakespeare.txt
     python train.py --config config.yaml --resume              # continue from out/last.pt
+    python train.py --config config.yaml --data corpus/ --data.tokenizer=bpe --data.vocab_size=4096
     python train.py --config config.yaml --init_from out/best.pt --lora.r=8 --data new.txt \
         --training.out_dir=out-lora                            # LoRA fine-tune (add --quantize int8: QLoRA)
 
 Writes to training.out_dir: last.pt (for --resume), best.pt (best validation loss),
-config.yaml (the resolved configuration) and log.jsonl (one JSON object per event).
+config.yaml (the resolved configuration), log.jsonl (one JSON object per event) and data/
+(the prepared token files, reused by later runs on the same inputs; data.cache_dir moves them).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from data import DataConfig, load_dataset, tokenizer_from_state
+from data import DataConfig, prepared_dataset, tokenizer_from_state
 from model import (PRESETS as MODEL_PRESETS, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer, TransformerConfig,
                    apply_lora, closest, load_lora_state_dict, lora_state_dict, quantize_model)
 from utils import (CheckpointError, JsonlLogger, base_reference, check_base, config_file, config_to_dict,
@@ -267,8 +269,13 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
     block_size = cfg["model"].block_size
     known = resume_from or base
     tokenizer = tokenizer_from_state(known["tokenizer"]) if known else None
-    data = load_dataset(cfg["data"], block_size=block_size, tokenizer=tokenizer)
-    model = build_model(cfg, data.tokenizer, device, base)
+    # a fine-tune's model (and its LoRA/quantize settings) is checked before any data is prepared
+    model = build_model(cfg, tokenizer, device, base) if base else None
+    # tokenized once into <out_dir>/data (or data.cache_dir), reused while the inputs are unchanged
+    data = prepared_dataset(cfg["data"], out_dir=out_dir, block_size=block_size, tokenizer=tokenizer,
+                            progress=tcfg.progress)
+    if model is None:
+        model = build_model(cfg, data.tokenizer, device, None)
     # the vocabulary belongs to the tokenizer, so the model's vocab_size follows it
     model_cfg = model.config
     cfg = {**cfg, "model": model_cfg}
@@ -300,7 +307,7 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block_size
     print(f"{n_params / 1e6:.2f}M parameters | vocab {model_cfg.vocab_size} ({data.tokenizer.kind}) | "
-          f"train {len(data.splits['train']):,} tokens, val {len(data.splits['val']):,} | device {device}"
+          f"train {data.num_tokens['train']:,} tokens, val {data.num_tokens['val']:,} | device {device}"
           f" | {tcfg.precision}")
     logger.log(event="start", step=step, params=n_params, device=device, resumed=bool(resume_from))
 

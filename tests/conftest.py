@@ -87,3 +87,27 @@ def trained_run(tmp_path_factory):
     with single_thread():
         summary = train_mod.train(cfg)
     return SimpleNamespace(cfg=cfg, summary=summary, out_dir=root / "out", text_file=text)
+
+
+@pytest.fixture
+def fake_tiktoken(monkeypatch):
+    """Registers two small named tiktoken encodings, so the named-encoding path runs without a
+    download: 'mini_test' (byte-level, a few merges, <|endoftext|> right after them) and
+    'mini_wide' (the same with <|endoftext|> at id 70000: a vocabulary too large for uint16).
+    Returns the mergeable ranks they share."""
+    import tiktoken.registry as registry
+    from data import EOT, GPT2_PATTERN, count_pretokens, learn_merges
+
+    tokens = [bytes([b]) for b in range(256)]
+    for a, b in learn_merges(count_pretokens(TEXT), 40):
+        tokens.append(tokens[a] + tokens[b])
+    ranks = {t: i for i, t in enumerate(tokens)}
+
+    def constructor(name, eot):
+        return lambda: {"name": name, "pat_str": GPT2_PATTERN, "mergeable_ranks": ranks,
+                        "special_tokens": {EOT: eot}}
+    registry.list_encoding_names()                       # loads the real constructors first
+    monkeypatch.setitem(registry.ENCODING_CONSTRUCTORS, "mini_test", constructor("mini_test", len(ranks)))
+    monkeypatch.setitem(registry.ENCODING_CONSTRUCTORS, "mini_wide", constructor("mini_wide", 70000))
+    monkeypatch.setattr(registry, "ENCODINGS", dict(registry.ENCODINGS))   # forget them afterwards
+    return ranks

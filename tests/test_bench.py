@@ -34,3 +34,29 @@ def test_decode_prints_a_row_per_size():
     row = next(l for l in out.stdout.splitlines() if l.startswith("15M"))
     params, roofline, ours = row.split()[1:4]
     assert params == "15.2M" and float(roofline) > 0 and float(ours) > 0
+
+
+def test_tokenize_prints_a_row_per_tokenizer_and_skips_an_unavailable_encoding(tmp_path, capsys, monkeypatch):
+    import requests
+    import tiktoken.load
+    import tiktoken.registry
+
+    import bench
+
+    def offline(url):
+        raise requests.exceptions.ConnectionError("offline (blocked by the test)")
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)          # never download in tests
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. ✨\n" * 50, encoding="utf-8")
+    bench.main(["tokenize", "--text", str(text), "--vocab_size", "300", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+
+    def row(prefix):
+        return next(line for line in lines if line.startswith(prefix))[len(prefix):].split()
+    vocab, tokens, _, seconds, tokens_per_s, mb_per_s = row("byte ")
+    assert vocab == "256" and tokens == f"{len(text.read_bytes()):,}" and float(mb_per_s) > 0
+    assert row("char ")[0] == str(len(set(text.read_text(encoding="utf-8"))))
+    assert 256 < int(row("bpe (learned) ")[0]) <= 300 and float(row("bpe (learned) ")[4].replace(",", "")) > 0
+    assert "tiktoken gpt2: skipped, its vocabulary is neither cached (TIKTOKEN_CACHE_DIR) nor downloadable here" in lines

@@ -1,15 +1,19 @@
 """data.py: tokenizers, the play converter, the built-in corpus, text loading and batches."""
+import functools
 import json
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
+import regex
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data import (ByteTokenizer, CharTokenizer, DataConfig, TokenDataset, builtin_corpus,
-                  load_dataset, load_text, play_to_text, tokenizer_from_state)
+from data import (EOT, GPT2_PATTERN, BPETokenizer, ByteTokenizer, CharTokenizer, DataConfig, TokenDataset,
+                  builtin_corpus, count_pretokens, learn_merges, load_dataset, load_text, play_to_text,
+                  token_dtype, tokenizer_from_state)
 
 SURROGATES = st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff"])
 # st.text() never yields surrogates; mix some in where a tokenizer should accept them
@@ -78,10 +82,11 @@ def test_byte_tokenizer_round_trips_text_without_surrogates(text):
 
 
 @given(st.text(), SURROGATES, st.text())
-def test_byte_tokenizer_rejects_lone_surrogates_clearly(before, surrogate, after):
-    with pytest.raises(ValueError, match=r"cannot be UTF-8 encoded \(surrogates not allowed at position "
-                                         rf"{len(before)}\)"):
-        ByteTokenizer().encode(before + surrogate + after)
+def test_byte_and_bpe_tokenizers_reject_lone_surrogates_clearly(before, surrogate, after):
+    for tok in (ByteTokenizer(), shakespeare_bpe()):                      # both encode UTF-8 bytes
+        with pytest.raises(ValueError, match=r"cannot be UTF-8 encoded \(surrogates not allowed at position "
+                                             rf"{len(before)}\)"):
+            tok.encode(before + surrogate + after)
 
 
 def test_byte_tokenizer_encode_returns_python_ints():
@@ -105,7 +110,7 @@ def test_tokenizer_state_round_trips(text):
 
 
 @pytest.mark.parametrize("state", [
-    {"kind": "bpe", "version": 1}, {"kind": "char", "version": 2, "chars": "ab"},
+    {"kind": "bpe", "version": 2}, {"kind": "wordpiece", "version": 1}, {"kind": "char", "version": 2, "chars": "ab"},
     {"kind": "byte", "version": 0}, {}, {"version": 1},
 ])
 def test_unknown_tokenizer_state_is_a_value_error(state):
@@ -364,3 +369,221 @@ def test_load_text_skips_hidden_files_and_folders(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("visible text")
     assert load_text(str(tmp_path)) == "visible text"
+
+
+
+# --- BPETokenizer: learning merges ------------------------------------------------------------------
+
+def test_bpe_reproduces_the_wikipedia_example():
+    # aaabdaaabac: Z=aa -> ZabdZabac, Y=ab -> ZYdZYac, X=ZY -> XdXac; then no pair occurs twice
+    assert learn_merges({"aaabdaaabac": 1}, 10) == [(97, 97), (97, 98), (256, 257)]
+    tok = BPETokenizer.train("aaabdaaabac", vocab_size=1000)
+    assert tok.vocab_size == 256 + 3 + 1 and tok.eot_id == 259               # stopped early, then <|endoftext|>
+    Z, Y, X = 256, 257, 258
+    assert tok.encode("aaabdaaabac") == [X, ord("d"), X, ord("a"), ord("c")]
+    assert tok.decode([Z, Y]) == "aaab"
+
+
+def _merge_pair(ids, pair, new):
+    out = []
+    for t in ids:                          # left to right; a merged token (new) never matches again
+        if out and (out[-1], t) == pair:
+            out[-1] = new
+        else:
+            out.append(t)
+    return out
+
+
+def naive_merges(counts: dict, n_merges: int) -> list:
+    """The textbook loop: recount every pair of every word after each merge."""
+    words = {w: list(w.encode("utf-8")) for w in counts}
+    merges = []
+    while len(merges) < n_merges:
+        pairs = Counter()
+        for w, ids in words.items():
+            for pair in zip(ids, ids[1:]):
+                pairs[pair] += counts[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))      # most frequent, then smallest ids
+        if pairs[best] < 2:
+            break
+        merges.append(best)
+        words = {w: _merge_pair(ids, best, 255 + len(merges)) for w, ids in words.items()}
+    return merges
+
+
+def reference_encode(text: str, merges: list, pattern: str = GPT2_PATTERN) -> list:
+    """Slow, independent BPE encoding: per pre-token, apply the lowest-ranked merge present until none is."""
+    rank = {tuple(p): i for i, p in enumerate(merges)}
+    out = []
+    for piece in regex.findall(pattern, text):
+        ids = list(piece.encode("utf-8"))
+        while True:
+            present = [(rank[p], p) for p in zip(ids, ids[1:]) if p in rank]
+            if not present:
+                break
+            r, pair = min(present)
+            ids = _merge_pair(ids, pair, 256 + r)
+        out += ids
+    return out
+
+
+# small alphabets make many repeated and overlapping pairs: the hard cases for BPE
+TRICKY = st.lists(st.sampled_from(["a", "a", "b", "ab", " ", " a", "\n", "'s", "é", "日", "🙂", "1", "."]),
+                  max_size=120).map("".join)
+
+
+@settings(max_examples=60)
+@given(TRICKY, st.integers(0, 60))
+def test_incremental_merges_equal_the_naive_recount(text, n_merges):
+    counts = count_pretokens(text)
+    assert learn_merges(counts, n_merges) == naive_merges(counts, n_merges)
+
+
+@settings(max_examples=60)
+@given(TRICKY, TRICKY, st.integers(258, 320))
+def test_bpe_encodes_like_the_reference_loop_and_tiktoken(corpus, text, vocab_size):
+    import tiktoken
+    tok = BPETokenizer.train(corpus, vocab_size=vocab_size)
+    merges = tok.state()["merges"]
+    assert tok.encode(text) == reference_encode(text, merges)
+    tokens = [bytes([b]) for b in range(256)]
+    for a, b in merges:
+        tokens.append(tokens[a] + tokens[b])
+    assert len(set(tokens)) == len(tokens)                               # every merge makes a new token
+    enc = tiktoken.Encoding("same-ranks", pat_str=GPT2_PATTERN, mergeable_ranks={t: i for i, t in enumerate(tokens)},
+                            special_tokens={EOT: len(tokens)})
+    assert tok.encode(text) == enc.encode_ordinary(text)
+    assert tok.encode(corpus) == reference_encode(corpus, merges) == enc.encode_ordinary(corpus)
+
+
+def test_bpe_learns_the_requested_vocabulary_within_pre_tokens():
+    texts = ["the cat sat on the mat. " * 20, "the hat!"]                # several texts: counts add up
+    tok = BPETokenizer.train(texts, vocab_size=266)
+    assert tok.vocab_size == 266 and tok.eot_id == 265                   # 256 bytes + 9 merges + EOT
+    assert tok.state()["merges"] == [list(m) for m in naive_merges(count_pretokens(texts), 9)]
+    for token in range(256, 265):                                        # no merge crosses a pre-token
+        text = tok.decode([token])
+        assert regex.findall(GPT2_PATTERN, text) == [text]
+    assert len(tok.encode(texts[0])) < len(texts[0]) / 2
+
+
+# --- BPETokenizer: round trips and errors -------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def shakespeare_bpe() -> BPETokenizer:
+    text = ("ROMEO:\nBut, soft! what light through yonder window breaks?\n"
+            "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo? ✨ 日本語のテキスト 🙂\n") * 30
+    return BPETokenizer.train(text, vocab_size=400)
+
+
+@given(st.one_of(st.text(), st.sampled_from(["", "✨🙂", "日本語のテキスト", "a\x00b\n", "  \n\n\t x", "<|endoftext"])))
+def test_bpe_round_trips_any_text(text):
+    tok = shakespeare_bpe()
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert all(type(i) is int and 0 <= i < tok.eot_id for i in ids)     # ordinary text never makes EOT
+    assert tok.encode_array(text).tolist() == ids and tok.encode_array(text).dtype == np.int64
+
+
+@given(st.text(), st.text())
+def test_bpe_special_token_is_one_id_only_when_asked(before, after):
+    tok = shakespeare_bpe()
+    text = before + EOT + after
+    special = tok.encode(text, special=True)
+    assert special.count(tok.eot_id) == text.count(EOT) >= 1
+    assert tok.eot_id not in tok.encode(text)                            # training text: just characters
+    assert tok.decode(special) == tok.decode(tok.encode(text)) == text
+    assert tok.decode([tok.eot_id]) == EOT
+
+
+def test_bpe_decodes_ids_missing_from_a_vocabulary_as_replacement_characters():
+    tok = BPETokenizer.from_merges([], special_tokens={EOT: 300})       # ids 256-299 are a gap
+    assert tok.vocab_size == 301 and tok.eot_id == 300
+    assert tok.decode([104, 105, 280, 33, 300]) == "hi\ufffd!" + EOT
+
+
+def test_bpe_state_is_compact_versioned_and_round_trips():
+    tok = shakespeare_bpe()
+    state = tok.state()
+    assert state["kind"] == "bpe" and state["version"] == 1 and state["pattern"] == GPT2_PATTERN
+    assert state["special_tokens"] == {EOT: tok.eot_id}
+    assert len(state["merges"]) == tok.vocab_size - 257 and all(len(m) == 2 for m in state["merges"])
+    assert json.loads(json.dumps(state)) == state
+    again = tokenizer_from_state(state)
+    text = "But soft, what light? 🙂"
+    assert again.encode(text) == tok.encode(text) and again.eot_id == tok.eot_id and again.state() == state
+    with pytest.raises(ValueError, match=r"malformed bpe tokenizer state in checkpoint \(KeyError"):
+        tokenizer_from_state({"kind": "bpe", "version": 1, "merges": []})
+
+
+def test_named_tiktoken_encoding_is_saved_by_name(fake_tiktoken):
+    tok = BPETokenizer.from_tiktoken("mini_test")
+    assert tok.state() == {"kind": "bpe", "version": 1, "encoding": "mini_test"}
+    assert tok.vocab_size == len(fake_tiktoken) + 1 and tok.eot_id == len(fake_tiktoken)
+    again = tokenizer_from_state(tok.state())
+    assert again.encode("the quick fox") == tok.encode("the quick fox")
+    assert DataConfig(tokenizer="bpe", bpe="mini_test").bpe == "mini_test"
+
+
+def test_unknown_tiktoken_encoding_lists_the_valid_names():
+    import tiktoken
+    with pytest.raises(ValueError, match=r"data.bpe='gtp2' is neither 'train' nor a tiktoken encoding; "
+                                         r"did you mean 'gpt2'\? valid: train, ") as err:
+        DataConfig(tokenizer="bpe", bpe="gtp2")
+    assert all(name in str(err.value) for name in tiktoken.list_encoding_names())
+    with pytest.raises(ValueError, match="unknown tiktoken encoding 'cl100k'; did you mean 'cl100k_base'"):
+        BPETokenizer.from_tiktoken("cl100k")
+
+
+def test_offline_tiktoken_says_how_to_get_the_vocabulary(tmp_path, monkeypatch):
+    import requests
+    import tiktoken.load
+    import tiktoken.registry
+    fetched = []
+
+    def offline(url):                                   # fail fast instead of touching the network
+        fetched.append(url)
+        raise requests.exceptions.ConnectionError(f"offline: cannot fetch {url}")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))                  # an empty cache
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    with pytest.raises(ValueError) as err:
+        BPETokenizer.from_tiktoken("gpt2")
+    msg = str(err.value)
+    assert fetched and msg.startswith("tiktoken could not load the 'gpt2' encoding (ConnectionError: offline")
+    for words in ("downloads an encoding's vocabulary once", f"TIKTOKEN_CACHE_DIR (here {tmp_path})",
+                  "--data.bpe=train", "--data.tokenizer=char", "--data.tokenizer=byte"):
+        assert words in msg
+
+
+# --- token files, configuration, old checkpoints --------------------------------------------------
+
+@pytest.mark.parametrize("vocab, dtype", [(1, "uint16"), (65536, "uint16"), (65537, "uint32"), (2 ** 32, "uint32")])
+def test_token_dtype_is_the_smallest_that_fits(vocab, dtype):
+    assert token_dtype(vocab) == np.dtype(dtype) and token_dtype(vocab).byteorder in "<="
+
+
+def test_a_vocabulary_too_large_for_any_token_file_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"a vocabulary of 4,294,967,297 tokens does not fit .* \(uint32"):
+        token_dtype(2 ** 32 + 1)
+    with pytest.raises(ValueError, match=r"data.vocab_size=256 must be at least 257"):
+        DataConfig(tokenizer="bpe", vocab_size=256)
+    with pytest.raises(ValueError, match=r"at most 2\*\*32"):
+        DataConfig(tokenizer="bpe", vocab_size=2 ** 32 + 1)
+
+
+def test_char_and_byte_states_saved_before_bpe_still_load(tmp_path):
+    # exactly what checkpoints written before BPE hold (their format is unchanged)
+    char = tokenizer_from_state({"kind": "char", "version": 1, "chars": "\n !abc"})
+    assert char.decode(char.encode("a b!\nc")) == "a b!\nc" and char.eot_id is None
+    byte = tokenizer_from_state({"kind": "byte", "version": 1})
+    assert byte.encode("é") == [195, 169] and byte.eot_id is None and byte.vocab_size == 256
+    from model import Transformer
+    from utils import load_checkpoint, model_from_checkpoint, save_checkpoint
+    model = Transformer(vocab_size=6, d_model=16, n_heads=2, n_layers=1, block_size=8)
+    save_checkpoint(tmp_path / "old.pt", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                          "tokenizer": {"kind": "char", "version": 1, "chars": "\n !abc"}})
+    _, tok = model_from_checkpoint(load_checkpoint(tmp_path / "old.pt"))
+    assert tok.state() == {"kind": "char", "version": 1, "chars": "\n !abc"} and tok.encode("cab") == [5, 3, 4]

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import generate
-from data import ByteTokenizer, CharTokenizer
+from data import EOT, BPETokenizer, ByteTokenizer, CharTokenizer
 from generate import (SampleConfig, TextStream, check_sampling, generate_text, generate_tokens,
                       sample_next, top_k_filter, top_p_filter)
 from model import Transformer
@@ -546,3 +546,95 @@ def test_cli_speculative_reports_acceptance_and_checks_the_tokenizer(trained_run
     save_checkpoint(tmp_path / "other.pt", other)
     with pytest.raises(SystemExit, match="another tokenizer"):
         generate.main(["--checkpoint", ckpt, "--draft_checkpoint", str(tmp_path / "other.pt"), "--prompt", "the "])
+
+
+
+# --- end of text ------------------------------------------------------------------------------------
+
+class EotBytes(ByteTokenizer):
+    """Bytes, with one byte value playing the end-of-text token: choosing it among the tokens a
+    model emits greedily forces that model to end its text there."""
+
+    def __init__(self, eot_id):
+        self.eot_id = eot_id
+
+
+def _greedy_with_a_fresh_token(model, prompt, n=16):
+    """A model's greedy continuation and an index k whose token appears there for the first time."""
+    greedy = torch.cat(list(generate_tokens(model, torch.tensor([prompt]), n, temperature=0)), 1)[0].tolist()
+    k = next(i for i in range(2, n) if greedy[i] not in greedy[:i])
+    return greedy, k
+
+
+def _byte_model():
+    torch.manual_seed(0)
+    return Transformer(vocab_size=256, d_model=32, n_layers=1, n_heads=4, block_size=32, init_std=0.3).eval()
+
+
+def test_generation_stops_at_the_end_of_text_token_and_does_not_print_it():
+    model = _byte_model()
+    greedy, k = _greedy_with_a_fresh_token(model, list(b"ab"))
+    tok = EotBytes(greedy[k])
+    cfg = SampleConfig(max_new_tokens=16, temperature=0)
+    out = io.StringIO()
+    assert generate_text(model, tok, "ab", cfg, out=out) == "ab" + tok.decode(greedy[:k])
+    assert out.getvalue() == tok.decode(greedy[:k])
+    ignored = generate_text(model, tok, "ab", SampleConfig(max_new_tokens=16, temperature=0, eos="ignore"))
+    assert ignored == "ab" + tok.decode(greedy)
+    assert generate_text(model, ByteTokenizer(), "ab", cfg) == ignored        # no end-of-text token: no stop
+
+
+def test_a_bpe_end_of_text_ends_streaming_and_is_shown_with_eos_ignore(monkeypatch):
+    tok = BPETokenizer.train("the quick brown fox jumps over the lazy dog. " * 20, vocab_size=300)
+    script = tok.encode("the quick") + [tok.eot_id] + tok.encode(" fox")
+    monkeypatch.setattr(generate, "sample_next", lambda logits, **kw: torch.tensor([[script.pop(0)]]))
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2, block_size=32).eval()
+    out = io.StringIO()
+    assert generate_text(model, tok, "A", SampleConfig(max_new_tokens=10), out=out) == "Athe quick"
+    assert out.getvalue() == "the quick"
+    script[:] = tok.encode("the quick") + [tok.eot_id] + tok.encode(" fox")
+    assert generate_text(model, tok, "A", SampleConfig(max_new_tokens=len(script), eos="ignore")) == \
+        f"Athe quick{EOT} fox"
+
+
+def test_a_prompt_may_start_a_document_with_the_end_of_text_token():
+    tok = BPETokenizer.train("the quick brown fox " * 20, vocab_size=280)
+    assert generate.encode_prompt(tok, EOT + "the") == [tok.eot_id] + tok.encode("the")
+
+
+def test_beam_search_finishes_a_beam_at_the_end_of_text():
+    model = _byte_model()
+    greedy, k = _greedy_with_a_fresh_token(model, [1, 2])
+    [(ids, score)] = generate.beam_search(model, [1, 2], 16, beam_size=1, eos_id=greedy[k])
+    assert ids == greedy[:k]                                             # beam 1 = greedy, cut at the eos
+
+    def logp(seq):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([[1, 2] + seq])).float(), -1)[0]
+        return sum(lp[1 + i, t].item() for i, t in enumerate(seq))
+    assert score == pytest.approx(logp(greedy[:k + 1]) / k, abs=1e-4)    # the eos counts, its length does not
+    beams = generate.beam_search(model, [1, 2], 8, beam_size=4, num_return_sequences=4, length_penalty=0.5,
+                                 eos_id=greedy[k])
+    for ids, score in beams:                                             # finished beams keep their score
+        assert greedy[k] not in ids
+        full = ids + [greedy[k]] if len(ids) < 8 else ids
+        assert score == pytest.approx(logp(full) / max(len(ids), 1) ** 0.5, abs=1e-4)
+    assert [s for _, s in beams] == sorted((s for _, s in beams), reverse=True)
+
+
+def test_speculative_decoding_stops_at_the_end_of_text():
+    target, draft = _pair()
+    greedy, k = _greedy_with_a_fresh_token(target, [1, 2], n=20)
+    out, _ = generate.speculative_generate(target, draft, [1, 2], 20, k=3, temperature=0, eos_id=greedy[k])
+    assert out == greedy[:k]
+
+
+def test_eos_option_is_validated_and_interactive():
+    with pytest.raises(ValueError, match=r"eos='stpo'; did you mean 'stop'\? valid: stop, ignore"):
+        SampleConfig(eos="stpo")
+    assert generate.apply_command(SampleConfig(), "/eos ignore").eos == "ignore"
+    with pytest.raises(ValueError, match="eos='never'"):
+        generate.apply_command(SampleConfig(), "/eos never")
+    cfg = load_config(None, ["--sample.eos=ignore"], sections=generate.SECTIONS, aliases=generate.ALIASES)
+    assert cfg["sample"].eos == "ignore" and SampleConfig().eos == "stop"

@@ -123,7 +123,8 @@ def test_training_lowers_the_loss(trained_run):
 
 def test_run_outputs(trained_run):
     out = trained_run.out_dir
-    assert {p.name for p in out.iterdir()} == {"last.pt", "best.pt", "config.yaml", "log.jsonl"}
+    assert {p.name for p in out.iterdir()} == {"last.pt", "best.pt", "config.yaml", "log.jsonl", "data"}
+    assert {p.name for p in (out / "data").iterdir()} == {"train.bin", "val.bin", "meta.json"}
     rows = read_jsonl(out / "log.jsonl")
     events = [r["event"] for r in rows]
     assert events[0] == "start" and events[-1] == "final" and events.count("final") == 1
