@@ -3,6 +3,8 @@
     python bench.py train                          # tokens/s and MFU of training steps
     python bench.py train --nanogpt ~/nanoGPT      # side by side with nanoGPT's model.py
     python bench.py train --configs gpt2-style,small --steps 10
+    python bench.py train --configs tiny --precision bf16   # autocast step time
+    python bench.py memory                         # peak memory with and without gradient checkpointing
     python bench.py decode                         # batch-1 decode vs roofline and HF generate
     python bench.py quant                          # decode speed and memory: fp32, bf16, int8, int4
     python bench.py tokenize                       # encode tokens/s: char, byte, trained BPE, tiktoken
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from model import Transformer, TransformerConfig
-from train import RUN_PRESETS
+from train import RUN_PRESETS, autocast
 from utils import flops_per_token, measure_matmul_peak, pick_device, synchronize, tune_cpu_allocator
 
 # The comparison configuration of the foundation issue: nanoGPT's model shape, GPT-2 style.
@@ -100,7 +103,8 @@ def bench_train(args):
                 variants.append(("nanoGPT", False))
         for impl, tuned in variants:
             cmd = [sys.executable, __file__, "train-row", name, "--impl", impl, "--steps", str(args.steps),
-                   "--device", device] + (["--tuned"] if tuned else []) + (["--compile"] if args.compile else [])
+                   "--device", device, "--precision", args.precision] + (["--tuned"] if tuned else []) + \
+                  (["--compile"] if args.compile else [])
             cmd += ["--nanogpt", args.nanogpt] if impl == "nanoGPT" else []
             cmd += ["--batch_size", str(args.batch_size)] if args.batch_size else []
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -139,15 +143,110 @@ def bench_train_row(args):
     else:
         model = Transformer(cfg).to(device)
         fwd = torch.compile(model) if args.compile else model
-        loss_fn = lambda x, y: F.cross_entropy(fwd(x).flatten(0, 1), y.flatten())
+        loss_fn = lambda x, y: _loss(fwd, x, y, device, args.precision)
     step = train_step_fn(model, loss_fn, batch, cfg.block_size, cfg.vocab_size, device)
     times = time_steps(step, args.steps, device)
     med, tokens = statistics.median(times), batch * cfg.block_size
     name = f"{args.impl} {args.config}" + (" (compiled)" if args.compile else "") + \
-        ("" if args.tuned else " (default malloc)")
+        ("" if args.precision == "fp32" else f" {args.precision}") + ("" if args.tuned else " (default malloc)")
     print(json.dumps({"name": name, "params": sum(p.numel() for p in model.parameters()),
                       "bt": f"{batch}x{cfg.block_size}", "ms": med * 1e3, "tps": tokens / med,
                       "best": tokens / min(times), "flops_per_token": flops_per_token(cfg)}))
+
+
+def _loss(fwd, x, y, device: str, precision: str):
+    with autocast(device, precision):
+        logits = fwd(x)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+def bench_memory(args):
+    """Peak memory and time of a training step without and with gradient checkpointing,
+    each measured in a fresh process (so one cannot inherit the other's peak)."""
+    device = pick_device(args.device)
+    print(f"device {device}; peak memory of a training step (forward, backward, AdamW) above the memory "
+          f"in use before it{'' if device.startswith('cuda') else ' (resident set)'}\n")
+    print(f"{'model':12s} {'params':>8s} {'B x T':>9s} {'peak MB':>9s} {'ckpt MB':>9s} {'ratio':>6s} "
+          f"{'ms/step':>8s} {'ckpt ms':>8s}")
+    for name in args.configs.split(","):
+        if name not in TRAIN_CONFIGS:
+            sys.exit(f"unknown config '{name}'; valid: {', '.join(TRAIN_CONFIGS)}")
+        rows = []
+        for ckpt in (False, True):
+            cmd = [sys.executable, __file__, "memory-row", name, "--steps", str(args.steps), "--device", device]
+            cmd += (["--checkpointing"] if ckpt else []) + (["--batch_size", str(args.batch_size)]
+                                                           if args.batch_size else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        plain, ckpt = rows
+        print(f"{name:12s} {plain['params'] / 1e6:7.2f}M {plain['bt']:>9s} {plain['peak_mb']:9.0f} "
+              f"{ckpt['peak_mb']:9.0f} {ckpt['peak_mb'] / plain['peak_mb']:6.2f} {plain['ms']:8.0f} {ckpt['ms']:8.0f}")
+
+
+def bench_memory_row(args):
+    """One configuration's peak memory of a training step (MB) and its median step time, as
+    one JSON line. A batch-1 step first sets up what every step shares (the optimizer state,
+    library workspaces), so the peak is what the batch itself costs: activations and gradients."""
+    device = pick_device(args.device)
+    kw, batch = TRAIN_CONFIGS[args.config]
+    batch = args.batch_size or batch
+    cfg = TransformerConfig(**kw)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device)
+    model.set_gradient_checkpointing(args.checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(batch_size: int):
+        x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size + 1), device=device)
+        _loss(model, x[:, :-1], x[:, 1:], device, "fp32").backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+
+    step(1)
+    before = _memory_mark(device)
+    step(batch)
+    peak_mb = (_memory_peak(device) - before) / 2 ** 20
+    ms = statistics.median(time_steps(lambda: step(batch), args.steps, device)) * 1e3 if args.steps else float("nan")
+    print(json.dumps({"params": model.num_params(), "bt": f"{batch}x{cfg.block_size}", "peak_mb": peak_mb,
+                      "ms": ms}))
+
+
+def _memory_mark(device: str) -> int:
+    """Bytes in use now, and the peak counter restarted from here: CUDA, torch's allocator;
+    CPU, the resident set (Linux restarts its high-water mark through /proc/self/clear_refs;
+    elsewhere the mark is the peak so far, which the measured step must exceed to register)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _proc_status_bytes("VmRSS")
+    except OSError:
+        return _max_rss()
+
+
+def _memory_peak(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        return _proc_status_bytes("VmHWM")
+    except OSError:
+        return _max_rss()
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024                      # the kernel reports kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _max_rss() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024          # bytes on macOS, KiB on Linux
 
 
 # Llama-shaped decode sizes of the generation issue (llama2.c's 15M and 110M shapes).
@@ -345,6 +444,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="override every config's batch size")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
     p.add_argument("--nanogpt", help="path to a nanoGPT checkout: time its model.py on gpt2-style too")
     p.set_defaults(func=bench_train)
     d = sub.add_parser("decode", help="batch-1 decode tokens/s vs the bandwidth roofline and Hugging Face")
@@ -381,8 +481,22 @@ def main(argv=None):
     row.add_argument("--device", default="auto")
     row.add_argument("--tuned", action="store_true", help="apply utils.tune_cpu_allocator() as train.py does")
     row.add_argument("--compile", action="store_true")
+    row.add_argument("--precision", default="fp32")
     row.add_argument("--nanogpt")
     row.set_defaults(func=bench_train_row)
+    m = sub.add_parser("memory", help="peak memory of a training step with and without gradient checkpointing")
+    m.add_argument("--configs", default="gpt2-style,small", help=f"comma-separated: {', '.join(TRAIN_CONFIGS)}")
+    m.add_argument("--steps", type=int, default=3, help="timed steps per row after the measured first step (0: memory only)")
+    m.add_argument("--batch_size", type=int, default=None, help="override every config's batch size")
+    m.add_argument("--device", default="auto")
+    m.set_defaults(func=bench_memory)
+    mrow = sub.add_parser("memory-row", help=argparse.SUPPRESS)  # one row of `memory`, in its own process
+    mrow.add_argument("config", choices=list(TRAIN_CONFIGS))
+    mrow.add_argument("--checkpointing", action="store_true")
+    mrow.add_argument("--steps", type=int, default=3)
+    mrow.add_argument("--batch_size", type=int, default=None)
+    mrow.add_argument("--device", default="auto")
+    mrow.set_defaults(func=bench_memory_row)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -603,9 +603,17 @@ class TokenDataset:
         return self.splits[split][start:stop]
 
     def get_batch(self, split: str, batch_size: int, block_size: int, *,
-                  generator: Optional[torch.Generator] = None, device="cpu"):
-        """Random windows: x (B, T) and targets y (B, T), y[t] = x[t+1]."""
-        ix = torch.randint(self.num_tokens[split] - block_size, (batch_size,), generator=generator)
+                  generator: Optional[torch.Generator] = None, device="cpu", rank: int = 0,
+                  world_size: int = 1):
+        """Random windows: x (B, T) and targets y (B, T), y[t] = x[t+1].
+
+        Distributed: every rank draws the same world_size * batch_size window starts (the
+        generator is seeded alike on all ranks) and keeps its own slice, so the ranks read
+        different data and together the batch a single process would draw with
+        batch_size * world_size.
+        """
+        ix = torch.randint(self.num_tokens[split] - block_size, (batch_size * world_size,), generator=generator)
+        ix = ix[rank * batch_size:(rank + 1) * batch_size]
         windows = self._windows(split, ix, block_size + 1)          # (B, T+1)
         x, y = windows[:, :-1], windows[:, 1:]
         if device != "cpu" and torch.device(device).type == "cuda":

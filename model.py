@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # =============================================================================
 # 1. Config
@@ -343,6 +344,8 @@ class Transformer(nn.Module):
     `model(idx, use_cache=True)` does the same bookkeeping for you: when idx
     extends the sequence of the previous call, only the new positions are
     computed, and the logits of those new positions are returned.
+
+    Training knobs, not architecture: set_dropout(p), set_gradient_checkpointing(enabled).
     """
 
     def __init__(self, config: Optional[TransformerConfig] = None, **kwargs):
@@ -364,6 +367,7 @@ class Transformer(nn.Module):
         # model.to(torch.bfloat16) cannot round the float64 master copy.
         self._rope: dict = {}
         self._seen: Optional[torch.Tensor] = None   # tokens behind the cache, for use_cache=True
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
         # residual projections are scaled down with depth (GPT-2) so the stream's variance stays O(1)
         for name, p in self.named_parameters():
@@ -412,9 +416,27 @@ class Transformer(nn.Module):
         mask = None
         if start > 0 and T > 1:  # a chunk after cached positions: causal within, sees all before
             mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
-        for block in self.blocks:
-            x = block(x, rope, start_pos, mask)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and start_pos is None
+        for block in self.blocks:   # recompute: autograd keeps only the block's input and reruns it in backward
+            x = (checkpoint(block, x, rope, None, mask, use_reentrant=False) if recompute
+                 else block(x, rope, start_pos, mask))
         return self.lm_head(self.norm_f(x))                         # (B, T, vocab)
+
+    def set_dropout(self, p: float):
+        """Set the probability of every dropout (embeddings, residual branches, attention
+        weights), e.g. model.set_dropout(0.0); config.dropout keeps the built-with value."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout={p} must be in [0, 1)")
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, CausalSelfAttention):
+                m.dropout = p
+
+    def set_gradient_checkpointing(self, enabled: bool = True):
+        """Recompute each block in backward instead of keeping its activations (training only):
+        the same loss and gradients, far less memory, about one more forward of compute."""
+        self.gradient_checkpointing = enabled
 
     def _rope_tables(self, device, dtype):
         key = (device, dtype)

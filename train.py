@@ -7,10 +7,12 @@
     python train.py --config config.yaml --data corpus/ --data.tokenizer=bpe --data.vocab_size=4096
     python train.py --config config.yaml --init_from out/best.pt --lora.r=8 --data new.txt \
         --training.out_dir=out-lora                            # LoRA fine-tune (add --quantize int8: QLoRA)
+    torchrun --standalone --nproc_per_node=4 train.py --config config.yaml   # DDP on 4 GPUs (or CPU processes)
 
 Writes to training.out_dir: last.pt (for --resume), best.pt (best validation loss),
-config.yaml (the resolved configuration), log.jsonl (one JSON object per event) and data/
-(the prepared token files, reused by later runs on the same inputs; data.cache_dir moves them).
+config.yaml (the resolved configuration), log.jsonl (one JSON object per event), plot.png
+(the run's curves, drawn at the end; `python utils.py plot DIR` redraws it) and data/ (the
+prepared token files, reused by later runs on the same inputs; data.cache_dir moves them).
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -27,30 +31,37 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from data import DataConfig, prepared_dataset, tokenizer_from_state
-from model import (PRESETS as MODEL_PRESETS, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer, TransformerConfig,
-                   apply_lora, closest, load_lora_state_dict, lora_state_dict, quantize_model)
+from data import DataConfig, TokenDataset, prepared_dataset, tokenizer_from_state
+from model import (PRESETS as MODEL_PRESETS, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer,
+                   TransformerConfig, apply_lora, closest, load_lora_state_dict, lora_state_dict)
 from utils import (CheckpointError, JsonlLogger, base_reference, check_base, config_file, config_to_dict,
-                   load_checkpoint, load_config, model_from_checkpoint, pick_device, save_checkpoint,
-                   tune_cpu_allocator)
+                   device_peak_flops, flops_per_token, load_checkpoint, load_config, model_from_checkpoint,
+                   pick_device, plot_run, save_checkpoint, tune_cpu_allocator)
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DISTRIBUTED = ("ddp", "fsdp")
+DROPOUT_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
 class TrainConfig:
-    """How to train: optimisation, budget, evaluation and output."""
+    """How to train: optimisation, budget, evaluation and output.
+
+    Under torchrun, batch_size and grad_accum_steps are per rank: an optimizer step sees
+    batch_size * grad_accum_steps * world_size sequences.
+    """
 
     out_dir: str = "out"
     init_from: Optional[str] = None  # start from this checkpoint's weights and tokenizer (fine-tuning)
-    device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
+    device: str = "auto"            # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
     seed: int = 1337
-    batch_size: int = 32
-    grad_accum_steps: int = 1       # micro-batches per optimizer step
+    batch_size: int = 32            # sequences per micro-batch, per rank
+    grad_accum_steps: int = 1       # micro-batches per optimizer step, per rank
     max_iters: int = 5000
     max_time: Optional[float] = None  # seconds; when set, it replaces max_iters as the budget
     learning_rate: float = 1e-3
@@ -64,9 +75,16 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 50            # random validation batches per periodic evaluation
     log_interval: int = 10
+    early_stopping_patience: Optional[int] = None  # stop after this many evaluations without a new best
+    dropout_schedule: str = "constant"  # constant | linear: from model.dropout to dropout_final over the budget
+    dropout_final: float = 0.0
     precision: str = "fp32"         # fp32 | bf16 | fp16 (fp16 needs a GPU: CUDA or MPS)
-    compile: bool = False           # torch.compile the model
+    compile: bool = False           # torch.compile the model (falls back to eager with a warning)
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory
+    distributed: str = "ddp"        # under torchrun: ddp (a replica per rank) | fsdp (sharded, fully_shard)
     progress: bool = True           # tqdm progress bar
+    plot: bool = True               # draw plot.png at the end of the run
+    tensorboard: bool = False       # also log to out_dir/tensorboard (needs the tensorboard package)
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval",
@@ -75,12 +93,20 @@ class TrainConfig:
                 raise ValueError(f"training.{name}={getattr(self, name)} must be positive")
         if self.max_time is not None and self.max_time <= 0:
             raise ValueError(f"training.max_time={self.max_time} must be positive seconds")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"training.lr_schedule={self.lr_schedule!r}; {closest(self.lr_schedule, SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"training.precision={self.precision!r}; {closest(self.precision, PRECISIONS)}")
+        for name, valid in (("lr_schedule", SCHEDULES), ("precision", PRECISIONS),
+                            ("distributed", DISTRIBUTED), ("dropout_schedule", DROPOUT_SCHEDULES)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"training.{name}={getattr(self, name)!r}; {closest(getattr(self, name), valid)}")
         if not (self.learning_rate > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_iters >= 0):
             raise ValueError("training: need learning_rate > 0, 0 <= min_lr_ratio <= 1, warmup_iters >= 0")
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            raise ValueError(f"training.early_stopping_patience={self.early_stopping_patience} must be "
+                             f"positive (or null: never stop early)")
+        if not 0.0 <= self.dropout_final < 1.0:
+            raise ValueError(f"training.dropout_final={self.dropout_final} must be in [0, 1)")
+        if self.compile and self.dropout_schedule != "constant":
+            raise ValueError("training.dropout_schedule=linear changes the dropout every step, and a compiled "
+                             "model recompiles for every new value: use it without training.compile")
 
 
 SECTIONS = {"model": TransformerConfig, "data": DataConfig, "training": TrainConfig,
@@ -119,6 +145,18 @@ def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
     return cfg.learning_rate * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
 
 
+def dropout_at(progress: float, start: float, cfg: TrainConfig) -> float:
+    """The dropout for a fraction of the budget used: `start` (model.dropout) throughout, or
+    with dropout_schedule=linear moving in a straight line to dropout_final at the end.
+
+        >>> dropout_at(0.5, 0.1, TrainConfig(dropout_schedule="linear", dropout_final=0.0))
+        0.05
+    """
+    if cfg.dropout_schedule == "constant":
+        return start
+    return start + (cfg.dropout_final - start) * min(max(progress, 0.0), 1.0)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
     """AdamW; weight decay only on matrices that are not embeddings (norms, biases and
     embedding tables are left alone)."""
@@ -149,21 +187,123 @@ def lm_loss(model, x, y) -> torch.Tensor:
     logits = model(x)                                            # (B, T, vocab)
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
+# -----------------------------------------------------------------------------
+# Distributed: torchrun, DDP and FSDP
+# -----------------------------------------------------------------------------
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device_name: str) -> str:
+    """Join the torchrun job if there is one (WORLD_SIZE > 1) and return this rank's device:
+    nccl with one GPU per rank (cuda:LOCAL_RANK), or gloo on CPU."""
+    device = pick_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if not dist.is_available():
+        raise ValueError("launched by torchrun, but this torch build has no torch.distributed")
+    kind = device.split(":")[0]
+    if kind == "mps":
+        raise ValueError("distributed training runs on CUDA (nccl) or CPU (gloo), not MPS")
+    if kind == "cpu":
+        dist.init_process_group("gloo")
+        return device
+    device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=torch.device(device))
+    return device
+
+
+def mean_over_ranks(value: float, device: str) -> float:
+    """The mean of a number over all ranks (itself outside torchrun)."""
+    if rank_and_world()[1] == 1:
+        return value
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(t)                            # a sum: gloo has no average
+    return t.item() / dist.get_world_size()
+
+
+def wrap_distributed(model: Transformer, tcfg: TrainConfig, device: str) -> torch.nn.Module:
+    """DDP(model), or model sharded in place by FSDP2's fully_shard (each block, then the rest:
+    a block's full weights exist only while it runs); the model itself outside torchrun."""
+    if rank_and_world()[1] == 1:
+        return model
+    if tcfg.distributed == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda")
+                                       else None)
+    if tcfg.precision == "fp16":    # GradScaler would see only this rank's shard of the gradients
+        raise ValueError("training.distributed=fsdp does not support precision=fp16; use bf16")
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:                                            # torch 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    # explicit: the default mesh is CUDA whenever a GPU exists, even for a run on the CPU
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def grad_sync(wrapped: torch.nn.Module, sync: bool):
+    """DDP and FSDP reduce gradients across ranks during backward; with gradient accumulation
+    only the last micro-batch of a step needs that (no_sync / set_requires_gradient_sync)."""
+    if hasattr(wrapped, "no_sync"):                                   # DDP
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):                # FSDP2
+        wrapped.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def gather_full(state):
+    """A (nested) state dict with FSDP's DTensor shards gathered into full CPU tensors, one at
+    a time (a GPU never holds the whole model): the same plain checkpoint as a single process
+    writes. Collective: every rank must call it."""
+    if isinstance(state, dict):
+        return {k: gather_full(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [gather_full(v) for v in state]
+    return state.full_tensor().cpu() if hasattr(state, "full_tensor") else state
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer):
+    """After loading a full optimizer state for an FSDP-sharded model, keep each rank's shard
+    of the tensors that have their parameter's shape (a no-op for unsharded parameters)."""
+    for p, state in optimizer.state.items():
+        if hasattr(p, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and not hasattr(value, "device_mesh"):
+                    state[key] = distribute_tensor(value, p.device_mesh, p.placements)
+
+# -----------------------------------------------------------------------------
+# Evaluation
+# -----------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def estimate_loss(model, data, cfg: TrainConfig, block_size: int, device: str) -> dict:
     """Mean loss over eval_iters random batches per split; the same batches every time
-    (a fixed generator), so successive evaluations compare like with like."""
+    (a fixed generator), so successive evaluations compare like with like. Distributed,
+    each rank takes its share of every batch and the means are averaged."""
+    rank, world = rank_and_world()
     model.eval()
     out = {}
     for split in ("train", "val"):
         g = torch.Generator().manual_seed(cfg.seed + 1)
         losses = []
         for _ in range(cfg.eval_iters):
-            x, y = data.get_batch(split, cfg.batch_size, block_size, generator=g, device=device)
+            x, y = data.get_batch(split, cfg.batch_size, block_size, generator=g, device=device,
+                                  rank=rank, world_size=world)
             with autocast(device, cfg.precision):
                 losses.append(lm_loss(model, x, y).item())
-        out[split] = float(np.mean(losses))
+        out[split] = mean_over_ranks(float(np.mean(losses)), device)
     model.train()
     return out
 
@@ -171,7 +311,8 @@ def estimate_loss(model, data, cfg: TrainConfig, block_size: int, device: str) -
 @torch.no_grad()
 def split_loss(model, data, split: str, *, block_size: int, batch_size: int, device: str,
                precision: str = "fp32") -> float:
-    """Mean loss over every token of a split once (non-overlapping windows)."""
+    """Mean loss over every token of a split once (non-overlapping windows). Distributed,
+    every rank computes all of it (FSDP needs every rank in every forward)."""
     model.eval()
     total, count = 0.0, 0
     for x, y in data.iter_split(split, batch_size, block_size, device=device):
@@ -187,15 +328,45 @@ def split_loss(model, data, split: str, *, block_size: int, batch_size: int, dev
 # -----------------------------------------------------------------------------
 
 
-def _rng_state(generator: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "batches": generator.get_state(),
-            "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
-            "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-            "python_gauss": random.getstate()[2]}
+@dataclass
+class Run:
+    """One rank's training run: what a step uses and what a checkpoint saves."""
+
+    model: Transformer            # the plain module: its state_dict is what checkpoints hold
+    wrapped: torch.nn.Module      # model, or DDP(model); FSDP shards model in place
+    fwd: torch.nn.Module          # wrapped, or torch.compile(wrapped): what forward passes call
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator    # the batch sampler's stream, alike on every rank
+    data: TokenDataset
+    device: str
+    base_ref: Optional[dict] = None  # a LoRA run's base checkpoint {path, sha256}
+    step: int = 0
+    elapsed: float = 0.0          # training seconds, evaluations and checkpoint writes included
+    best_val: float = float("inf")
+    evals_since_best: int = 0     # for early stopping
 
 
-def _set_rng_state(state: dict, generator: torch.Generator):
-    torch.set_rng_state(state["torch"])
+def _rng_state(generator: torch.Generator, device: str) -> dict:
+    state = {"torch": torch.get_rng_state(), "batches": generator.get_state(),
+             "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+             "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+             "python_gauss": random.getstate()[2]}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if rank_and_world()[1] > 1:       # each rank draws its own dropout masks
+        state["ranks"] = [None] * dist.get_world_size()
+        dist.all_gather_object(state["ranks"], {k: state[k] for k in ("torch", "cuda") if k in state})
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator, device: str):
+    rank = rank_and_world()[0]
+    own = (state.get("ranks") or [state])[rank:rank + 1]   # none: a checkpoint of fewer ranks
+    if own:
+        torch.set_rng_state(own[0]["torch"])
+        if "cuda" in own[0] and device.startswith("cuda"):
+            torch.cuda.set_rng_state(own[0]["cuda"], device)
     generator.set_state(state["batches"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
@@ -249,160 +420,317 @@ def build_model(cfg: dict, tokenizer, device: str, base: Optional[dict]) -> Tran
     return model.train()
 
 
-def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
-    """Train with a resolved config ({'model', 'data', 'training'} dataclasses).
+def compile_model(wrapped: torch.nn.Module, trial) -> torch.nn.Module:
+    """torch.compile(wrapped), or wrapped itself, with a warning, where compiling fails.
 
-    resume_from: a loaded last.pt checkpoint to continue from. Returns a summary dict
-    (steps, best and final validation loss, paths).
+    torch.compile only wraps: the compiler runs, and fails (no C++ toolchain, an unsupported
+    platform or operator), at the first forward and, lazily, the first backward. So
+    trial(compiled) runs them here, with the random state and the gradients put back after.
     """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        compiled = torch.compile(wrapped)
+        with torch.random.fork_rng(devices=devices):
+            trial(compiled)
+        return compiled
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"warning: torch.compile failed ({type(e).__name__}: {reason}); training without it",
+              file=sys.stderr)
+        return wrapped
+    finally:
+        wrapped.zero_grad(set_to_none=True)
+
+
+def shared_dataset(cfg: dict, tokenizer) -> TokenDataset:
+    """The run's prepared token files (tokenized once into <out_dir>/data or data.cache_dir,
+    reused while the inputs are unchanged), read through np.memmap. Under torchrun rank 0
+    prepares them while the other ranks wait, then every rank opens them."""
+    tcfg = cfg["training"]
+    rank, world = rank_and_world()
+
+    def load(log=print):
+        return prepared_dataset(cfg["data"], out_dir=tcfg.out_dir, block_size=cfg["model"].block_size,
+                                tokenizer=tokenizer, progress=tcfg.progress and rank == 0, log=log)
+    if world == 1:
+        return load()
+    data = load() if rank == 0 else None
+    dist.barrier()
+    return data or load(log=lambda *args: None)
+
+
+def setup(cfg: dict, device: str, resume_from: Optional[dict]) -> tuple[Run, dict]:
+    """Data, model, optimizer and random streams, restored from a checkpoint when resuming.
+    Returns the run and the config with model.vocab_size set from the tokenizer."""
     tcfg: TrainConfig = cfg["training"]
-    device = pick_device(tcfg.device)
-    out_dir = Path(tcfg.out_dir)
     torch.manual_seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     random.seed(tcfg.seed)
-
+    autocast(device, tcfg.precision)                 # an impossible precision fails before any work
     base, base_ref = base_checkpoint(cfg, resume_from)
     if base:   # a fine-tune keeps the base's architecture and tokenizer
         cfg = {**cfg, "model": TransformerConfig.from_dict({**base["model_config"],
                                                             "dropout": cfg["model"].dropout})}
-    block_size = cfg["model"].block_size
     known = resume_from or base
     tokenizer = tokenizer_from_state(known["tokenizer"]) if known else None
     # a fine-tune's model (and its LoRA/quantize settings) is checked before any data is prepared
     model = build_model(cfg, tokenizer, device, base) if base else None
-    # tokenized once into <out_dir>/data (or data.cache_dir), reused while the inputs are unchanged
-    data = prepared_dataset(cfg["data"], out_dir=out_dir, block_size=block_size, tokenizer=tokenizer,
-                            progress=tcfg.progress)
-    if model is None:
+    data = shared_dataset(cfg, tokenizer)
+    if model is None:    # the same seed: the same weights on every rank
         model = build_model(cfg, data.tokenizer, device, None)
     # the vocabulary belongs to the tokenizer, so the model's vocab_size follows it
-    model_cfg = model.config
-    cfg = {**cfg, "model": model_cfg}
+    cfg = {**cfg, "model": model.config}
     lora = cfg["lora"].r > 0
-    optimizer = make_optimizer(model, tcfg, device)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=tcfg.precision == "fp16")
-    generator = torch.Generator().manual_seed(tcfg.seed)
-    step, elapsed, best_val = 0, 0.0, float("inf")
-    if resume_from:
+    if resume_from:      # before sharding: fully_shard keeps each rank's part
         if lora:
             load_lora_state_dict(model, resume_from["model"])
         else:
             model.load_state_dict(resume_from["model"])
+    rank = rank_and_world()[0]
+    if rank > 0:
+        torch.manual_seed(tcfg.seed + rank)          # but each rank its own dropout masks
+    model.set_gradient_checkpointing(tcfg.gradient_checkpointing)
+    wrapped = wrap_distributed(model, tcfg, device)
+    optimizer = make_optimizer(model, tcfg, device)  # after sharding: FSDP replaced the parameters
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=tcfg.precision == "fp16")
+    run = Run(model, wrapped, wrapped, optimizer, scaler, torch.Generator().manual_seed(tcfg.seed), data, device,
+              base_ref=base_ref)
+    if resume_from:
         optimizer.load_state_dict(resume_from["optimizer"])
-        step, elapsed, best_val = resume_from["step"], resume_from["elapsed"], resume_from["best_val_loss"]
-        _set_rng_state(resume_from["rng"], generator)
-    fwd = model
+        shard_optimizer_state(optimizer)
+        if resume_from.get("scaler"):
+            scaler.load_state_dict(resume_from["scaler"])
+        run.step, run.elapsed, run.best_val = resume_from["step"], resume_from["elapsed"], resume_from["best_val_loss"]
+        run.evals_since_best = resume_from.get("evals_since_best", 0)
+        _set_rng_state(resume_from["rng"], run.generator, device)
     if tcfg.compile:
-        try:
-            fwd = torch.compile(model)
-        except Exception as e:  # e.g. no compiler toolchain, unsupported platform
-            print(f"warning: torch.compile unavailable ({e}); training without it", file=sys.stderr)
+        run.fwd = compile_model(wrapped, lambda compiled: _trial_step(run, compiled, tcfg, cfg["model"].block_size))
+    return run, cfg
 
+
+def _trial_step(run: Run, fwd, tcfg: TrainConfig, block_size: int):
+    """A training forward and backward and an evaluation forward, on a batch the run never sees."""
+    rank, world = rank_and_world()
+    x, y = run.data.get_batch("train", tcfg.batch_size, block_size, generator=torch.Generator().manual_seed(0),
+                              device=run.device, rank=rank, world_size=world)
+    with torch.no_grad(), autocast(run.device, tcfg.precision):
+        run.wrapped(x)      # eagerly first: state built on first use (RoPE tables) is not traced
+    with autocast(run.device, tcfg.precision):
+        loss = lm_loss(fwd, x, y)
+    loss.backward()
+    estimate_loss(fwd, run.data, dataclasses.replace(tcfg, eval_iters=1), block_size, run.device)
+
+
+def train_step(run: Run, tcfg: TrainConfig, block_size: int) -> tuple[float, float]:
+    """One optimizer step over grad_accum_steps micro-batches: (mean loss over all ranks,
+    gradient norm before clipping). A non-finite loss or norm raises before the update."""
+    rank, world = rank_and_world()
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(tcfg.grad_accum_steps):
+        x, y = run.data.get_batch("train", tcfg.batch_size, block_size, generator=run.generator,
+                                  device=run.device, rank=rank, world_size=world)
+        with grad_sync(run.wrapped, micro == tcfg.grad_accum_steps - 1):
+            with autocast(run.device, tcfg.precision):
+                loss = lm_loss(run.fwd, x, y)
+            run.scaler.scale(loss / tcfg.grad_accum_steps).backward()
+        loss_sum += loss.detach()
+    run.scaler.unscale_(run.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip or float("inf"))
+    grad_norm = gather_full(norm).item()          # FSDP: a DTensor, the norm over all the shards
+    train_loss = mean_over_ranks(loss_sum.item() / tcfg.grad_accum_steps, run.device)
+    if not (math.isfinite(train_loss) and (math.isfinite(grad_norm) or run.scaler.is_enabled())):
+        raise FloatingPointError(f"non-finite loss {train_loss} / grad norm {grad_norm} at step {run.step + 1}; "
+                                 f"the weights were not updated and {Path(tcfg.out_dir) / 'last.pt'} is the last "
+                                 f"good checkpoint. Try a lower learning rate.")
+    run.scaler.step(run.optimizer)     # with fp16, skipped when the gradients overflowed
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return train_loss, grad_norm
+
+
+def checkpoint_payload(run: Run, cfg: dict, val_loss: float) -> dict:
+    """Everything --resume needs, as plain full tensors. Collective under torchrun: every
+    rank calls it (to gather FSDP shards and random states); rank 0 writes the result."""
+    lora = cfg["lora"].r > 0
+    payload = {"model": gather_full(lora_state_dict(run.model) if lora else run.model.state_dict()),
+               "model_config": cfg["model"].to_dict(),
+               "tokenizer": run.data.tokenizer.state(), "config": config_to_dict(cfg),
+               "optimizer": gather_full(run.optimizer.state_dict()), "scaler": run.scaler.state_dict(),
+               "step": run.step, "elapsed": run.elapsed, "best_val_loss": run.best_val, "val_loss": val_loss,
+               "evals_since_best": run.evals_since_best, "rng": _rng_state(run.generator, run.device)}
+    if lora:     # an adapter: only its weights, and which base they belong to
+        payload["lora"] = {"config": dataclasses.asdict(cfg["lora"]), "base": run.base_ref}
+    if cfg["quantize"].mode:
+        payload["quantize"] = dataclasses.asdict(cfg["quantize"])
+    return payload
+
+
+def open_record(out_dir: Path, cfg: dict, *, resumed: bool) -> JsonlLogger:
+    """Rank 0's output folder: the resolved config, and log.jsonl, new for a new run and
+    appended to by --resume."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    if not resume_from:                       # a new run starts a new record; --resume appends
+    for tmp in out_dir.glob(".*.pt.*.tmp"):           # left by a checkpoint write that was killed
+        tmp.unlink()
+    tensorboard = out_dir / "tensorboard" if cfg["training"].tensorboard else None
+    if not resumed:
         (out_dir / "log.jsonl").unlink(missing_ok=True)
-    logger = JsonlLogger(out_dir / "log.jsonl")
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block_size
-    print(f"{n_params / 1e6:.2f}M parameters | vocab {model_cfg.vocab_size} ({data.tokenizer.kind}) | "
-          f"train {data.num_tokens['train']:,} tokens, val {data.num_tokens['val']:,} | device {device}"
-          f" | {tcfg.precision}")
-    logger.log(event="start", step=step, params=n_params, device=device, resumed=bool(resume_from))
+        if tensorboard:
+            shutil.rmtree(tensorboard, ignore_errors=True)
+    return JsonlLogger(out_dir / "log.jsonl", tensorboard_dir=tensorboard)
 
-    def progress() -> float:
-        return elapsed / tcfg.max_time if tcfg.max_time else step / tcfg.max_iters
 
-    def checkpoint(names: list[str], val_loss: float):
-        payload = {"model": lora_state_dict(model) if lora else model.state_dict(),
-                   "model_config": model_cfg.to_dict(),
-                   "tokenizer": data.tokenizer.state(), "config": config_to_dict(cfg),
-                   "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
-                   "best_val_loss": best_val, "val_loss": val_loss, "rng": _rng_state(generator)}
-        if lora:     # an adapter: only its weights, and which base they belong to
-            payload["lora"] = {"config": dataclasses.asdict(cfg["lora"]), "base": base_ref}
-        if cfg["quantize"].mode:
-            payload["quantize"] = dataclasses.asdict(cfg["quantize"])
-        for name in names:
-            save_checkpoint(out_dir / name, payload)
+class Throughput:
+    """Tokens/s and MFU over the training steps added since the last reset (evaluations excluded)."""
 
-    def evaluate():
-        nonlocal best_val
-        losses = estimate_loss(fwd, data, tcfg, block_size, device)
-        if not all(map(math.isfinite, losses.values())):   # never save diverged weights
-            raise FloatingPointError(f"non-finite evaluation loss {losses} at step {step}; "
-                                     f"{out_dir / 'last.pt'} is the last good checkpoint")
-        improved = losses["val"] < best_val
-        best_val = min(best_val, losses["val"])
-        logger.log(event="eval", step=step, train_loss=losses["train"], val_loss=losses["val"],
-                   perplexity=math.exp(losses["val"]), elapsed=round(elapsed, 2))
-        say(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
-            f"(ppl {math.exp(losses['val']):.2f}){' *best' if improved else ''} [{elapsed:.0f}s]")
-        checkpoint(["best.pt", "last.pt"] if improved else ["last.pt"], losses["val"])
-        return step
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_flops
+        self.reset()
 
+    def reset(self):
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, seconds: float):
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.steps * self.tokens_per_step / max(self.seconds, 1e-9)
+
+    @property
+    def mfu(self) -> float:
+        return self.tokens_per_sec * self.flops_per_token / self.peak
+
+    def __str__(self):
+        return f"{self.tokens_per_sec:,.0f} tok/s | MFU {self.mfu:.1%}"
+
+
+def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
+    """Train with a resolved config ({'model', 'data', 'training'} dataclasses), in this
+    process or, launched by torchrun, as one rank of a DDP or FSDP job.
+
+    resume_from: a loaded last.pt checkpoint to continue from. Returns a summary dict
+    (steps, best and final validation loss, whether it stopped early, the output folder).
+    """
+    device = init_distributed(cfg["training"].device)
+    try:
+        return _train(cfg, device, resume_from)
+    finally:
+        if rank_and_world()[1] > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
+    tcfg: TrainConfig = cfg["training"]
+    run, cfg = setup(cfg, device, resume_from)
+    model_cfg, block_size = cfg["model"], cfg["model"].block_size
+    rank, world = rank_and_world()
+    main, out_dir = rank == 0, Path(tcfg.out_dir)
+    logger = open_record(out_dir, cfg, resumed=bool(resume_from)) if main else None
+    peak, peak_source = device_peak_flops(device, tcfg.precision)
+    tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block_size * world
+    # per device: the job's tokens/s against the peak of all its devices
+    log_speed, eval_speed = (Throughput(tokens_per_step, flops_per_token(model_cfg), peak * world)
+                             for _ in range(2))
     bar = None
-    if tcfg.progress:
+    if tcfg.progress and main:
         from tqdm import tqdm
         bar = tqdm(total=int(tcfg.max_time) if tcfg.max_time else tcfg.max_iters,
-                   initial=int(elapsed) if tcfg.max_time else step,
+                   initial=int(run.elapsed) if tcfg.max_time else run.step,
                    unit="s" if tcfg.max_time else "it", dynamic_ncols=True)
-    say = bar.write if bar else print
+    say = (bar.write if bar else print) if main else (lambda *args: None)
+    n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)   # LoRA: the adapters
+    say(f"{n_params / 1e6:.2f}M parameters | vocab {model_cfg.vocab_size} "
+        f"({run.data.tokenizer.kind}) | train {run.data.num_tokens['train']:,} tokens, val "
+        f"{run.data.num_tokens['val']:,} | device {device}{f' x {world} ({tcfg.distributed})' if world > 1 else ''}"
+        f" | {tcfg.precision} | peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
+    if main:
+        logger.log(event="start", step=run.step, params=n_params, device=device,
+                   resumed=bool(resume_from), world_size=world)
 
-    model.train()
-    last_eval, window_tokens, window_start = -1, 0, time.perf_counter()
-    while progress() < 1.0:
+    def progress() -> float:
+        return run.elapsed / tcfg.max_time if tcfg.max_time else run.step / tcfg.max_iters
+
+    def evaluate(lr: float) -> bool:
+        """Evaluate, log, write checkpoints; True when early stopping ends the run."""
+        losses = estimate_loss(run.fwd, run.data, tcfg, block_size, device)
+        if not all(map(math.isfinite, losses.values())):   # never save diverged weights
+            raise FloatingPointError(f"non-finite evaluation loss {losses} at step {run.step}; "
+                                     f"{out_dir / 'last.pt'} is the last good checkpoint")
+        improved = losses["val"] < run.best_val
+        run.best_val = min(run.best_val, losses["val"])
+        run.evals_since_best = 0 if improved else run.evals_since_best + 1
+        payload = checkpoint_payload(run, cfg, losses["val"])          # every rank: it gathers
+        patience = tcfg.early_stopping_patience
+        stop = bool(patience and run.evals_since_best >= patience)
+        if main:
+            logger.log(event="eval", step=run.step, train_loss=losses["train"], val_loss=losses["val"],
+                       perplexity=math.exp(losses["val"]), elapsed=round(run.elapsed, 2))
+            speed = f" | {eval_speed}" if eval_speed.steps else ""
+            say(f"step {run.step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
+                f"(ppl {math.exp(losses['val']):.2f}){' *best' if improved else ''} | lr {lr:.2e}{speed} "
+                f"[{run.elapsed:.0f}s]")
+            for name in (["best.pt", "last.pt"] if improved else ["last.pt"]):
+                save_checkpoint(out_dir / name, payload)
+            if stop:
+                logger.log(event="early_stop", step=run.step, best_val_loss=run.best_val, patience=patience)
+                say(f"early stopping: no new best validation loss in {patience} evaluations")
+        eval_speed.reset()
+        return stop
+
+    run.model.train()
+    last_eval, stop = -1, False
+    while progress() < 1.0 and not stop:
         t0 = time.perf_counter()
-        lr = lr_at(step, progress(), tcfg)
-        for group in optimizer.param_groups:
+        lr = lr_at(run.step, progress(), tcfg)
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(tcfg.grad_accum_steps):
-            x, y = data.get_batch("train", tcfg.batch_size, block_size, generator=generator, device=device)
-            with autocast(device, tcfg.precision):
-                loss = lm_loss(fwd, x, y)
-            scaler.scale(loss / tcfg.grad_accum_steps).backward()
-            loss_sum += loss.item()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf")).item()
-        train_loss = loss_sum / tcfg.grad_accum_steps
-        if not (math.isfinite(train_loss) and (math.isfinite(grad_norm) or scaler.is_enabled())):
-            raise FloatingPointError(f"non-finite loss {train_loss} / grad norm {grad_norm} at step {step + 1}; "
-                                     f"the weights were not updated and {out_dir / 'last.pt'} is the last good "
-                                     f"checkpoint. Try a lower learning rate.")
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_tokens += tokens_per_step
-        if step % tcfg.log_interval == 0:
-            now = time.perf_counter()
-            tps = window_tokens / (now - window_start)
-            logger.log(event="train", step=step, train_loss=train_loss, lr=lr, grad_norm=grad_norm,
-                       tokens_per_sec=round(tps, 1))
+        dropout = dropout_at(progress(), model_cfg.dropout, tcfg)
+        if tcfg.dropout_schedule != "constant":
+            run.model.set_dropout(dropout)
+        train_loss, grad_norm = train_step(run, tcfg, block_size)
+        for speed in (log_speed, eval_speed):
+            speed.add(time.perf_counter() - t0)
+        if run.step % tcfg.log_interval == 0 and main:
+            scheduled = {"dropout": dropout} if tcfg.dropout_schedule != "constant" else {}
+            logger.log(event="train", step=run.step, train_loss=train_loss, lr=lr, grad_norm=grad_norm,
+                       tokens_per_sec=round(log_speed.tokens_per_sec, 1), mfu=round(log_speed.mfu, 4),
+                       **scheduled)
             if bar:
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.1e}")
-            window_tokens, window_start = 0, now
-        if step % tcfg.eval_interval == 0:
-            last_eval = evaluate()
-            window_tokens, window_start = 0, time.perf_counter()   # tokens/s counts training only
-        elapsed += time.perf_counter() - t0
+                bar.set_postfix_str(f"loss {train_loss:.3f} | {log_speed}")
+            log_speed.reset()
+        if run.step % tcfg.eval_interval == 0:
+            stop, last_eval = evaluate(lr), run.step
+        run.elapsed += time.perf_counter() - t0
         if bar:
-            bar.n = min(int(elapsed), bar.total) if tcfg.max_time else step
+            bar.n = min(int(run.elapsed), bar.total) if tcfg.max_time else run.step
             bar.refresh()
     if bar:
         bar.close()
-    if last_eval != step:
-        evaluate()
-    final = split_loss(fwd, data, "val", block_size=block_size, batch_size=tcfg.batch_size,
+    if last_eval != run.step:
+        evaluate(lr_at(run.step, progress(), tcfg))
+    # eager: the pass ends with shorter batches, each of which would recompile a compiled model
+    final = split_loss(run.model, run.data, "val", block_size=block_size, batch_size=tcfg.batch_size,
                        device=device, precision=tcfg.precision)
-    logger.log(event="final", step=step, final_val_loss=final, perplexity=math.exp(final),
-               elapsed=round(elapsed, 2))
-    print(f"final_val_loss {final:.4f} (perplexity {math.exp(final):.2f}, every validation token once) "
-          f"after {step} steps, {elapsed:.1f}s; best checkpoint: {out_dir / 'best.pt'}")
-    return {"step": step, "best_val_loss": best_val, "final_val_loss": final, "elapsed": elapsed,
-            "out_dir": str(out_dir)}
+    if main:
+        logger.log(event="final", step=run.step, final_val_loss=final, perplexity=math.exp(final),
+                   elapsed=round(run.elapsed, 2))
+        logger.close()
+        print(f"final_val_loss {final:.4f} (perplexity {math.exp(final):.2f}, every validation token once) "
+              f"after {run.step} steps, {run.elapsed:.1f}s; best checkpoint: {out_dir / 'best.pt'}")
+        if tcfg.plot:
+            draw_plot(out_dir)
+    return {"step": run.step, "best_val_loss": run.best_val, "final_val_loss": final, "elapsed": run.elapsed,
+            "stopped_early": stop, "out_dir": str(out_dir)}
+
+
+def draw_plot(out_dir: Path):
+    """plot.png at the end of a run; a failure only warns (the run itself is saved by then)."""
+    try:
+        plot_run(out_dir)
+    except Exception as e:
+        print(f"warning: could not draw {out_dir / 'plot.png'}: {type(e).__name__}: {e}", file=sys.stderr)
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -437,7 +765,7 @@ def main(argv=None):
     tune_cpu_allocator()
     try:
         cfg, ckpt = resolve(sys.argv[1:] if argv is None else argv)
-        if ckpt:
+        if ckpt and os.environ.get("RANK", "0") == "0":         # under torchrun, rank 0 speaks
             print(f"resuming from step {ckpt['step']} of {Path(cfg['training'].out_dir) / 'last.pt'}")
         train(cfg, resume_from=ckpt)
     except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:

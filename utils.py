@@ -1,17 +1,24 @@
 """Shared helpers: configuration (YAML + typed CLI overrides), checkpoints, devices,
-logging and profiling.
+logging, plots and profiling.
 
     >>> from utils import load_config
     >>> from train import SECTIONS
     >>> cfg = load_config("config.yaml", ["--model.n_layers=4"], sections=SECTIONS, other_sections=("sample",))
     >>> cfg["model"].n_layers
     4
+
+As a script, `python utils.py COMMAND ...` runs a subcommand (`--help` lists them):
+
+    python utils.py plot out/                                  # out/plot.png: losses, lr, grad norm
+    python utils.py quantize --checkpoint out/best.pt --mode int8 --eval
+    python utils.py merge-lora --lora out-lora/best.pt --out merged.pt
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -348,16 +355,41 @@ def pick_device(name: str = "auto") -> str:
 
 
 class JsonlLogger:
-    """Appends one JSON object per event to a file (and keeps nothing in memory)."""
+    """Appends one JSON object per event to a file (and keeps nothing in memory). With
+    tensorboard_dir, the numbers of every event that has a step also go to TensorBoard as
+    `event/field` scalars (when the optional tensorboard package is installed)."""
 
-    def __init__(self, path):
+    def __init__(self, path, *, tensorboard_dir=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = tensorboard_writer(tensorboard_dir) if tensorboard_dir else None
 
     def log(self, **event):
         event = {"time": round(time.time(), 3), **event}
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
+        if self.tensorboard and "step" in event:
+            for key, value in event.items():
+                if key not in ("time", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(f"{event['event']}/{key}", value, event["step"])
+            if event["event"] != "train":      # on disk by each evaluation, even if the run dies later
+                self.tensorboard.flush()
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def tensorboard_writer(log_dir):
+    """A TensorBoard SummaryWriter, or None with a warning when tensorboard is not installed
+    (it is optional: pip install tensorboard)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:          # torch.utils.tensorboard imports the tensorboard package
+        print(f"warning: TensorBoard logging is off ({e}); pip install tensorboard to turn it on",
+              file=sys.stderr)
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def read_jsonl(path) -> list[dict]:
@@ -377,9 +409,12 @@ def flops_per_token(cfg: TransformerConfig, seq_len: Optional[int] = None) -> fl
 
 
 def measure_matmul_peak(*, device="cpu", dtype=torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
-    """Sustained FLOP/s of a large square matmul: the denominator of MFU on this machine."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    """Sustained FLOP/s of a large square matmul: the denominator of MFU on this machine.
+    Its random operands come from a generator of its own: measuring leaves torch's global
+    random state, and so a seeded run, untouched."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     for _ in range(2):
         a @ b
     synchronize(device)
@@ -389,6 +424,39 @@ def measure_matmul_peak(*, device="cpu", dtype=torch.float32, n: int = 2048, sec
         iters += 1
     synchronize(device)
     return 2 * n ** 3 * iters / (time.perf_counter() - start)
+
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s) from NVIDIA's datasheets, matched against
+# torch.cuda.get_device_name(); more specific names first. Other devices are measured.
+GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+                  ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+                  ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12)]
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def device_peak_flops(device: str, precision: str = "fp32") -> tuple[float, str]:
+    """The FLOP/s that MFU divides by, and where the number comes from.
+
+    bf16/fp16 on a known GPU: its datasheet peak. Anything else (CPUs, fp32, other GPUs): a
+    short matmul measurement in that precision, once per process (it takes about a second).
+
+        >>> flops, source = device_peak_flops("cpu")      # e.g. (1.6e11, 'measured fp32 matmul')
+    """
+    if device.startswith("cuda") and precision != "fp32":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS:
+            if key in name:
+                return flops, f"{name} {precision} datasheet peak"
+    return _measured_peak(device, precision, torch.get_num_threads()), f"measured {precision} matmul"
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_peak(device: str, precision: str, threads: int) -> float:
+    # big enough to reach the sustained rate of a CPU (or to be a fair test of a GPU), but
+    # a low-precision matmul on a CPU without native support takes seconds at n=1024
+    slow = not device.startswith("cuda") and precision != "fp32"
+    n = 512 if slow else 4096 if device.startswith("cuda") else 1024
+    return measure_matmul_peak(device=device, dtype=PRECISION_DTYPES[precision], n=n, seconds=0.25)
 
 
 def tune_cpu_allocator() -> bool:
@@ -413,7 +481,7 @@ def synchronize(device):
         torch.mps.synchronize()
 
 # =============================================================================
-# Command line: python utils.py quantize | merge-lora
+# Plots and the command line: python utils.py plot | quantize | merge-lora
 # =============================================================================
 
 
@@ -495,15 +563,71 @@ def merge_lora_main(argv: list[str]) -> None:
     print(f"merged {args.lora} into {adapter['lora']['base']['path']} -> {args.out}")
 
 
-COMMANDS = {"quantize": quantize_main, "merge-lora": merge_lora_main}
+def _by_step(rows: list[dict], event: str) -> list[dict]:
+    """The rows of one event in step order; a step logged twice (the steps a resumed run
+    redid after its last checkpoint) keeps its latest row."""
+    return sorted({r["step"]: r for r in rows if r["event"] == event}.values(), key=lambda r: r["step"])
+
+
+def plot_run(run_dir, path=None) -> Path:
+    """Draw a run's log.jsonl into a PNG (default run_dir/plot.png): train and validation
+    loss, learning rate and gradient norm against the step. Returns the path.
+
+        >>> png = plot_run("out")                        # out/plot.png
+    """
+    from matplotlib.figure import Figure     # no pyplot: no global backend, nothing shown (Agg)
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "log.jsonl").exists():
+        raise FileNotFoundError(f"'{run_dir / 'log.jsonl'}' does not exist (give a training.out_dir)")
+    rows = read_jsonl(run_dir / "log.jsonl")
+    train, evals = _by_step(rows, "train"), _by_step(rows, "eval")
+    if not train and not evals:
+        raise ValueError(f"{run_dir / 'log.jsonl'} has no train or eval records to plot yet")
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    loss_ax, lr_ax, norm_ax = fig.subplots(1, 3)
+    steps = [r["step"] for r in train]
+    loss_ax.plot(steps, [r["train_loss"] for r in train], alpha=0.5, label="train (logged steps)")
+    loss_ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    loss_ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+    lr_ax.plot(steps, [r["lr"] for r in train])
+    norm_ax.plot(steps, [r["grad_norm"] for r in train])
+    for ax, title in ((loss_ax, "loss"), (lr_ax, "learning rate"), (norm_ax, "gradient norm (before clipping)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    loss_ax.legend()
+    fig.suptitle(str(run_dir.resolve().name))
+    path = Path(path) if path else run_dir / "plot.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_main(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="utils.py plot", description="Draw a run's log.jsonl (train and "
+                                     "validation loss, learning rate, gradient norm against the step) into a PNG.")
+    parser.add_argument("run_dir", help="a training.out_dir holding log.jsonl")
+    parser.add_argument("--output", "-o", help="the PNG to write (default: RUN_DIR/plot.png)")
+    args = parser.parse_args(argv)
+    try:
+        print(plot_run(args.run_dir, args.output))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+COMMANDS = {"plot": plot_main, "quantize": quantize_main, "merge-lora": merge_lora_main}
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        got = f"unknown command '{argv[0]}'; " if argv and not argv[0].startswith("-") else ""
-        sys.exit(f"usage: python utils.py <command> ...; {got}"
-                 + (closest(argv[0], COMMANDS) if got else f"commands: {', '.join(COMMANDS)}"))
+    """`python utils.py COMMAND [options]`: dispatch to one of COMMANDS."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: python utils.py {{{','.join(COMMANDS)}}} ...  (COMMAND --help for its options)")
+        return
+    if not argv:
+        sys.exit(f"error: no command given; valid: {', '.join(COMMANDS)}")
+    if argv[0] not in COMMANDS:
+        sys.exit(f"error: unknown command {argv[0]!r}; {closest(argv[0], COMMANDS)}")
     try:
         COMMANDS[argv[0]](argv[1:])
     except (ValueError, FileNotFoundError, CheckpointError) as e:

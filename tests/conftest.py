@@ -32,6 +32,7 @@ TINY = [
     "--training.batch_size=8", "--training.max_iters=40", "--training.eval_interval=20",
     "--training.eval_iters=2", "--training.log_interval=5", "--training.warmup_iters=5",
     "--training.learning_rate=3e-3", "--training.progress=false", "--training.device=cpu",
+    "--training.plot=false",          # matplotlib costs ~1 s a run; the tests of plots turn it on
 ]
 
 
@@ -83,7 +84,7 @@ def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     text = root / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
-    cfg = make_run_config(root, "--training.max_iters=80", data=text)
+    cfg = make_run_config(root, "--training.max_iters=80", "--training.plot=true", data=text)
     with single_thread():
         summary = train_mod.train(cfg)
     return SimpleNamespace(cfg=cfg, summary=summary, out_dir=root / "out", text_file=text)

@@ -1,5 +1,6 @@
 """bench.py runs and prints its table (speed goals are printed by bench.py, never asserted here)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,12 @@ def test_tokenize_prints_a_row_per_tokenizer_and_skips_an_unavailable_encoding(t
     assert row("char ")[0] == str(len(set(text.read_text(encoding="utf-8"))))
     assert 256 < int(row("bpe (learned) ")[0]) <= 300 and float(row("bpe (learned) ")[4].replace(",", "")) > 0
     assert "tiktoken gpt2: skipped, its vocabulary is neither cached (TIKTOKEN_CACHE_DIR) nor downloadable here" in lines
+
+
+def test_memory_row_reports_the_peak_of_a_step():
+    out = subprocess.run([sys.executable, "bench.py", "memory-row", "tiny", "--checkpointing", "--batch_size", "8",
+                          "--steps", "0", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["bt"] == "8x128" and row["peak_mb"] > 0 and row["params"] > 0

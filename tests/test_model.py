@@ -259,3 +259,66 @@ def test_presets():
 def test_default_d_ff():
     assert TransformerConfig(d_model=256, activation="gelu").d_ff == 1024
     assert TransformerConfig(d_model=256, activation="swiglu").d_ff == 704
+
+
+# --- training knobs: dropout and gradient checkpointing --------------------------------------------
+
+def _counting(forward, calls: list):
+    """forward, appending to calls at each run (hooks do not fire when checkpointing recomputes)."""
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+    return wrapped
+
+
+def test_set_dropout_reaches_every_dropout_and_leaves_the_config():
+    model = Transformer(vocab_size=40, d_model=32, n_heads=4, n_layers=2, block_size=16, dropout=0.2)
+    model.set_dropout(0.05)
+    drops = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 1 + 2 and set(drops) == {0.05}                  # embeddings + one per block
+    assert [b.attn.dropout for b in model.blocks] == [0.05, 0.05]         # attention weights (SDPA)
+    assert model.config.dropout == 0.2
+    model.set_dropout(0.0)                 # no dropout left: training mode computes what eval mode does
+    x = torch.randint(0, 40, (2, 16))
+    assert torch.equal(model.train()(x), model.eval()(x))
+    with pytest.raises(ValueError, match=r"dropout=1\.0 must be in \[0, 1\)"):
+        model.set_dropout(1.0)
+
+
+@pytest.mark.parametrize("opts", [dict(dropout=0.0), dict(dropout=0.1, pos_encoding="learned")])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(opts):
+    def loss_and_grads(checkpointing: bool):
+        torch.manual_seed(0)
+        model = Transformer(vocab_size=40, d_model=32, n_heads=4, n_layers=3, block_size=16, **opts)
+        model.set_gradient_checkpointing(checkpointing)
+        calls = []
+        for block in model.blocks:
+            block.forward = _counting(block.forward, calls)
+        x = torch.randint(0, 40, (4, 16), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)                             # the same dropout masks, recomputed or not
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters()}, len(calls)
+
+    loss, grads, calls = loss_and_grads(False)
+    loss_ckpt, grads_ckpt, calls_ckpt = loss_and_grads(True)
+    assert calls == 3 and calls_ckpt == 6                # each block ran again in backward
+    assert torch.equal(loss, loss_ckpt)                  # the same kernels on the same inputs: bit for bit
+    for name in grads:
+        assert torch.equal(grads[name], grads_ckpt[name]), name
+
+
+def test_gradient_checkpointing_is_off_outside_training():
+    model = Transformer(vocab_size=40, d_model=32, n_heads=4, n_layers=2, block_size=16)
+    model.set_gradient_checkpointing(True)
+    x = torch.randint(0, 40, (1, 8))
+    calls = []
+    model.blocks[0].forward = _counting(model.blocks[0].forward, calls)
+    with torch.no_grad():
+        expected = model(x)
+    model.eval()
+    model(x).sum().backward()                           # eval mode: nothing is recomputed
+    assert len(calls) == 2
+    with torch.no_grad():
+        model.setup_cache(batch_size=1)
+        assert torch.allclose(model(x, start_pos=0), expected, atol=1e-6)   # the KV cache path works

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import train as train_mod
+import utils
 from generate import SampleConfig, generate_text
 from model import Transformer
-from train import TrainConfig, lr_at, make_optimizer, split_loss
+from train import TrainConfig, dropout_at, lr_at, make_optimizer, split_loss
 from utils import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_config,
                    model_from_checkpoint, read_jsonl, save_checkpoint)
 from data import DataConfig, load_dataset
@@ -123,7 +125,7 @@ def test_training_lowers_the_loss(trained_run):
 
 def test_run_outputs(trained_run):
     out = trained_run.out_dir
-    assert {p.name for p in out.iterdir()} == {"last.pt", "best.pt", "config.yaml", "log.jsonl", "data"}
+    assert {p.name for p in out.iterdir()} == {"last.pt", "best.pt", "config.yaml", "log.jsonl", "plot.png", "data"}
     assert {p.name for p in (out / "data").iterdir()} == {"train.bin", "val.bin", "meta.json"}
     rows = read_jsonl(out / "log.jsonl")
     events = [r["event"] for r in rows]
@@ -131,9 +133,9 @@ def test_run_outputs(trained_run):
     train_rows = [r for r in rows if r["event"] == "train"]
     assert [r["step"] for r in train_rows] == list(range(5, 81, 5))          # log_interval=5
     for r in train_rows:
-        assert {"step", "train_loss", "lr", "grad_norm", "tokens_per_sec"} <= r.keys()
+        assert {"step", "train_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= r.keys()
         assert math.isfinite(r["train_loss"]) and r["lr"] > 0 and r["grad_norm"] > 0
-        assert r["tokens_per_sec"] > 0
+        assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1
     assert train_rows[-1]["train_loss"] < train_rows[0]["train_loss"]
     eval_rows = [r for r in rows if r["event"] == "eval"]
     assert [r["step"] for r in eval_rows] == [20, 40, 60, 80]
@@ -394,7 +396,7 @@ def test_divergence_never_overwrites_last_pt_with_nan_weights(run_config):
 TINY_CLI = ["--model.n_layers=2", "--model.d_model=32", "--model.n_heads=4", "--model.block_size=16",
             "--training.batch_size=8", "--training.max_iters=30", "--training.eval_interval=15",
             "--training.eval_iters=2", "--training.warmup_iters=5", "--training.progress=false",
-            "--device", "cpu"]
+            "--training.plot=false", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -504,3 +506,235 @@ def test_checkpoints_are_ordinary_files_not_0600(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o644
+
+
+# --- resuming after kill -9 ------------------------------------------------------------------------
+
+# Run by a subprocess: train.py's main, with torch.save patched to die (SIGKILL, which no
+# handler can catch) half-way through writing the checkpoint of step KILL_AT.
+DIE_WHILE_SAVING = """
+import os, signal, sys
+import torch
+import train
+
+real_save = torch.save
+
+def save_then_die(obj, f, *args, **kwargs):
+    if obj.get("step") == int(os.environ["KILL_AT"]):
+        f.write(b"PK\\x03\\x04 the first bytes of a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f, *args, **kwargs)
+
+torch.save = save_then_die
+train.main(sys.argv[1:])
+"""
+
+KILL_ARGS = ("--training.max_iters=30", "--training.eval_interval=5", "--training.log_interval=1",
+             "--model.dropout=0.1")
+
+
+def _train_rows(out_dir: Path, after: int = 0, upto: float = float("inf")) -> list:
+    """(step, loss, lr, grad norm) of each step in (after, upto]; a step the resumed run did
+    again (the killed run had logged it after its last checkpoint) counts once, as redone."""
+    rows = {r["step"]: r for r in read_jsonl(out_dir / "log.jsonl")
+            if r["event"] == "train" and after < r["step"] <= upto}
+    return [(r["step"], r["train_loss"], r["lr"], r["grad_norm"]) for r in rows.values()]
+
+
+def test_kill_9_during_a_checkpoint_write_resumes_the_same_trajectory(run_config, tmp_path):
+    straight = train_mod.train(run_config(*KILL_ARGS, out_dir=tmp_path / "a"))
+    out = tmp_path / "b"
+    driver = tmp_path / "die_while_saving.py"
+    driver.write_text(DIE_WHILE_SAVING)
+    # the same resolved configuration as the straight run, through train.py's command line
+    proc = subprocess.run([sys.executable, str(driver), "--config", str(tmp_path / "a" / "config.yaml"),
+                           f"--training.out_dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**SUBPROCESS_ENV, "KILL_AT": "15", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == -9, proc.stderr
+    assert [p.name for p in out.glob(".*.tmp")] and load_checkpoint(out / "last.pt")["step"] == 10
+
+    cfg = run_config(*KILL_ARGS, out_dir=out)
+    resumed = train_mod.train(cfg, resume_from=load_checkpoint(out / "last.pt"))
+    assert not list(out.glob(".*.tmp"))                         # the half-written file is cleaned up
+    assert resumed["final_val_loss"] == straight["final_val_loss"]
+    assert _train_rows(out, after=10) == _train_rows(tmp_path / "a", after=10)    # bit for bit
+    assert state_dicts_equal(load_checkpoint(tmp_path / "a" / "last.pt")["model"],
+                             load_checkpoint(out / "last.pt")["model"])
+
+
+def test_kill_9_at_any_moment_resumes_from_the_last_complete_checkpoint(run_config, tmp_path):
+    # a constant schedule makes the trajectory independent of max_iters, so the killed run
+    # can be long and the comparison short
+    args = ("--training.lr_schedule=constant", "--training.eval_interval=10", "--training.log_interval=1",
+            "--model.dropout=0.1")
+    cfg = run_config(*args)
+    Path(cfg["training"].out_dir).mkdir(parents=True)
+    (Path(cfg["training"].out_dir) / "config.yaml").write_text(yaml.safe_dump(train_mod.config_to_dict(cfg)))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(Path(cfg["training"].out_dir) / "config.yaml"),
+                             f"--training.out_dir={out}", "--training.max_iters=1000000"], cwd=REPO,
+                            env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not any(r["event"] == "eval" and r["step"] >= 30 for r in _read_if_there(out / "log.jsonl")):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.05)
+    finally:
+        proc.kill()                                                 # SIGKILL, wherever it is
+        proc.wait()
+    ckpt = load_checkpoint(out / "last.pt")                         # complete, whatever was being written
+    resume_at = ckpt["step"]                # 20 if step 30's checkpoint was still being written
+    assert resume_at >= 20 and resume_at % 10 == 0
+    more = run_config(*args, f"--training.max_iters={resume_at + 10}", out_dir=out)
+    resumed = train_mod.train(more, resume_from=ckpt)
+    straight = train_mod.train(run_config(*args, f"--training.max_iters={resume_at + 10}",
+                                          out_dir=tmp_path / "straight"))
+    assert resumed["final_val_loss"] == straight["final_val_loss"]
+    # (the killed run may have logged steps past resume_at + 10 before the kill arrived)
+    assert _train_rows(out, resume_at, resume_at + 10) == _train_rows(tmp_path / "straight", resume_at)
+
+
+def _read_if_there(path: Path) -> list:
+    try:
+        return read_jsonl(path)
+    except (FileNotFoundError, ValueError):       # not yet written, or a line being appended
+        return []
+
+
+def test_checkpoints_hold_what_exact_resume_needs(trained_run):
+    ckpt = load_checkpoint(trained_run.out_dir / "last.pt")
+    assert {"optimizer", "scaler", "step", "elapsed", "best_val_loss", "evals_since_best", "rng"} <= ckpt.keys()
+    assert {"torch", "batches", "numpy", "python"} <= ckpt["rng"].keys()
+    assert ckpt["scaler"] == {}                                   # fp32: no gradient scaler to restore
+    assert "cuda" not in ckpt["rng"] and "ranks" not in ckpt["rng"]   # a CPU run in one process
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+# --- early stopping and the dropout schedule -------------------------------------------------------
+
+def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_new_best(run_config, monkeypatch):
+    vals = iter([3.0, 2.5, 2.6, 2.55, 2.7, 1.0, 1.0])          # best at the 2nd evaluation, then 3 worse
+
+    def scripted(model, data, cfg, block_size, device):
+        return {"train": 2.0, "val": next(vals)}
+
+    monkeypatch.setattr(train_mod, "estimate_loss", scripted)
+    cfg = run_config("--training.eval_interval=5", "--training.max_iters=100", "--training.early_stopping_patience=3")
+    summary = train_mod.train(cfg)
+    out = Path(cfg["training"].out_dir)
+    assert summary["stopped_early"] and summary["step"] == 25 and summary["best_val_loss"] == 2.5
+    rows = read_jsonl(out / "log.jsonl")
+    assert [r["step"] for r in rows if r["event"] == "eval"] == [5, 10, 15, 20, 25]
+    stop = next(r for r in rows if r["event"] == "early_stop")
+    assert stop["step"] == 25 and stop["patience"] == 3 and rows[-1]["event"] == "final"
+    assert load_checkpoint(out / "best.pt")["step"] == 10
+    assert load_checkpoint(out / "last.pt")["evals_since_best"] == 3
+
+
+def test_no_early_stopping_without_patience(run_config, monkeypatch):
+    monkeypatch.setattr(train_mod, "estimate_loss", lambda *args: {"train": 2.0, "val": 2.0})
+    summary = train_mod.train(run_config("--training.eval_interval=5", "--training.max_iters=30"))
+    assert not summary["stopped_early"] and summary["step"] == 30
+
+
+def test_dropout_at():
+    linear = TrainConfig(dropout_schedule="linear", dropout_final=0.02)
+    assert [dropout_at(p, 0.1, linear) for p in (0.0, 0.5, 1.0, 2.0)] == pytest.approx([0.1, 0.06, 0.02, 0.02])
+    assert dropout_at(0.7, 0.1, TrainConfig()) == 0.1                   # constant: the model's own
+
+
+def test_dropout_schedule_anneals_every_dropout_of_the_model(run_config, monkeypatch):
+    seen = []
+    real = Transformer.set_dropout
+    monkeypatch.setattr(Transformer, "set_dropout", lambda self, p: (seen.append(p), real(self, p)))
+    cfg = run_config("--model.dropout=0.2", "--training.dropout_schedule=linear", "--training.dropout_final=0.0",
+                     "--training.max_iters=40")
+    train_mod.train(cfg)
+    assert seen == pytest.approx([0.2 * (1 - step / 40) for step in range(40)])     # before each step
+    logged = [(r["step"], r["dropout"]) for r in read_jsonl(Path(cfg["training"].out_dir) / "log.jsonl")
+              if r["event"] == "train"]
+    assert logged == [(s, pytest.approx(0.2 * (1 - (s - 1) / 40))) for s in range(5, 41, 5)]
+    assert load_checkpoint(Path(cfg["training"].out_dir) / "last.pt")["model_config"]["dropout"] == 0.2
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--training.early_stopping_patience=0"], r"early_stopping_patience=0 must be positive"),
+    (["--training.dropout_schedule=cosine"], r"dropout_schedule='cosine'; did you mean .* valid: constant, linear"),
+    (["--training.dropout_final=1"], r"dropout_final=1.0 must be in \[0, 1\)"),
+    (["--training.dropout_schedule=linear", "--training.compile"], r"recompiles for every new value"),
+    (["--training.distributed=fdsp"], r"distributed='fdsp'; did you mean 'fsdp'"),
+])
+def test_new_training_keys_are_checked(run_config, args, match):
+    with pytest.raises(ValueError, match=match):
+        run_config(*args)
+
+
+# --- the training record: plot, TensorBoard ----------------------------------------------------------
+
+def test_a_run_draws_its_plot_and_utils_plot_redraws_it(trained_run, tmp_path, capsys):
+    png = trained_run.out_dir / "plot.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    utils.main(["plot", str(trained_run.out_dir), "--output", str(tmp_path / "again.png")])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "again.png")
+    assert (tmp_path / "again.png").stat().st_size > 20_000
+    with pytest.raises(SystemExit, match=r"^error: unknown command 'plt'; did you mean 'plot'\? valid: plot, quantize, merge-lora"):
+        utils.main(["plt", str(trained_run.out_dir)])
+    with pytest.raises(SystemExit, match=r"^error: '.*log\.jsonl' does not exist"):
+        utils.main(["plot", str(tmp_path)])
+
+
+def test_plot_keeps_the_latest_row_of_a_step_logged_twice(tmp_path):
+    log = utils.JsonlLogger(tmp_path / "log.jsonl")
+    for step, loss in [(1, 3.0), (2, 2.9), (2, 2.5), (3, 2.4)]:       # step 2 redone after a resume
+        log.log(event="train", step=step, train_loss=loss, lr=1e-3, grad_norm=1.0)
+    log.log(event="eval", step=3, train_loss=2.4, val_loss=2.6)
+    rows = read_jsonl(tmp_path / "log.jsonl")
+    assert [r["train_loss"] for r in utils._by_step(rows, "train")] == [3.0, 2.5, 2.4]
+    assert utils.plot_run(tmp_path).stat().st_size > 10_000
+
+
+def test_utils_plot_runs_as_a_script(trained_run, tmp_path):
+    proc = run_script("utils.py", "plot", trained_run.out_dir, "-o", tmp_path / "p.png")
+    assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "p.png"), proc.stderr
+    assert run_script("utils.py").stderr.strip() == "error: no command given; valid: plot, quantize, merge-lora"
+
+
+def test_tensorboard_scalars_mirror_the_log(run_config, monkeypatch):
+    scalars = []
+
+    class FakeWriter:                       # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    train_mod.train(run_config("--training.tensorboard=true", "--training.max_iters=10",
+                               "--training.eval_interval=5"))
+    assert ("train/train_loss", 5) in scalars and ("eval/val_loss", 10) in scalars
+    assert ("final/final_val_loss", 10) in scalars and ("train/mfu", 10) in scalars
+    assert scalars[-1] == "closed"
+
+
+def test_without_the_tensorboard_package_the_run_warns_and_goes_on(run_config, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)      # import fails
+    summary = train_mod.train(run_config("--training.tensorboard=true", "--training.max_iters=5",
+                                         "--training.eval_interval=5"))
+    assert summary["step"] == 5
+    assert "warning: TensorBoard logging is off" in capsys.readouterr().err
+
+
+def test_measuring_the_peak_leaves_the_global_random_state_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    utils.measure_matmul_peak(n=32, seconds=0.01)
+    assert torch.equal(torch.rand(3), expected)          # a seeded run is the same with or without MFU
