@@ -39,6 +39,8 @@ class SampleConfig:
     checkpoint: Optional[str] = None   # None: <training.out_dir>/best.pt
     lora: Optional[str] = None         # a LoRA adapter checkpoint to apply to the model
     prompt: str = "\n"
+    prompt_file: Optional[str] = None  # one prompt per line, generated together in batches
+    batch_size: Optional[int] = None   # prompt_file: prompts per batched decode; None = all at once
     max_new_tokens: int = 300
     temperature: float = 0.8           # 0 = greedy
     top_k: Optional[int] = 50          # keep the k most likely tokens; None or 0 = off
@@ -69,6 +71,8 @@ class SampleConfig:
         if self.beam_size < 1 or not 1 <= self.num_return_sequences <= self.beam_size:
             raise ValueError(f"need beam_size >= 1 and 1 <= num_return_sequences <= beam_size "
                              f"(got {self.beam_size}, {self.num_return_sequences})")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1 (or null: all prompts at once)")
         if self.eos not in EOS_MODES:
             raise ValueError(f"eos={self.eos!r}; {closest(self.eos, EOS_MODES)}")
 
@@ -157,26 +161,48 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int
 # -----------------------------------------------------------------------------
 
 
-def _prefill(model, seq: torch.Tensor):
-    """Run the last block_size tokens of seq (B, T) into a fresh cache: (last logits, next position)."""
+def _prefill(model, seq: torch.Tensor, pad: Optional[torch.Tensor] = None):
+    """Run the last block_size tokens of seq (B, T) into a fresh cache: (last logits, next position).
+    pad: left-padding lengths of seq's rows (see left_pad); cropping the window shortens them."""
     window = seq[:, -model.config.block_size:]
-    return model(window, start_pos=0)[:, -1], window.shape[1]
+    if pad is not None:
+        pad = (pad - (seq.shape[1] - window.shape[1])).clamp(min=0)
+    return model(window, start_pos=0, pad=pad)[:, -1], window.shape[1]
 
 
-def _next_logits(model, seq: torch.Tensor, pos: int):
+def _next_logits(model, seq: torch.Tensor, pos: int, pad: Optional[torch.Tensor] = None):
     """Logits after seq's last token (already appended), and the next position: one cached step
     while the window has room, else the window slides and its last block_size tokens are re-encoded."""
     if pos < model.config.block_size:
-        return model(seq[:, -1:], start_pos=pos)[:, -1], pos + 1
-    return _prefill(model, seq)
+        return model(seq[:, -1:], start_pos=pos, pad=pad)[:, -1], pos + 1
+    return _prefill(model, seq, pad)
+
+
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists of different lengths -> (B, T) ids aligned on the right and (B,) pad lengths.
+
+    A row is padded with copies of its own first token: attention never sees them (see
+    Transformer.forward's pad), and a repetition penalty over the row finds no token that
+    is not in its prompt.
+        >>> left_pad([[5, 6, 7], [8]])
+        (tensor([[5, 6, 7],
+                [8, 8, 8]]), tensor([0, 2]))
+    """
+    if not prompts or not all(prompts):
+        raise ValueError("left_pad needs one or more non-empty token lists")
+    width = max(map(len, prompts))
+    rows = [[ids[0]] * (width - len(ids)) + list(ids) for ids in prompts]
+    return torch.tensor(rows), torch.tensor([width - len(ids) for ids in prompts])
 
 
 @torch.no_grad()
 def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: Optional[int] = None, top_p: Optional[float] = None,
                     min_p: Optional[float] = None, repetition_penalty: float = 1.0,
-                    generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
-    """Yield max_new_tokens next-token tensors (B, 1) continuing idx (B, T).
+                    generator: Optional[torch.Generator] = None,
+                    pad: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+    """Yield max_new_tokens next-token tensors (B, 1) continuing idx (B, T); pad: the rows'
+    left-padding lengths when they are prompts of different lengths (see left_pad).
 
     Example:
         >>> for tok in generate_tokens(model, torch.tensor([[1, 2]]), 5, temperature=0):
@@ -184,8 +210,10 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty)
+    if pad is not None:
+        pad = pad.to(idx.device)
     model.setup_cache(idx.shape[0])
-    logits, pos = _prefill(model, idx)                   # the prompt in one forward
+    logits, pos = _prefill(model, idx, pad)              # the prompt in one forward
     try:
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -194,7 +222,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
             if i == max_new_tokens - 1:
                 break
             idx = torch.cat([idx, nxt], dim=1)
-            logits, pos = _next_logits(model, idx, pos)
+            logits, pos = _next_logits(model, idx, pos, pad)
     finally:
         model.clear_cache()
 
@@ -391,6 +419,65 @@ def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, *, generator
         out.write(rest)
     return prompt + stream.text()
 
+
+def generate_batch(model, tokenizer, prompts: list[str], cfg: SampleConfig, *, generator=None) -> list[str]:
+    """Prompt + continuation for each prompt, decoded together as one left-padded batch.
+    Greedy (temperature 0), each result is what generate_text gives for that prompt alone;
+    a row that reaches a stop string or the end-of-text token is finished (the batch goes
+    on until every row is)."""
+    idx, pad = left_pad([encode_prompt(tokenizer, p) for p in prompts])
+    device = next(model.parameters()).device
+    streams, eos_id = [TextStream(tokenizer, cfg.stop) for _ in prompts], cfg.eos_id(tokenizer)
+    finished = [False] * len(prompts)
+    for tok in generate_tokens(model, idx.to(device), cfg.max_new_tokens, temperature=cfg.temperature,
+                               top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+                               repetition_penalty=cfg.repetition_penalty, generator=generator, pad=pad):
+        for row, token in enumerate(tok[:, 0].tolist()):
+            if finished[row]:
+                continue
+            if token == eos_id:
+                finished[row] = True
+            else:
+                streams[row].push(token)
+                finished[row] = streams[row].done
+        if all(finished):
+            break
+    return [prompt + stream.text() for prompt, stream in zip(prompts, streams)]
+
+
+def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of a UTF-8 file, one prompt each."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt_file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise ValueError(f"prompt_file {path} has no prompts (one per line)")
+    return prompts
+
+
+def prompt_file_main(model, tokenizer, cfg: SampleConfig, generator):
+    """generate.py --prompt_file: every prompt (num_samples times) in batched decodes, printed
+    in file order."""
+    unsupported = [name for name, on in (("stream", cfg.stream), ("interactive", cfg.interactive),
+                                         ("beam_size > 1", cfg.beam_size > 1),
+                                         ("draft_checkpoint", cfg.draft_checkpoint)) if on]
+    if unsupported:
+        raise ValueError(f"prompt_file decodes a batch; it does not combine with {', '.join(unsupported)}")
+    prompts = read_prompts(cfg.prompt_file)
+    for line, prompt in enumerate(prompts, 1):     # name the line that cannot be encoded
+        try:
+            encode_prompt(tokenizer, prompt)
+        except ValueError as e:
+            raise ValueError(f"{cfg.prompt_file}, prompt {line}: {e}") from None
+    rows = [p for p in prompts for _ in range(cfg.num_samples)]
+    size = cfg.batch_size or len(rows)
+    for start in range(0, len(rows), size):
+        for i, text in enumerate(generate_batch(model, tokenizer, rows[start:start + size], cfg,
+                                                generator=generator), start):
+            print(("\n" + "-" * 40 + "\n" if i else "") + text)
+
 # -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
@@ -417,6 +504,8 @@ def main(argv=None):
             generator.manual_seed(scfg.seed)
         else:
             generator.seed()
+        if scfg.prompt_file:
+            return prompt_file_main(model, tokenizer, scfg, generator)
         if scfg.interactive:
             return interactive(model, tokenizer, scfg, generator)
         if scfg.draft_checkpoint:

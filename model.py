@@ -200,7 +200,8 @@ def rope_tables(rotary_dim: int, length: int, theta: float) -> tuple[torch.Tenso
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of each head of x (..., hd); the rest pass through.
-    cos and sin broadcast against x[..., :rotary_dim]: (T, 1, rd) for x of shape (B, T, H, hd)."""
+    cos and sin broadcast against x[..., :rotary_dim]: (T, 1, rd) or, with a position per
+    row, (B, T, 1, rd) for x of shape (B, T, H, hd)."""
     rd = cos.shape[-1]
     rot, rest = x[..., :rd], x[..., rd:]
     x1, x2 = rot.chunk(2, dim=-1)
@@ -267,7 +268,7 @@ class CausalSelfAttention(nn.Module):
         qk, v = qkv.split([H + nkv, nkv], dim=2)
         if rope is not None:                                 # q and k rotated in one pass
             cos, sin = rope
-            qk = apply_rope(qk, cos[:, None], sin[:, None])
+            qk = apply_rope(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))
         q, k = qk.split([H, nkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if start_pos is not None:
@@ -326,6 +327,21 @@ class Block(nn.Module):
 # =============================================================================
 # 8. Model
 # =============================================================================
+
+
+def positions_and_mask(start: int, T: int, pad: Optional[torch.Tensor], *, device):
+    """Positions of the T slots from start, (T,) or, with left padding pad (B,), (B, T); and the
+    attention mask for SDPA (True = attend), or None where is_causal (or nothing) will do."""
+    slots = torch.arange(start, start + T, device=device)                  # (T,)
+    if pad is None:
+        if start > 0 and T > 1:   # a chunk after cached positions: causal within, sees all before
+            return slots, torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+        return slots, None
+    keys = torch.arange(start + T, device=device)                          # (S,)
+    causal = keys <= slots[:, None]                                        # (T, S)
+    # a padding slot sees only itself: its output is never used, but an all-masked row would be NaN
+    visible = (keys >= pad[:, None, None]) | (keys == slots[:, None])      # (B, T, S)
+    return (slots - pad[:, None]).clamp(min=0), (causal & visible)[:, None]  # (B, T), (B, 1, T, S)
 
 
 class Transformer(nn.Module):
@@ -388,12 +404,16 @@ class Transformer(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, *, start_pos: Optional[int] = None,
-                use_cache: bool = False) -> torch.Tensor:
+                use_cache: bool = False, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
         start_pos: write idx's keys/values into the KV cache (see setup_cache)
             at positions start_pos.. and attend over every cached position.
         use_cache: incremental decoding with automatic bookkeeping (see class doc).
+        pad: (B,) left-padding lengths, for a batch of sequences of different lengths
+            aligned on the right: the first pad[b] slots of row b (in the cache too) are
+            hidden from attention, and its positions count from its first real token, so
+            each row computes what it would alone.
         """
         if use_cache:
             return self._forward_incremental(idx)
@@ -405,17 +425,15 @@ class Transformer(nn.Module):
                              f"{self.config.block_size} tokens")
         if start_pos is not None and self.blocks[0].attn.kv_cache is None:
             raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
+        pos, mask = positions_and_mask(start, T, pad, device=idx.device)
         x = self.tok_emb(idx)                                       # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(pos)
         x = self.drop(x)
         rope = None
         if self.config.pos_encoding == "rope":
             cos, sin = self._rope_tables(x.device, x.dtype)
-            rope = (cos[start:start + T], sin[start:start + T])
-        mask = None
-        if start > 0 and T > 1:  # a chunk after cached positions: causal within, sees all before
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+            rope = (cos[pos], sin[pos]) if pad is not None else (cos[start:start + T], sin[start:start + T])
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and start_pos is None
         for block in self.blocks:   # recompute: autograd keeps only the block's input and reruns it in backward
             x = (checkpoint(block, x, rope, None, mask, use_reentrant=False) if recompute

@@ -638,3 +638,89 @@ def test_eos_option_is_validated_and_interactive():
         generate.apply_command(SampleConfig(), "/eos never")
     cfg = load_config(None, ["--sample.eos=ignore"], sections=generate.SECTIONS, aliases=generate.ALIASES)
     assert cfg["sample"].eos == "ignore" and SampleConfig().eos == "stop"
+
+
+# --- batched generation: left padding (--prompt_file) ---------------------------------------------
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "learned", "none"])
+@pytest.mark.parametrize("n_kv_heads", [1, 4])
+def test_a_left_padded_row_computes_what_it_computes_alone(pos_encoding, n_kv_heads):
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=23, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, block_size=16,
+                        pos_encoding=pos_encoding, rotary_pct=0.5).eval().double()
+    prompts = [[3, 1, 4, 1, 5, 9, 2], [6], [5, 3, 5, 8]]
+    idx, pad = generate.left_pad(prompts)
+    assert idx.shape == (3, 7) and pad.tolist() == [0, 6, 3]
+    with torch.no_grad():
+        full = model(idx, pad=pad)                                        # no cache
+        model.setup_cache(3)                                              # cache: a chunk, then steps
+        cached = torch.cat([model(idx[:, :4], start_pos=0, pad=pad)]
+                           + [model(idx[:, t:t + 1], start_pos=t, pad=pad) for t in range(4, 7)], 1)
+        model.clear_cache()
+        for row, ids in enumerate(prompts):
+            alone = model(torch.tensor([ids]))[0]
+            for out in (full, cached):
+                assert torch.allclose(out[row, pad[row]:], alone, atol=1e-12, rtol=0), (row, out is cached)
+    assert torch.isfinite(full).all()                                     # padding slots too (never NaN)
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
+def test_batched_greedy_equals_one_by_one_greedy(pos_encoding):
+    # lengths 1..24 with block_size 16: short rows, a full window, a cropped prompt, and 30 new
+    # tokens so every row's window slides; a repetition penalty makes the context matter
+    model = _tiny(2, pos_encoding=pos_encoding)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 23, (n,), generator=g).tolist() for n in (1, 5, 16, 24, 9)]
+    idx, pad = generate.left_pad(prompts)
+    kw = dict(temperature=0, repetition_penalty=1.3)
+    batched = torch.cat(list(generate_tokens(model, idx, 30, pad=pad, **kw)), 1)
+    for row, ids in enumerate(prompts):
+        alone = torch.cat(list(generate_tokens(model, torch.tensor([ids]), 30, **kw)), 1)
+        assert torch.equal(batched[row], alone[0]), row
+
+
+def test_left_pad_errors():
+    for bad in ([], [[1], []]):
+        with pytest.raises(ValueError, match="left_pad needs one or more non-empty token lists"):
+            generate.left_pad(bad)
+
+
+def test_generate_batch_ends_each_row_at_its_own_stop(trained_run):
+    model, tok = model_from_checkpoint(load_checkpoint(trained_run.out_dir / "best.pt"))
+    prompts = ["the ", "a quick brown ", "t", "over the lazy dog. the "]
+    plain = SampleConfig(max_new_tokens=40, temperature=0)
+    alone = [generate_text(model, tok, p, plain) for p in prompts]
+    assert generate.generate_batch(model, tok, prompts, plain) == alone
+    stop = alone[0][len(prompts[0]):][8:10]                  # the first row stops early; others may not
+    cfg = SampleConfig(max_new_tokens=40, temperature=0, stop=[stop])
+    expected = [generate_text(model, tok, p, cfg) for p in prompts]
+    assert expected[0] == alone[0][:len(prompts[0]) + alone[0][len(prompts[0]):].find(stop)]
+    assert generate.generate_batch(model, tok, prompts, cfg) == expected
+
+
+def test_prompt_file_on_the_command_line(trained_run, tmp_path, capsys):
+    ckpt = str(trained_run.out_dir / "best.pt")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the \n\na quick brown \nt\n", encoding="utf-8")       # the blank line is skipped
+    base = ["--config", str(REPO / "config.yaml"), "--checkpoint", ckpt, "--max_new_tokens", "12",
+            "--temperature", "0"]
+    generate.main([*base, "--prompt_file", str(prompts), "--batch_size", "2"])
+    printed = capsys.readouterr().out[:-1].split("\n\n" + "-" * 40 + "\n")      # as --num_samples prints
+    model, tok = model_from_checkpoint(load_checkpoint(ckpt))
+    cfg = SampleConfig(max_new_tokens=12, temperature=0)
+    assert printed == [generate_text(model, tok, p, cfg) for p in ("the ", "a quick brown ", "t")]
+
+    prompts.write_text("the \nno €uro here\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"prompts\.txt, prompt 2: the prompt cannot be encoded: .*'€'"):
+        generate.main([*base, "--prompt_file", str(prompts)])
+    prompts.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"prompts\.txt has no prompts \(one per line\)"):
+        generate.main([*base, "--prompt_file", str(prompts)])
+    prompts.write_bytes(b"caf\xe9\n")
+    with pytest.raises(SystemExit, match=r"prompts\.txt is not UTF-8 text"):
+        generate.main([*base, "--prompt_file", str(prompts)])
+    with pytest.raises(SystemExit, match=r"prompt_file decodes a batch; it does not combine with stream, "
+                                         r"beam_size > 1"):
+        generate.main([*base, "--prompt_file", str(prompts), "--stream", "--beam_size", "2"])
+    with pytest.raises(SystemExit, match=r"batch_size=0 must be >= 1"):
+        generate.main([*base, "--prompt_file", str(prompts), "--batch_size", "0"])
