@@ -6,6 +6,7 @@
     python bench.py train --configs tiny --precision bf16   # autocast step time
     python bench.py memory                         # peak memory with and without gradient checkpointing
     python bench.py decode                         # batch-1 decode vs roofline and HF generate
+    python bench.py decode --llama2c ~/llama2.c    # ... and llama2.c's run.c (built with make runomp)
     python bench.py quant                          # decode speed and memory: fp32, bf16, int8, int4
     python bench.py tokenize                       # encode tokens/s: char, byte, trained BPE, tiktoken
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -29,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -269,16 +272,17 @@ def measure_bandwidth(*, n_bytes: int = 1 << 28, seconds: float = 1.0) -> float:
 
 
 def bench_decode(args):
-    """Batch-1 greedy decode tokens/s: ours with the KV cache, ours without, and Hugging Face
-    LlamaForCausalLM.generate (when transformers is installed), against the roofline of
-    reading every weight once per token."""
+    """Batch-1 greedy decode tokens/s: ours eager and with --compile (generate.decode_step), ours
+    without the cache, Hugging Face LlamaForCausalLM.generate (when transformers is installed)
+    and llama2.c's run.c (with --llama2c), against the roofline of reading every weight once
+    per token."""
     from generate import generate_tokens
     torch.manual_seed(0)
     bandwidth = measure_bandwidth()
     print(f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"{args.tokens} new tokens after a {args.prompt_len}-token prompt, fp32, greedy\n")
-    print(f"{'model':6s} {'params':>8s} {'roofline tok/s':>14s} {'ours tok/s':>10s} {'% roofline':>10s} "
-          f"{'no-cache tok/s':>14s} {'cache speed-up':>14s} {'HF tok/s':>9s} {'ours/HF':>8s}")
+    print(f"{'model':6s} {'params':>8s} {'roofline':>8s} {'eager':>6s} {'compiled':>8s} {'% roofline':>10s} "
+          f"{'no-cache':>8s} {'cache speed-up':>14s} {'HF':>5s} {'best/HF':>7s} {'llama2.c':>8s}  (tokens/s)")
     for name in args.sizes.split(","):
         cfg = TransformerConfig(**DECODE_CONFIGS[name], tie_weights=True)   # as llama2.c's models
         model = Transformer(cfg).eval()
@@ -286,10 +290,14 @@ def bench_decode(args):
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied head reads all
         roofline = bandwidth / weight_bytes
 
-        def ours():
-            for _ in generate_tokens(model, prompt, args.tokens, temperature=0):
+        def ours(compile=False, tokens=args.tokens):
+            for _ in generate_tokens(model, prompt, tokens, temperature=0, compile=compile):
                 pass
-        ours_tps = args.tokens / min(_timed(ours) for _ in range(2))
+        eager_tps = args.tokens / min(_timed(ours) for _ in range(2))
+        compiled_tps = float("nan")
+        if args.compile:
+            ours(True, 8)                          # compiles (the measured calls reuse the step)
+            compiled_tps = args.tokens / min(_timed(lambda: ours(True)) for _ in range(2))
         nocache_tps = float("nan")
         if not args.skip_nocache:
             def nocache():
@@ -299,9 +307,44 @@ def bench_decode(args):
                         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
             nocache_tps = args.tokens / _timed(nocache)
         hf_tps = _hf_decode(cfg, model, prompt, args.tokens) if args.hf else float("nan")
-        print(f"{name:6s} {model.num_params() / 1e6:7.1f}M {roofline:14.0f} {ours_tps:10.0f} "
-              f"{ours_tps / roofline:10.0%} {nocache_tps:14.0f} {ours_tps / nocache_tps:13.1f}x "
-              f"{hf_tps:9.0f} {ours_tps / hf_tps:7.2f}x")
+        l2c_tps = _llama2c_decode(args.llama2c, model, args.tokens) if args.llama2c else float("nan")
+        best = max(eager_tps, compiled_tps if args.compile else 0)
+        print(f"{name:6s} {model.num_params() / 1e6:7.1f}M {roofline:8.0f} {eager_tps:6.0f} {compiled_tps:8.0f} "
+              f"{best / roofline:10.0%} {nocache_tps:8.0f} {eager_tps / nocache_tps:13.1f}x "
+              f"{hf_tps:5.0f} {best / hf_tps:6.2f}x {l2c_tps:8.0f}")
+
+
+def _llama2c_decode(directory: str, model: Transformer, tokens: int) -> float:
+    """tokens/s of llama2.c's run.c (built in directory, e.g. `make runomp`) on model's weights,
+    written in its file format. Its RoPE pairs dimensions differently from ours, so it computes
+    another function of the same weights, at the same cost, which is what is compared."""
+    import struct
+    import tempfile
+    cfg, d = model.config, Path(directory)
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    layers = range(cfg.n_layers)
+    parts = [sd["tok_emb.weight"]] + [sd[f"blocks.{i}.norm1.weight"] for i in layers]
+    for rows in (slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)):      # wq, wk, wv
+        parts += [sd[f"blocks.{i}.attn.wqkv.weight"][rows] for i in layers]
+    parts += [sd[f"blocks.{i}.attn.wo.weight"] for i in layers] + [sd[f"blocks.{i}.norm2.weight"] for i in layers]
+    for w in ("w1", "w2", "w3"):
+        parts += [sd[f"blocks.{i}.mlp.{w}.weight"] for i in layers]
+    parts += [sd["norm_f.weight"], np.zeros(cfg.block_size * cfg.head_dim, np.float32)]   # + unused RoPE tables
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.bin"
+        with open(path, "wb") as f:
+            f.write(struct.pack("7i", cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
+                                cfg.vocab_size, cfg.block_size))
+            for part in parts:
+                f.write(np.ascontiguousarray(part, dtype=np.float32).tobytes())
+        out = subprocess.run([str(d / "run"), str(path), "-z", str(d / "tokenizer.bin"), "-n", str(tokens),
+                              "-t", "0", "-i", "Once upon a time"], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    found = [line for line in out.stderr.splitlines() if line.startswith("achieved tok/s:")]
+    if out.returncode or not found:
+        sys.exit(f"llama2.c's run failed ({d / 'run'}):\n{out.stderr[-2000:]}")
+    return float(found[-1].split(":")[1])
 
 
 def _timed(fn) -> float:
@@ -453,6 +496,8 @@ def main(argv=None):
     d.add_argument("--prompt_len", type=int, default=16)
     d.add_argument("--no-hf", dest="hf", action="store_false", help="skip the Hugging Face comparison")
     d.add_argument("--skip-nocache", action="store_true", help="skip the (slow) no-cache measurement")
+    d.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled decode")
+    d.add_argument("--llama2c", metavar="DIR", help="a llama2.c checkout with run built (make runomp)")
     d.set_defaults(func=bench_decode)
     q = sub.add_parser("quant", help="decode tokens/s and memory for fp32, bf16, int8 and int4 weights")
     q.add_argument("--size", default="110M", choices=list(DECODE_CONFIGS))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -60,6 +61,8 @@ class SampleConfig:
     speculative_k: int = 4             # tokens the draft proposes per target forward
     eos: str = "stop"                  # stop | ignore: at the end-of-text token (BPE), end the output or go on
     device: str = "auto"
+    precision: str = "fp32"            # fp32 | bf16 | fp16: the weights' dtype while generating
+    compile: bool = False              # torch.compile the one-token decode step (see decode_step)
 
     def __post_init__(self):
         check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -73,6 +76,8 @@ class SampleConfig:
                              f"(got {self.beam_size}, {self.num_return_sequences})")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1 (or null: all prompts at once)")
+        if self.precision not in DTYPES:
+            raise ValueError(f"precision={self.precision!r}; {closest(self.precision, DTYPES)}")
         if self.eos not in EOS_MODES:
             raise ValueError(f"eos={self.eos!r}; {closest(self.eos, EOS_MODES)}")
 
@@ -82,6 +87,7 @@ class SampleConfig:
 
 
 EOS_MODES = ("stop", "ignore")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # -----------------------------------------------------------------------------
 # Sampling: small pure functions on logits (B, vocab)
@@ -167,15 +173,69 @@ def _prefill(model, seq: torch.Tensor, pad: Optional[torch.Tensor] = None):
     window = seq[:, -model.config.block_size:]
     if pad is not None:
         pad = (pad - (seq.shape[1] - window.shape[1])).clamp(min=0)
-    return model(window, start_pos=0, pad=pad)[:, -1], window.shape[1]
+    return model(window, start_pos=0, pad=pad)[:, -1].float(), window.shape[1]
 
 
-def _next_logits(model, seq: torch.Tensor, pos: int, pad: Optional[torch.Tensor] = None):
+def _next_logits(model, seq: torch.Tensor, pos: int, pad: Optional[torch.Tensor] = None,
+                 compile: bool = False):
     """Logits after seq's last token (already appended), and the next position: one cached step
-    while the window has room, else the window slides and its last block_size tokens are re-encoded."""
-    if pos < model.config.block_size:
-        return model(seq[:, -1:], start_pos=pos, pad=pad)[:, -1], pos + 1
-    return _prefill(model, seq, pad)
+    (compile: the compiled one, see decode_step) while the window has room, else the window
+    slides and its last block_size tokens are re-encoded."""
+    if pos >= model.config.block_size:
+        return _prefill(model, seq, pad)
+    if compile:
+        step = decode_step(model)
+        token = seq[:, -1:].clone(memory_format=torch.contiguous_format)   # strides as well as shapes fixed
+        return step(token, torch.tensor(pos, device=seq.device), pad).float(), pos + 1
+    return model(seq[:, -1:], start_pos=pos, pad=pad)[:, -1].float(), pos + 1
+
+
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # model -> its compiled decode step
+
+
+def decode_step(model):
+    """model's one-token forward, compiled once per model (torch.compile) and kept: the token
+    (B, 1) and its position, a 0-d tensor, are the inputs, and the KV cache is used at its full
+    size with unwritten slots masked (KVCache, static mode), so no shape changes from step to
+    step (a new batch size or cache length compiles once more). On CUDA it runs as a CUDA graph
+    (mode="reduce-overhead"); on a CPU, through _cpu_decode_backend. If compiling fails, a
+    warning is printed and decoding goes on eagerly."""
+    if model not in _STEPS:
+        def step(token, pos, pad):
+            return model(token, start_pos=pos, pad=pad)[:, -1]
+        cpu = model.tok_emb.weight.device.type == "cpu"
+        compiled = torch.compile(step, fullgraph=True, dynamic=False,
+                                 **({"backend": _cpu_decode_backend} if cpu else {"mode": "reduce-overhead"}))
+
+        def first_call(*args):   # the compiler runs here; where it cannot (no C++ toolchain), stay eager
+            try:
+                out = compiled(*args)
+                _STEPS[model] = compiled
+            except Exception as e:
+                reason = (str(e).strip().splitlines() or [""])[0][:300]
+                print(f"warning: torch.compile failed ({type(e).__name__}: {reason}); decoding without it",
+                      file=sys.stderr)
+                out = step(*args)
+                _STEPS[model] = step
+            return out
+        _STEPS[model] = first_call
+    return _STEPS[model]
+
+
+def _cpu_decode_backend(graph, example_inputs):
+    """Inductor, with every one-row matrix product (x (1, K) @ W (K, N)) written as a multiply and
+    a sum over K. torch's CPU matrix-vector product runs on one thread at about half the memory
+    bandwidth; inductor turns the multiply-sum into one vectorized loop over the rows of W, split
+    across the cores, which reads each weight once (bench.py decode measures the difference)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    def mm(a, b):
+        if a.shape[0] == 1:
+            return (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)     # (1, K, 1) * (1, K, N) -> (1, N)
+        return NotImplemented
+    return compile_fx(graph, example_inputs,
+                      decompositions={**select_decomp_table(), torch.ops.aten.mm.default: mm})
 
 
 def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,9 +260,10 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
                     top_k: Optional[int] = None, top_p: Optional[float] = None,
                     min_p: Optional[float] = None, repetition_penalty: float = 1.0,
                     generator: Optional[torch.Generator] = None,
-                    pad: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+                    pad: Optional[torch.Tensor] = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield max_new_tokens next-token tensors (B, 1) continuing idx (B, T); pad: the rows'
-    left-padding lengths when they are prompts of different lengths (see left_pad).
+    left-padding lengths when they are prompts of different lengths (see left_pad); compile:
+    run the one-token steps through decode_step(model) (the prompt runs eagerly).
 
     Example:
         >>> for tok in generate_tokens(model, torch.tensor([[1, 2]]), 5, temperature=0):
@@ -212,7 +273,10 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
                    repetition_penalty=repetition_penalty)
     if pad is not None:
         pad = pad.to(idx.device)
-    model.setup_cache(idx.shape[0])
+    # a compiled step attends over the whole cache: size it to this call (rounded up, so that
+    # calls of similar lengths share a compiled shape), or block_size if the window will slide
+    block = model.config.block_size
+    model.setup_cache(idx.shape[0], min(block, -(-(idx.shape[1] + max_new_tokens) // 256) * 256))
     logits, pos = _prefill(model, idx, pad)              # the prompt in one forward
     try:
         for i in range(max_new_tokens):
@@ -222,7 +286,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
             if i == max_new_tokens - 1:
                 break
             idx = torch.cat([idx, nxt], dim=1)
-            logits, pos = _next_logits(model, idx, pos, pad)
+            logits, pos = _next_logits(model, idx, pos, pad, compile)
     finally:
         model.clear_cache()
 
@@ -405,7 +469,7 @@ def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, *, generator
     for tok in generate_tokens(model, torch.tensor([ids], device=device), cfg.max_new_tokens,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
-                               generator=generator):
+                               generator=generator, compile=cfg.compile):
         if tok.item() == eos_id:                      # the model ended the text
             break
         piece = stream.push(tok.item())
@@ -431,7 +495,8 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: SampleConfig, *, g
     finished = [False] * len(prompts)
     for tok in generate_tokens(model, idx.to(device), cfg.max_new_tokens, temperature=cfg.temperature,
                                top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
-                               repetition_penalty=cfg.repetition_penalty, generator=generator, pad=pad):
+                               repetition_penalty=cfg.repetition_penalty, generator=generator, pad=pad,
+                               compile=cfg.compile):
         for row, token in enumerate(tok[:, 0].tolist()):
             if finished[row]:
                 continue
@@ -443,6 +508,14 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: SampleConfig, *, g
         if all(finished):
             break
     return [prompt + stream.text() for prompt, stream in zip(prompts, streams)]
+
+
+def set_precision(model, precision: str, device: str):
+    """The model with its floating-point weights in the precision's dtype (bf16 halves the
+    bytes a decode step reads); fp16 needs a GPU (CPUs emulate it slowly)."""
+    if precision == "fp16" and device.split(":")[0] == "cpu":
+        raise ValueError("precision=fp16 needs a GPU; on a CPU use bf16 (or fp32)")
+    return model if precision == "fp32" else model.to(DTYPES[precision])
 
 
 def read_prompts(path: str) -> list[str]:
@@ -499,6 +572,7 @@ def main(argv=None):
         path = scfg.checkpoint or str(Path(cfg["training"].out_dir) / "best.pt")
         device = pick_device(scfg.device)
         model, tokenizer = load_model(path, lora=scfg.lora, quantize=cfg["quantize"], device=device)
+        model = set_precision(model, scfg.precision, device)
         generator = torch.Generator(device=device)
         if scfg.seed is not None:
             generator.manual_seed(scfg.seed)
@@ -547,6 +621,7 @@ def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
     """generate.py --draft_checkpoint: print each sample, then the acceptance rate and the
     speed-up over decoding with the target alone (measured on the same prompt and length)."""
     draft, draft_tok = load_model(cfg.draft_checkpoint, device=device)
+    draft = set_precision(draft, cfg.precision, device)
     if draft_tok.state() != tokenizer.state():
         raise ValueError(f"the draft checkpoint '{cfg.draft_checkpoint}' has another tokenizer than the target")
     ids = encode_prompt(tokenizer, cfg.prompt)

@@ -219,7 +219,9 @@ class KVCache(nn.Module):
 
     `update(start, k, v)` writes the new positions and returns the keys and
     values of every position so far, so a step attends over the whole past
-    without recomputing it.
+    without recomputing it. With start a 0-d tensor it returns every slot
+    (the caller masks those not written yet), so shapes never change: what
+    a compiled decode step needs.
     """
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
@@ -229,7 +231,12 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, start, k: torch.Tensor, v: torch.Tensor):
+        if isinstance(start, torch.Tensor):   # static shapes (compiled decoding): write, return all slots
+            slots = start + torch.arange(k.shape[2], device=k.device)
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
+            return self.k, self.v
         end = start + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; "
@@ -329,15 +336,20 @@ class Block(nn.Module):
 # =============================================================================
 
 
-def positions_and_mask(start: int, T: int, pad: Optional[torch.Tensor], *, device):
+def positions_and_mask(start, T: int, pad: Optional[torch.Tensor], *, device, cache_len: int = 0):
     """Positions of the T slots from start, (T,) or, with left padding pad (B,), (B, T); and the
-    attention mask for SDPA (True = attend), or None where is_causal (or nothing) will do."""
-    slots = torch.arange(start, start + T, device=device)                  # (T,)
-    if pad is None:
+    attention mask for SDPA (True = attend), or None where is_causal (or nothing) will do.
+    start may be a 0-d tensor (a static KV cache: attention then spans all cache_len slots,
+    those not yet written masked out, so shapes never depend on the position)."""
+    static = isinstance(start, torch.Tensor)
+    slots = (start + torch.arange(T, device=device)) if static else torch.arange(start, start + T, device=device)
+    if pad is None and not static:
         if start > 0 and T > 1:   # a chunk after cached positions: causal within, sees all before
             return slots, torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
         return slots, None
-    keys = torch.arange(start + T, device=device)                          # (S,)
+    keys = torch.arange(cache_len if static else start + T, device=device)  # (S,)
+    if pad is None:
+        return slots, keys <= slots[:, None]                               # (T, S)
     causal = keys <= slots[:, None]                                        # (T, S)
     # a padding slot sees only itself: its output is never used, but an all-masked row would be NaN
     visible = (keys >= pad[:, None, None]) | (keys == slots[:, None])      # (B, T, S)
@@ -418,14 +430,15 @@ class Transformer(nn.Module):
         if use_cache:
             return self._forward_incremental(idx)
         B, T = idx.shape
-        start = start_pos or 0
-        if start + T > self.config.block_size:
+        start = 0 if start_pos is None else start_pos
+        if not isinstance(start, torch.Tensor) and start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} positions is longer than "
                              f"block_size={self.config.block_size}; crop the input to the last "
                              f"{self.config.block_size} tokens")
-        if start_pos is not None and self.blocks[0].attn.kv_cache is None:
+        cache = self.blocks[0].attn.kv_cache
+        if start_pos is not None and cache is None:
             raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
-        pos, mask = positions_and_mask(start, T, pad, device=idx.device)
+        pos, mask = positions_and_mask(start, T, pad, device=idx.device, cache_len=cache.k.shape[2] if cache else 0)
         x = self.tok_emb(idx)                                       # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
@@ -433,7 +446,8 @@ class Transformer(nn.Module):
         rope = None
         if self.config.pos_encoding == "rope":
             cos, sin = self._rope_tables(x.device, x.dtype)
-            rope = (cos[pos], sin[pos]) if pad is not None else (cos[start:start + T], sin[start:start + T])
+            gather = pad is not None or isinstance(start, torch.Tensor)    # positions not a plain range
+            rope = (cos[pos], sin[pos]) if gather else (cos[start:start + T], sin[start:start + T])
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and start_pos is None
         for block in self.blocks:   # recompute: autograd keeps only the block's input and reruns it in backward
             x = (checkpoint(block, x, rope, None, mask, use_reentrant=False) if recompute

@@ -30,11 +30,38 @@ def test_train_prints_a_table():
 
 def test_decode_prints_a_row_per_size():
     out = subprocess.run([sys.executable, "bench.py", "decode", "--sizes", "15M", "--tokens", "4", "--no-hf",
-                          "--skip-nocache"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+                          "--skip-nocache", "--no-compile"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     row = next(l for l in out.stdout.splitlines() if l.startswith("15M"))
-    params, roofline, ours = row.split()[1:4]
-    assert params == "15.2M" and float(roofline) > 0 and float(ours) > 0
+    params, roofline, eager, compiled = row.split()[1:5]
+    assert params == "15.2M" and float(roofline) > 0 and float(eager) > 0 and compiled == "nan"
+
+
+# Stands in for llama2.c's run binary: checks the model file against the layout run.c's
+# memory_map_weights reads (shared classifier), and that the tokenizer path is passed.
+FAKE_RUN = """#!{python}
+import struct, sys
+path, args = sys.argv[1], sys.argv[2:]
+dim, hidden, layers, heads, kv_heads, vocab, seq = struct.unpack("7i", open(path, "rb").read(28))
+hs = dim // heads
+floats = (vocab * dim + layers * dim * 2 + layers * dim * (heads * hs + 2 * kv_heads * hs) + layers * heads * hs * dim
+          + layers * 3 * dim * hidden + dim + seq * hs)
+size = len(open(path, "rb").read())
+assert size == 28 + 4 * floats, (size, 28 + 4 * floats)
+assert args[0] == "-z" and args[1].endswith("tokenizer.bin") and args[args.index("-n") + 1] == "7", args
+print("achieved tok/s: 123.5", file=sys.stderr)
+"""
+
+
+def test_llama2c_column_writes_the_model_in_run_c_layout(tmp_path):
+    import bench
+    from model import Transformer
+    run = tmp_path / "run"
+    run.write_text(FAKE_RUN.format(python=sys.executable))
+    run.chmod(0o755)
+    model = Transformer(vocab_size=100, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, block_size=32,
+                        tie_weights=True)
+    assert bench._llama2c_decode(str(tmp_path), model, 7) == 123.5
 
 
 def test_tokenize_prints_a_row_per_tokenizer_and_skips_an_unavailable_encoding(tmp_path, capsys, monkeypatch):

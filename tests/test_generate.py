@@ -724,3 +724,87 @@ def test_prompt_file_on_the_command_line(trained_run, tmp_path, capsys):
         generate.main([*base, "--prompt_file", str(prompts), "--stream", "--beam_size", "2"])
     with pytest.raises(SystemExit, match=r"batch_size=0 must be >= 1"):
         generate.main([*base, "--prompt_file", str(prompts), "--batch_size", "0"])
+
+
+# --- static KV cache, compiled decoding, precision -------------------------------------------------
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
+def test_static_cache_steps_equal_the_no_cache_forward(pos_encoding):
+    """start_pos as a 0-d tensor: the cache is read whole with unwritten slots masked (what a
+    compiled step does); with and without left padding it equals the plain forward."""
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=23, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, block_size=16,
+                        pos_encoding=pos_encoding).eval().double()
+    idx, pad = generate.left_pad([[3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5]])
+    with torch.no_grad():
+        for p in (None, pad):
+            full = model(idx, pad=p)
+            model.setup_cache(2, 12)                      # longer than the sequence: slots stay unwritten
+            steps = [model(idx[:, :3], start_pos=torch.tensor(0), pad=p)]
+            steps += [model(idx[:, t:t + 1], start_pos=torch.tensor(t), pad=p) for t in range(3, 8)]
+            got = torch.cat(steps, 1)
+            assert model.blocks[0].attn.kv_cache.k.shape[2] == 12
+            keep = slice(None) if p is None else slice(5, None)          # row 1's real tokens
+            assert torch.allclose(got[0], full[0], atol=1e-12, rtol=0)
+            assert torch.allclose(got[1, keep], full[1, keep], atol=1e-12, rtol=0)
+
+
+def test_compiled_decoding_equals_eager_decoding(capsys):
+    """The real CPU path (inductor with one-row products as multiply-sum reductions): greedy
+    tokens equal eager ones for a single prompt, a left-padded batch and past block_size,
+    and later calls reuse the compiled step."""
+    import torch._dynamo
+    model = _tiny(2)
+    prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    eager = torch.cat(list(generate_tokens(model, prompt, 30, temperature=0)), 1)     # slides at 16
+    compiled = torch.cat(list(generate_tokens(model, prompt, 30, temperature=0, compile=True)), 1)
+    assert "torch.compile failed" not in capsys.readouterr().err          # it compiled here
+    assert torch.equal(compiled, eager)
+    again = torch.cat(list(generate_tokens(model, prompt, 8, temperature=0, compile=True)), 1)
+    assert torch.equal(again, eager[:, :8])
+    idx, pad = generate.left_pad([[1, 2, 3, 4], [5, 6]])
+    batch = [torch.cat(list(generate_tokens(model, idx, 10, temperature=0, pad=pad, compile=c)), 1)
+             for c in (False, True)]
+    assert torch.equal(batch[0], batch[1])
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, capsys):
+    model = _tiny(2)
+    calls = []
+
+    def compile_that_fails_when_called(fn, **kwargs):
+        def call(*args):
+            calls.append(kwargs)
+            raise RuntimeError("no C++ compiler here")
+        return call
+    monkeypatch.setattr(torch, "compile", compile_that_fails_when_called)
+    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
+    prompt = torch.tensor([[1, 2, 3]])
+    got = torch.cat(list(generate_tokens(model, prompt, 6, temperature=0, compile=True)), 1)
+    assert torch.equal(got, torch.cat(list(generate_tokens(model, prompt, 6, temperature=0)), 1))
+    assert len(calls) == 1 and calls[0]["backend"] is generate._cpu_decode_backend and calls[0]["fullgraph"]
+    err = capsys.readouterr().err
+    assert err.count("warning: torch.compile failed (RuntimeError: no C++ compiler here); decoding without it") == 1
+
+
+def test_precision_for_generation(trained_run, capsys):
+    ckpt = str(trained_run.out_dir / "best.pt")
+    base = ["--config", str(REPO / "config.yaml"), "--checkpoint", ckpt, "--max_new_tokens", "20",
+            "--temperature", "0", "--prompt", "the "]
+    generate.main(base)
+    fp32 = capsys.readouterr().out
+    generate.main([*base, "--precision", "bf16"])
+    bf16 = capsys.readouterr().out
+    assert bf16.startswith("the ") and len(bf16) == len(fp32)       # 20 characters, bf16 weights
+    model, tok = model_from_checkpoint(load_checkpoint(ckpt))
+    half = generate.set_precision(model, "bf16", "cpu")
+    assert half.tok_emb.weight.dtype == torch.bfloat16
+    prompt = torch.tensor([tok.encode("the ")])
+    first = next(generate_tokens(half, prompt, 1, temperature=0))        # sampled from float logits
+    with torch.no_grad():
+        assert first.item() == half(prompt)[0, -1].float().argmax().item()
+    with pytest.raises(SystemExit, match=r"precision=fp16 needs a GPU; on a CPU use bf16"):
+        generate.main([*base, "--precision", "fp16", "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"precision='bf61'; did you mean 'bf16'\?"):
+        generate.main([*base, "--precision", "bf61"])
