@@ -424,7 +424,6 @@ def bench_quant(args):
 
 def bench_quant_row(args):
     """Load one checkpoint, decode, print one JSON line (used by bench_quant)."""
-    import resource
     from generate import generate_tokens
     from utils import load_model
     model, _ = load_model(args.checkpoint)
@@ -441,18 +440,10 @@ def bench_quant_row(args):
         for _ in generate_tokens(model, prompt, args.tokens, temperature=0):
             pass
     tps = args.tokens / min(_timed(decode) for _ in range(2))
-    print(json.dumps({"tps": tps, "model_mb": model_mb, "peak_mb": _peak_rss_mb(), "logits": logits}))
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux: VmHWM, which belongs to the process's own
-    address space; ru_maxrss survives exec, so a child started from a big parent would report
-    the parent's peak."""
-    try:
-        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024                                   # kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1024)
+    # VmHWM, of this process's own address space (ru_maxrss survives exec: it would report the
+    # peak of the parent that started this row)
+    peak_mb = _memory_peak("cpu") / 2 ** 20
+    print(json.dumps({"tps": tps, "model_mb": model_mb, "peak_mb": peak_mb, "logits": logits}))
 
 
 def bench_tokenize(args):
