@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from model import closest
 from train import SECTIONS as TRAIN_SECTIONS
 from utils import (CheckpointError, coerce, config_file, field_types, load_config,
-                   load_model, pick_device)
+                   load_model, pick_device, warn_compile_failed)
 
 
 @dataclass
@@ -212,9 +212,7 @@ def decode_step(model):
                 out = compiled(*args)
                 _STEPS[model] = compiled
             except Exception as e:
-                reason = (str(e).strip().splitlines() or [""])[0][:300]
-                print(f"warning: torch.compile failed ({type(e).__name__}: {reason}); decoding without it",
-                      file=sys.stderr)
+                warn_compile_failed(e, "decoding")
                 out = step(*args)
                 _STEPS[model] = step
             return out
@@ -489,10 +487,16 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: SampleConfig, *, g
     Greedy (temperature 0), each result is what generate_text gives for that prompt alone;
     a row that reaches a stop string or the end-of-text token is finished (the batch goes
     on until every row is)."""
-    idx, pad = left_pad([encode_prompt(tokenizer, p) for p in prompts])
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    return [p + text for p, text in zip(prompts, _continue_batch(model, tokenizer, ids, cfg, generator))]
+
+
+def _continue_batch(model, tokenizer, ids: list[list[int]], cfg: SampleConfig, generator) -> list[str]:
+    """The continuations (text) of encoded prompts, decoded as one left-padded batch."""
+    idx, pad = left_pad(ids)
     device = next(model.parameters()).device
-    streams, eos_id = [TextStream(tokenizer, cfg.stop) for _ in prompts], cfg.eos_id(tokenizer)
-    finished = [False] * len(prompts)
+    streams, eos_id = [TextStream(tokenizer, cfg.stop) for _ in ids], cfg.eos_id(tokenizer)
+    finished = [False] * len(ids)
     for tok in generate_tokens(model, idx.to(device), cfg.max_new_tokens, temperature=cfg.temperature,
                                top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
                                repetition_penalty=cfg.repetition_penalty, generator=generator, pad=pad,
@@ -507,7 +511,7 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: SampleConfig, *, g
                 finished[row] = streams[row].done
         if all(finished):
             break
-    return [prompt + stream.text() for prompt, stream in zip(prompts, streams)]
+    return [stream.text() for stream in streams]
 
 
 def set_precision(model, precision: str, device: str):
@@ -538,18 +542,19 @@ def prompt_file_main(model, tokenizer, cfg: SampleConfig, generator):
                                          ("draft_checkpoint", cfg.draft_checkpoint)) if on]
     if unsupported:
         raise ValueError(f"prompt_file decodes a batch; it does not combine with {', '.join(unsupported)}")
-    prompts = read_prompts(cfg.prompt_file)
-    for line, prompt in enumerate(prompts, 1):     # name the line that cannot be encoded
+    prompts, encoded = read_prompts(cfg.prompt_file), []
+    for n, prompt in enumerate(prompts, 1):        # all of them before any output; name the bad one
         try:
-            encode_prompt(tokenizer, prompt)
+            encoded.append(encode_prompt(tokenizer, prompt))
         except ValueError as e:
-            raise ValueError(f"{cfg.prompt_file}, prompt {line}: {e}") from None
-    rows = [p for p in prompts for _ in range(cfg.num_samples)]
+            raise ValueError(f"{cfg.prompt_file}, prompt {n}: {e}") from None
+    rows = [(p, ids) for p, ids in zip(prompts, encoded) for _ in range(cfg.num_samples)]
     size = cfg.batch_size or len(rows)
     for start in range(0, len(rows), size):
-        for i, text in enumerate(generate_batch(model, tokenizer, rows[start:start + size], cfg,
-                                                generator=generator), start):
-            print(("\n" + "-" * 40 + "\n" if i else "") + text)
+        chunk = rows[start:start + size]
+        texts = _continue_batch(model, tokenizer, [ids for _, ids in chunk], cfg, generator)
+        for i, ((prompt, _), text) in enumerate(zip(chunk, texts), start):
+            print(("\n" + "-" * 40 + "\n" if i else "") + prompt + text)
 
 # -----------------------------------------------------------------------------
 # Command line

@@ -438,7 +438,7 @@ class Transformer(nn.Module):
         cache = self.blocks[0].attn.kv_cache
         if start_pos is not None and cache is None:
             raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
-        pos, mask = positions_and_mask(start, T, pad, device=idx.device, cache_len=cache.k.shape[2] if cache else 0)
+        pos, mask = positions_and_mask(start, T, pad, device=idx.device, cache_len=0 if cache is None else cache.k.shape[2])
         x = self.tok_emb(idx)                                       # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)

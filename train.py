@@ -40,7 +40,7 @@ from model import (PRESETS as MODEL_PRESETS, Int4Linear, Int8Linear, LoRAConfig,
                    TransformerConfig, apply_lora, closest, load_lora_state_dict, lora_state_dict)
 from utils import (CheckpointError, JsonlLogger, base_reference, check_base, config_file, config_to_dict,
                    device_peak_flops, flops_per_token, load_checkpoint, load_config, model_from_checkpoint,
-                   pick_device, plot_run, save_checkpoint, tune_cpu_allocator)
+                   pick_device, plot_run, save_checkpoint, tune_cpu_allocator, warn_compile_failed)
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -434,9 +434,7 @@ def compile_model(wrapped: torch.nn.Module, trial) -> torch.nn.Module:
             trial(compiled)
         return compiled
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"warning: torch.compile failed ({type(e).__name__}: {reason}); training without it",
-              file=sys.stderr)
+        warn_compile_failed(e, "training")
         return wrapped
     finally:
         wrapped.zero_grad(set_to_none=True)
@@ -454,9 +452,12 @@ def shared_dataset(cfg: dict, tokenizer) -> TokenDataset:
                                 tokenizer=tokenizer, progress=tcfg.progress and rank == 0, log=log)
     if world == 1:
         return load()
-    data = load() if rank == 0 else None
+    if rank == 0:
+        data = load()
+        dist.barrier()
+        return data
     dist.barrier()
-    return data or load(log=lambda *args: None)
+    return load(log=lambda *args: None)      # reuses what rank 0 prepared
 
 
 def setup(cfg: dict, device: str, resume_from: Optional[dict]) -> tuple[Run, dict]:

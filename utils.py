@@ -354,6 +354,13 @@ def pick_device(name: str = "auto") -> str:
     return name
 
 
+def warn_compile_failed(error: Exception, doing: str) -> None:
+    """One stderr line when torch.compile fails at its first call (no C++ toolchain, an
+    unsupported operator): the error's first line, and that `doing` goes on uncompiled."""
+    reason = (str(error).strip().splitlines() or [""])[0][:300]
+    print(f"warning: torch.compile failed ({type(error).__name__}: {reason}); {doing} without it", file=sys.stderr)
+
+
 class JsonlLogger:
     """Appends one JSON object per event to a file (and keeps nothing in memory). With
     tensorboard_dir, the numbers of every event that has a step also go to TensorBoard as
