@@ -375,8 +375,8 @@ QUANT_ROWS = ("fp32", "bf16", "int8", "int4")
 
 
 def bench_quant(args):
-    """Batch-1 decode tokens/s and memory of one model stored as fp32, bf16, int8 and int4.
-    Each row loads a checkpoint (written here, as `utils.py quantize` writes them) in a fresh
+    """Batch-1 decode tokens/s (eager, and compiled as generate.py --compile) and memory of one
+    model stored as fp32, bf16, int8 and int4. Each row loads a checkpoint (written here, as `utils.py quantize` writes them) in a fresh
     process, so its peak memory is that of loading and decoding that file alone."""
     import tempfile
     from model import QuantConfig, quantize_model
@@ -389,7 +389,7 @@ def bench_quant(args):
           f"tied head), {torch.get_num_threads()} threads; {args.tokens} new tokens after a "
           f"{args.prompt_len}-token prompt, greedy; int4 group size {args.group_size}\n")
     print(f"{'weights':8s} {'file MB':>8s} {'in memory MB':>12s} {'peak RSS MB':>11s} {'tokens/s':>9s} "
-          f"{'vs fp32':>8s} {'logits rel. err':>15s}")
+          f"{'vs fp32':>8s} {'compiled':>9s} {'vs fp32':>8s} {'logits rel. err':>15s}")
     torch.manual_seed(0)
     base = Transformer(cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -407,18 +407,19 @@ def bench_quant(args):
             save_checkpoint(path, payload)
             del model
             cmd = [sys.executable, __file__, "quant-row", str(path), "--tokens", str(args.tokens),
-                   "--prompt_len", str(args.prompt_len)] + (["--bf16"] if mode == "bf16" else [])
+                   "--prompt_len", str(args.prompt_len)] + (["--bf16"] if mode == "bf16" else []) + \
+                  ([] if args.compile else ["--no-compile"])
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
             row = {"mode": mode, "file_mb": path.stat().st_size / 1e6, **json.loads(out.stdout.splitlines()[-1])}
             rows.append(row)
             ref = rows[0] if rows[0]["mode"] == "fp32" else None
-            speed = f"{row['tps'] / ref['tps']:7.2f}x" if ref else f"{'':8s}"
+            speed, speed_c = (f"{row[k] / ref[k]:7.2f}x" if ref else f"{'':8s}" for k in ("tps", "compiled_tps"))
             err = (torch.tensor(row["logits"]) - torch.tensor(ref["logits"])).norm() / torch.tensor(
                 ref["logits"]).norm() if ref else float("nan")
             print(f"{mode:8s} {row['file_mb']:8.1f} {row['model_mb']:12.1f} {row['peak_mb']:11.0f} "
-                  f"{row['tps']:9.1f} {speed} {err:15.2e}")
+                  f"{row['tps']:9.1f} {speed} {row['compiled_tps']:9.1f} {speed_c} {err:15.2e}")
     return rows
 
 
@@ -441,9 +442,17 @@ def bench_quant_row(args):
             pass
     tps = args.tokens / min(_timed(decode) for _ in range(2))
     # VmHWM, of this process's own address space (ru_maxrss survives exec: it would report the
-    # peak of the parent that started this row)
+    # peak of the parent that started this row); read before compiling, which has its own peak
     peak_mb = _memory_peak("cpu") / 2 ** 20
-    print(json.dumps({"tps": tps, "model_mb": model_mb, "peak_mb": peak_mb, "logits": logits}))
+    compiled_tps = float("nan")
+    if args.compile:                 # generate.py --compile: the first call compiles, then timed
+        def decode_compiled(tokens=args.tokens):
+            for _ in generate_tokens(model, prompt, tokens, temperature=0, compile=True):
+                pass
+        decode_compiled(8)
+        compiled_tps = args.tokens / min(_timed(decode_compiled) for _ in range(2))
+    print(json.dumps({"tps": tps, "compiled_tps": compiled_tps, "model_mb": model_mb, "peak_mb": peak_mb,
+                      "logits": logits}))
 
 
 def bench_tokenize(args):
@@ -506,12 +515,14 @@ def main(argv=None):
     q.add_argument("--tokens", type=int, default=64, help="new tokens per measurement")
     q.add_argument("--prompt_len", type=int, default=16)
     q.add_argument("--group_size", type=int, default=None, help="int4 group (default: largest that fits)")
+    q.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled decode")
     q.set_defaults(func=bench_quant)
     qr = sub.add_parser("quant-row", help=argparse.SUPPRESS)   # one row of `quant`, in its own process
     qr.add_argument("checkpoint")
     qr.add_argument("--tokens", type=int, default=64)
     qr.add_argument("--prompt_len", type=int, default=16)
     qr.add_argument("--bf16", action="store_true")
+    qr.add_argument("--no-compile", dest="compile", action="store_false")
     qr.set_defaults(func=bench_quant_row)
     t = sub.add_parser("tokenize", help="encode tokens/s of char, byte, a learned BPE and tiktoken encodings")
     t.add_argument("--text", help="a UTF-8 text file (default: the built-in corpus)")

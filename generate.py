@@ -184,9 +184,9 @@ def _next_logits(model, seq: torch.Tensor, pos: int, pad: Optional[torch.Tensor]
     if pos >= model.config.block_size:
         return _prefill(model, seq, pad)
     if compile:
-        step = decode_step(model)
+        model.set_cache_span(-(-(pos + 1) // 64) * 64)   # read the cache up to pos, rounded up to 64
         token = seq[:, -1:].clone(memory_format=torch.contiguous_format)   # strides as well as shapes fixed
-        return step(token, torch.tensor(pos, device=seq.device), pad).float(), pos + 1
+        return decode_step(model)(token, torch.tensor(pos, device=seq.device), pad).float(), pos + 1
     return model(seq[:, -1:], start_pos=pos, pad=pad)[:, -1].float(), pos + 1
 
 
@@ -195,14 +195,17 @@ _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # model -> it
 
 def decode_step(model):
     """model's one-token forward, compiled once per model (torch.compile) and kept: the token
-    (B, 1) and its position, a 0-d tensor, are the inputs, and the KV cache is used at its full
-    size with unwritten slots masked (KVCache, static mode), so no shape changes from step to
-    step (a new batch size or cache length compiles once more). On CUDA it runs as a CUDA graph
+    (B, 1) and its position, a 0-d tensor, are the inputs, and each layer attends over a span
+    of cache slots with those not written yet masked (KVCache, static mode). The span grows
+    with the position (see _next_logits) as a dynamic size, so one graph serves every step
+    (a new batch size or cache length compiles once more). On CUDA it runs as a CUDA graph
     (mode="reduce-overhead"); on a CPU, through _cpu_decode_backend. If compiling fails, a
     warning is printed and decoding goes on eagerly."""
     if model not in _STEPS:
         def step(token, pos, pad):
             return model(token, start_pos=pos, pad=pad)[:, -1]
+        # a code object of its own: dynamo counts recompiles (at most 8) per code object
+        step.__code__ = step.__code__.replace()
         cpu = model.tok_emb.weight.device.type == "cpu"
         compiled = torch.compile(step, fullgraph=True, dynamic=False,
                                  **({"backend": _cpu_decode_backend} if cpu else {"mode": "reduce-overhead"}))
@@ -221,19 +224,42 @@ def decode_step(model):
 
 
 def _cpu_decode_backend(graph, example_inputs):
-    """Inductor, with every one-row matrix product (x (1, K) @ W (K, N)) written as a multiply and
-    a sum over K. torch's CPU matrix-vector product runs on one thread at about half the memory
-    bandwidth; inductor turns the multiply-sum into one vectorized loop over the rows of W, split
-    across the cores, which reads each weight once (bench.py decode measures the difference)."""
+    """Inductor, with the one-token step's matrix products and attention written as plain
+    multiplies, sums and a softmax (decompositions), which inductor fuses into a few loops
+    split across the cores. bench.py decode measures the difference."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
+    aten = torch.ops.aten
+    return compile_fx(graph, example_inputs, decompositions={
+        **select_decomp_table(), aten.mm.default: _one_row_mm,
+        aten._scaled_dot_product_flash_attention_for_cpu.default: _one_query_attention})
 
-    def mm(a, b):
-        if a.shape[0] == 1:
-            return (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)     # (1, K, 1) * (1, K, N) -> (1, N)
+
+def _one_row_mm(a, b):
+    """a (1, K) @ b (K, N) as a multiply and a sum over K (other shapes: NotImplemented, which
+    keeps the default). torch's CPU matrix-vector product runs on one thread at about half the
+    memory bandwidth; inductor makes this one loop over b's columns that reads each weight once."""
+    if a.shape[0] != 1:
         return NotImplemented
-    return compile_fx(graph, example_inputs,
-                      decompositions={**select_decomp_table(), torch.ops.aten.mm.default: mm})
+    return (a.unsqueeze(2) * b.unsqueeze(0)).sum(1)                 # (1, K, 1) * (1, K, N) -> (1, N)
+
+
+def _one_query_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """torch's CPU flash attention (output, logsumexp) for one query position, as arithmetic
+    inductor fuses: the kernel is tuned for long queries and costs more than the work at one.
+    q (B, H, 1, hd); k, v (B, Hkv, S, hd), Hkv dividing H (GQA); attn_mask bool or additive."""
+    B, H, T, hd = q.shape
+    if T != 1 or is_causal or dropout_p:
+        return NotImplemented
+    Hkv, S = k.shape[1], k.shape[2]
+    g = H // Hkv                                                    # query heads per kv head
+    scores = (q.view(B, Hkv, g, 1, hd) * k.unsqueeze(2)).sum(-1) * (scale or hd ** -0.5)  # (B, Hkv, g, S)
+    if attn_mask is not None:
+        mask = attn_mask.expand(B, H, 1, S).reshape(B, Hkv, g, S)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    scores = scores.float()
+    y = (torch.softmax(scores, dim=-1).to(v.dtype).unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # (B, Hkv, g, hd)
+    return y.reshape(B, H, 1, hd), torch.logsumexp(scores, dim=-1).reshape(B, H, 1)
 
 
 def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
@@ -219,27 +220,39 @@ class KVCache(nn.Module):
 
     `update(start, k, v)` writes the new positions and returns the keys and
     values of every position so far, so a step attends over the whole past
-    without recomputing it. With start a 0-d tensor it returns every slot
-    (the caller masks those not written yet), so shapes never change: what
-    a compiled decode step needs.
+    without recomputing it. With start a 0-d tensor (static mode, what a
+    compiled decode step needs) it returns the first `span` slots whatever
+    the position, the caller masking those not written yet: shapes do not
+    change from step to step. `narrow(n)` sets the span (all slots at first),
+    so that a step reads only the slots it could need.
     """
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
                  *, dtype=torch.float32, device=None):
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        # one slot more than max_len, never written: no span is then the whole buffer, so all
+        # spans share their strides (a contiguous one would need a compiled graph of its own)
+        shape = (batch_size, n_kv_heads, max_len + 1, head_dim)
+        self.max_len = max_len
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.narrow(max_len)
+
+    def narrow(self, n: int):
+        """Static mode reads and returns slots 0..n-1 from now on (views: writes reach the cache)."""
+        if not 0 < n <= self.max_len:
+            raise ValueError(f"span {n} must be in 1..{self.max_len} (the cache's length)")
+        self.k_span, self.v_span = self.k[:, :, :n], self.v[:, :, :n]
 
     def update(self, start, k: torch.Tensor, v: torch.Tensor):
-        if isinstance(start, torch.Tensor):   # static shapes (compiled decoding): write, return all slots
+        if isinstance(start, torch.Tensor):   # static shapes: write, return the span's slots
             slots = start + torch.arange(k.shape[2], device=k.device)
-            self.k.index_copy_(2, slots, k)
-            self.v.index_copy_(2, slots, v)
-            return self.k, self.v
+            self.k_span.index_copy_(2, slots, k)
+            self.v_span.index_copy_(2, slots, v)
+            return self.k_span, self.v_span
         end = start + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; "
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; "
                              f"writing positions {start}..{end - 1} would overflow it")
         if k.shape[0] != self.k.shape[0]:
             raise ValueError(f"KV cache was set up for batch {self.k.shape[0]}, got batch {k.shape[0]}")
@@ -250,6 +263,7 @@ class KVCache(nn.Module):
     def select(self, rows: torch.Tensor):
         """Keep (and repeat) batch rows in this order, e.g. the surviving beams."""
         self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
+        self.narrow(self.max_len)
 
 # =============================================================================
 # 5. Attention
@@ -339,8 +353,8 @@ class Block(nn.Module):
 def positions_and_mask(start, T: int, pad: Optional[torch.Tensor], *, device, cache_len: int = 0):
     """Positions of the T slots from start, (T,) or, with left padding pad (B,), (B, T); and the
     attention mask for SDPA (True = attend), or None where is_causal (or nothing) will do.
-    start may be a 0-d tensor (a static KV cache: attention then spans all cache_len slots,
-    those not yet written masked out, so shapes never depend on the position)."""
+    start may be a 0-d tensor (a static KV cache: attention then spans the cache_len slots it
+    returns, those not yet written masked out, so shapes never depend on the position)."""
     static = isinstance(start, torch.Tensor)
     slots = (start + torch.arange(T, device=device)) if static else torch.arange(start, start + T, device=device)
     if pad is None and not static:
@@ -438,7 +452,8 @@ class Transformer(nn.Module):
         cache = self.blocks[0].attn.kv_cache
         if start_pos is not None and cache is None:
             raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
-        pos, mask = positions_and_mask(start, T, pad, device=idx.device, cache_len=0 if cache is None else cache.k.shape[2])
+        span = 0 if cache is None else cache.k_span.shape[2]          # what a static-mode step reads
+        pos, mask = positions_and_mask(start, T, pad, device=idx.device, cache_len=span)
         x = self.tok_emb(idx)                                       # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
@@ -488,6 +503,20 @@ class Transformer(nn.Module):
             block.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
                                           dtype=dtype or ref.dtype, device=device or ref.device)
         self._seen = None
+
+    def set_cache_span(self, n: int):
+        """Static-mode steps (start_pos a 0-d tensor) read only cache slots 0..n-1 (all of them
+        if n is larger), n covering every position they write. n is marked as a dynamic size
+        for torch.compile, so one compiled step serves every span."""
+        import torch._dynamo
+        caches = [block.attn.kv_cache for block in self.blocks]
+        n = min(n, caches[0].max_len)
+        if caches[0].k_span.shape[2] == n:
+            return
+        for cache in caches:
+            cache.narrow(n)
+            torch._dynamo.maybe_mark_dynamic(cache.k_span, 2)
+            torch._dynamo.maybe_mark_dynamic(cache.v_span, 2)
 
     def select_cache_rows(self, rows: torch.Tensor):
         """Reorder every layer's KV cache along the batch: row i becomes old row rows[i]."""
@@ -738,6 +767,20 @@ def _int8_kernel_faster(dtype) -> bool:
     return _INT8_KERNEL_FASTER[dtype]
 
 
+def interleave4(t: torch.Tensor) -> torch.Tensor:
+    """Reorder the last dimension K so that position 4j + b holds element b*K/4 + j: read as
+    32-bit words, int8 codes in this order give word j the columns j, j+K/4, j+K/2, j+3K/4.
+        >>> interleave4(torch.arange(8)).tolist()
+        [0, 2, 4, 6, 1, 3, 5, 7]
+    """
+    return t.unflatten(-1, (4, -1)).transpose(-1, -2).flatten(-2)
+
+
+def deinterleave4(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of interleave4."""
+    return t.unflatten(-1, (-1, 4)).transpose(-1, -2).flatten(-2)
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 linear layer: y = (x @ q.T) * scale (+ bias).
 
@@ -746,6 +789,12 @@ class Int8Linear(nn.Module):
     (default) uses the kernel for decoding-sized inputs (<= 16 rows) where it measured
     faster than the fallback on this machine (_int8_kernel_faster). Large batches always
     take the fallback: the dequantization is amortized over the rows and BLAS wins.
+
+    `interleave()` (inference) keeps the weight's columns in memory in interleave4's order;
+    the state dict still holds the plain order. Under torch.compile a one-row product then
+    reads each 32-bit word of codes once and unpacks its four bytes with shifts, against
+    four contiguous quarters of x: a loop that runs at about the speed of reading the
+    bytes, where inductor's int8 loads are slow. The eager paths reorder x to match.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False, device=None):
@@ -755,6 +804,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.use_kernel: Optional[bool] = None
+        self.layout = "plain"              # or "interleaved" (see interleave)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -765,11 +815,35 @@ class Int8Linear(nn.Module):
             layer.bias = linear.bias.detach().float().clone()
         return layer
 
+    def interleave(self) -> bool:
+        """Store the weight's columns in interleave4's order; False (unchanged) where the
+        words cannot be unpacked that way (in_features not a multiple of 4, big-endian)."""
+        if self.layout == "plain" and self.in_features % 4 == 0 and sys.byteorder == "little":
+            self.weight, self.layout = interleave4(self.weight), "interleaved"
+        return self.layout == "interleaved"
+
+    def codes(self) -> torch.Tensor:
+        """The int8 weight (out_features, in_features) in the plain column order."""
+        return self.weight if self.layout == "plain" else deinterleave4(self.weight)
+
     def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.scales[:, None]                      # (N, K)
+        return self.codes().float() * self.scales[:, None]                     # (N, K)
+
+    def _one_row(self, x):
+        """x (..., K) with one row @ the interleaved codes, as shifts, multiplies and a sum."""
+        # through a float32 view: inductor loads float32 vectors directly, int32 ones via a copy
+        words = self.weight.view(torch.float32).view(torch.int32)              # (N, K/4)
+        xq = x.reshape(4, -1)                                                  # (4, K/4): x's quarters
+        y = sum(((words << 24 - 8 * b) >> 24).to(x.dtype) * xq[b] for b in range(4)).sum(-1)  # byte b, signed
+        return y.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x):
         scales = self.scales.to(x.dtype)
+        if self.layout == "interleaved":
+            if torch.compiler.is_compiling() and x.numel() == self.in_features:
+                y = self._one_row(x) * scales
+                return y if self.bias is None else y + self.bias.to(x.dtype)
+            x = interleave4(x)                                 # features in the weight's column order
         kernel = (x.device.type == "cpu" and _fused("_weight_int8pack_mm")
                   and not (torch.is_grad_enabled() and x.requires_grad) and self.use_kernel is not False)
         if kernel and self.use_kernel is None:
@@ -781,6 +855,20 @@ class Int8Linear(nn.Module):
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * scales
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "plain":
+            destination[prefix + "weight"] = self.codes()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # as Int4Linear: only a state dict holding this layer's weight replaces it
+        interleaved = self.layout != "plain" and prefix + "weight" in state_dict
+        if interleaved:
+            self.layout = "plain"
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if interleaved:
+            self.interleave()
 
 
 class Int4Linear(nn.Module):
@@ -898,9 +986,9 @@ class Int4Linear(nn.Module):
 def quantize_model(model: "Transformer", cfg: QuantConfig, *, kernels: bool = True) -> "Transformer":
     """Swap every nn.Linear (blocks and head) for an int8 or int4 one, in place.
 
-    kernels: repack int4 weights for the fused kernel (inference). Training a QLoRA
-    adapter passes False: the kernels have no backward, and dequantizing the portable
-    layout is cheap. A tied head gets its own quantized copy; the embedding stays float.
+    kernels: the inference layouts, int4 weights repacked for the fused kernel and int8
+    ones interleaved (see Int8Linear). Training a QLoRA adapter passes False: the kernels
+    have no backward, and dequantizing the portable layout is cheap. A tied head gets its own quantized copy; the embedding stays float.
 
         >>> model = Transformer(vocab_size=64, d_model=64, n_heads=4, n_layers=1)
         >>> type(quantize_model(model, QuantConfig("int8")).lm_head).__name__
@@ -913,7 +1001,10 @@ def quantize_model(model: "Transformer", cfg: QuantConfig, *, kernels: bool = Tr
         if type(module) is not nn.Linear:
             return None
         if cfg.mode == "int8":
-            return Int8Linear.from_linear(module)
+            layer = Int8Linear.from_linear(module)
+            if kernels:
+                layer.interleave()
+            return layer
         layer = Int4Linear.from_linear(module, group_size=cfg.group_size)
         if kernels:
             layer.to_kernel_layout()
@@ -925,10 +1016,13 @@ def quantize_model(model: "Transformer", cfg: QuantConfig, *, kernels: bool = Tr
 
 
 def use_kernels(model: nn.Module) -> nn.Module:
-    """Repack int4 layers for their device's fused kernel (after loading or moving)."""
+    """Repack int4 layers for their device's fused kernel and interleave int8 layers (after
+    loading or moving): inference layouts, see Int4Linear and Int8Linear."""
     for m in model.modules():
         if isinstance(m, Int4Linear):
             m.to_kernel_layout()
+        elif isinstance(m, Int8Linear):
+            m.interleave()
     return model
 
 

@@ -257,7 +257,8 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
     """(model in eval mode, tokenizer) from a loaded full or quantized checkpoint.
 
     quantize: quantize the weights after loading (ignored when already quantized).
-    kernels: let int4 layers use the fused inference kernel (False for QLoRA training).
+    kernels: the inference layouts of quantized layers, int4 packed for the fused kernel and
+        int8 interleaved (see model.Int8Linear); False for QLoRA training.
     config_overrides: model config changes that keep the weights' shapes (dropout).
     """
     if "lora" in ckpt:

@@ -15,7 +15,7 @@ import generate
 from data import EOT, BPETokenizer, ByteTokenizer, CharTokenizer
 from generate import (SampleConfig, TextStream, check_sampling, generate_text, generate_tokens,
                       sample_next, top_k_filter, top_p_filter)
-from model import Transformer
+from model import Int8Linear, KVCache, QuantConfig, Transformer, quantize_model
 from utils import load_checkpoint, load_config, model_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -743,7 +743,7 @@ def test_static_cache_steps_equal_the_no_cache_forward(pos_encoding):
             steps = [model(idx[:, :3], start_pos=torch.tensor(0), pad=p)]
             steps += [model(idx[:, t:t + 1], start_pos=torch.tensor(t), pad=p) for t in range(3, 8)]
             got = torch.cat(steps, 1)
-            assert model.blocks[0].attn.kv_cache.k.shape[2] == 12
+            assert model.blocks[0].attn.kv_cache.max_len == 12
             keep = slice(None) if p is None else slice(5, None)          # row 1's real tokens
             assert torch.allclose(got[0], full[0], atol=1e-12, rtol=0)
             assert torch.allclose(got[1, keep], full[1, keep], atol=1e-12, rtol=0)
@@ -767,6 +767,100 @@ def test_compiled_decoding_equals_eager_decoding(capsys):
     batch = [torch.cat(list(generate_tokens(model, idx, 10, temperature=0, pad=pad, compile=c)), 1)
              for c in (False, True)]
     assert torch.equal(batch[0], batch[1])
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("mask", [None, "bool", "additive"])
+def test_one_query_attention_equals_the_flash_kernel(n_kv_heads, mask):
+    """The decomposition the CPU decode backend uses in place of torch's flash attention."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 8, generator=g)
+    k, v = (torch.randn(2, n_kv_heads, 9, 8, generator=g) for _ in range(2))
+    attn_mask = None
+    if mask is not None:
+        keep = torch.rand(2, 1, 1, 9, generator=g) > 0.4
+        keep[..., 3] = True                                                 # never a row with nothing
+        attn_mask = keep if mask == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    float_mask = None if attn_mask is None or mask == "additive" else \
+        torch.zeros(attn_mask.shape).masked_fill(~attn_mask, float("-inf"))
+    want = flash(q, k, v, attn_mask=float_mask if mask == "bool" else attn_mask, scale=0.3)
+    got = generate._one_query_attention(q, k, v, attn_mask=attn_mask, scale=0.3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert generate._one_query_attention(torch.randn(2, 4, 2, 8), k, v) is NotImplemented   # two queries
+    assert generate._one_query_attention(q, k, v, is_causal=True) is NotImplemented
+
+
+def test_one_row_mm_is_the_matrix_product():
+    a, b = torch.randn(1, 6, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    torch.testing.assert_close(generate._one_row_mm(a, b), a @ b, rtol=1e-12, atol=1e-12)
+    assert generate._one_row_mm(torch.randn(2, 6), b) is NotImplemented
+
+
+def test_compiled_decoding_reads_a_growing_span_of_the_cache_with_one_graph(monkeypatch):
+    """Steps read the cache up to their position rounded up to 64 slots: the span grows at
+    64 and 128 (and stops at the cache's 160 slots); each span equals eager decoding, and
+    one compiled graph serves them all (the span is a dynamic size)."""
+    import torch._dynamo
+    model = _tiny(2, block_size=160)
+    compiles, spans = [], []
+    real_backend, real_narrow = generate._cpu_decode_backend, KVCache.narrow
+
+    def counting_backend(graph, example_inputs):
+        compiles.append(1)
+        return real_backend(graph, example_inputs)
+
+    def narrow(cache, n):
+        spans.append(n)
+        real_narrow(cache, n)
+    monkeypatch.setattr(generate, "_cpu_decode_backend", counting_backend)
+    monkeypatch.setattr(KVCache, "narrow", narrow)
+    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
+    torch._dynamo.reset()
+    prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(0))
+    eager = torch.cat(list(generate_tokens(model, prompt, 150, temperature=0)), 1)
+    spans.clear()
+    compiled = torch.cat(list(generate_tokens(model, prompt, 150, temperature=0, compile=True)), 1)
+    assert torch.equal(compiled, eager)
+    assert sorted(set(spans)) == [64, 128, 160] and len(compiles) == 1
+
+
+def test_compiled_int8_decoding_equals_eager_int8_decoding(monkeypatch, capsys):
+    """An int8 model (interleaved layout) through the real compiled path, where every one-row
+    product unpacks 32-bit words of codes with shifts (Int8Linear._one_row)."""
+    model = quantize_model(_tiny(2), QuantConfig("int8"))
+    graphs, real_backend = [], generate._cpu_decode_backend
+
+    def backend(graph, example_inputs):
+        graphs.append(graph.code)
+        return real_backend(graph, example_inputs)
+    monkeypatch.setattr(generate, "_cpu_decode_backend", backend)
+    prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(1))
+    eager = torch.cat(list(generate_tokens(model, prompt, 12, temperature=0)), 1)
+    compiled = torch.cat(list(generate_tokens(model, prompt, 12, temperature=0, compile=True)), 1)
+    assert "torch.compile failed" not in capsys.readouterr().err
+    layers = sum(isinstance(m, Int8Linear) for m in model.modules())      # 5 per block and the head
+    assert len(graphs) == 1 and graphs[0].count(" >> 24") == 4 * layers == 4 * 11   # 4 bytes per word
+    assert torch.equal(compiled, eager)
+
+
+def test_each_model_has_its_own_compiled_step_past_dynamo_recompile_limit(monkeypatch, capsys):
+    """Dynamo allows 8 compiled versions per code object: more models than that in one process
+    (a notebook, the tests) must each still get a compiled step, not the eager fallback."""
+    import torch._dynamo
+    compiled = []
+
+    def trace_only(graph, example_inputs):                   # dynamo's capture, without inductor
+        compiled.append(1)
+        return graph.forward
+    monkeypatch.setattr(generate, "_cpu_decode_backend", trace_only)
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    for _ in range(limit + 2):
+        list(generate_tokens(_tiny(2), torch.tensor([[1, 2]]), 3, temperature=0, compile=True))
+    assert "torch.compile failed" not in capsys.readouterr().err
+    assert len(compiled) == limit + 2
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, capsys):
