@@ -236,13 +236,22 @@ class KVCache(nn.Module):
         self.max_len = max_len
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.narrow(max_len)
+        self._span(max_len)
+
+    def _span(self, n: int):
+        self.k_span, self.v_span = self.k[:, :, :n], self.v[:, :, :n]      # views: writes reach the cache
 
     def narrow(self, n: int):
-        """Static mode reads and returns slots 0..n-1 from now on (views: writes reach the cache)."""
-        if not 0 < n <= self.max_len:
-            raise ValueError(f"span {n} must be in 1..{self.max_len} (the cache's length)")
-        self.k_span, self.v_span = self.k[:, :, :n], self.v[:, :, :n]
+        """Static mode reads and returns slots 0..n-1 from now on (all of them if n is larger).
+        n is marked as a dynamic size for torch.compile, so one compiled step serves every span."""
+        if n < 1:
+            raise ValueError(f"span {n} must be at least 1")
+        n = min(n, self.max_len)
+        if self.k_span.shape[2] != n:
+            import torch._dynamo
+            self._span(n)
+            torch._dynamo.maybe_mark_dynamic(self.k_span, 2)
+            torch._dynamo.maybe_mark_dynamic(self.v_span, 2)
 
     def update(self, start, k: torch.Tensor, v: torch.Tensor):
         if isinstance(start, torch.Tensor):   # static shapes: write, return the span's slots
@@ -263,7 +272,7 @@ class KVCache(nn.Module):
     def select(self, rows: torch.Tensor):
         """Keep (and repeat) batch rows in this order, e.g. the surviving beams."""
         self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
-        self.narrow(self.max_len)
+        self._span(self.max_len)
 
 # =============================================================================
 # 5. Attention
@@ -505,18 +514,9 @@ class Transformer(nn.Module):
         self._seen = None
 
     def set_cache_span(self, n: int):
-        """Static-mode steps (start_pos a 0-d tensor) read only cache slots 0..n-1 (all of them
-        if n is larger), n covering every position they write. n is marked as a dynamic size
-        for torch.compile, so one compiled step serves every span."""
-        import torch._dynamo
-        caches = [block.attn.kv_cache for block in self.blocks]
-        n = min(n, caches[0].max_len)
-        if caches[0].k_span.shape[2] == n:
-            return
-        for cache in caches:
-            cache.narrow(n)
-            torch._dynamo.maybe_mark_dynamic(cache.k_span, 2)
-            torch._dynamo.maybe_mark_dynamic(cache.v_span, 2)
+        """Static-mode steps (start_pos a 0-d tensor) read cache slots 0..n-1 (KVCache.narrow)."""
+        for block in self.blocks:
+            block.attn.kv_cache.narrow(n)
 
     def select_cache_rows(self, rows: torch.Tensor):
         """Reorder every layer's KV cache along the batch: row i becomes old row rows[i]."""
@@ -791,8 +791,8 @@ class Int8Linear(nn.Module):
     take the fallback: the dequantization is amortized over the rows and BLAS wins.
 
     `interleave()` (inference) keeps the weight's columns in memory in interleave4's order;
-    the state dict still holds the plain order. Under torch.compile a one-row product then
-    reads each 32-bit word of codes once and unpacks its four bytes with shifts, against
+    the state dict still holds the plain order. Under torch.compile on a CPU a one-row product
+    then reads each 32-bit word of codes once and unpacks its four bytes with shifts, against
     four contiguous quarters of x: a loop that runs at about the speed of reading the
     bytes, where inductor's int8 loads are slow. The eager paths reorder x to match.
     """
@@ -840,7 +840,7 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         scales = self.scales.to(x.dtype)
         if self.layout == "interleaved":
-            if torch.compiler.is_compiling() and x.numel() == self.in_features:
+            if torch.compiler.is_compiling() and x.numel() == self.in_features and x.device.type == "cpu":
                 y = self._one_row(x) * scales
                 return y if self.bias is None else y + self.bias.to(x.dtype)
             x = interleave4(x)                                 # features in the weight's column order

@@ -812,8 +812,8 @@ def test_compiled_decoding_reads_a_growing_span_of_the_cache_with_one_graph(monk
         return real_backend(graph, example_inputs)
 
     def narrow(cache, n):
-        spans.append(n)
         real_narrow(cache, n)
+        spans.append(cache.k_span.shape[2])
     monkeypatch.setattr(generate, "_cpu_decode_backend", counting_backend)
     monkeypatch.setattr(KVCache, "narrow", narrow)
     monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
