@@ -379,6 +379,22 @@ def positions_and_mask(start, T: int, pad: Optional[torch.Tensor], *, device, ca
     return (slots - pad[:, None]).clamp(min=0), (causal & visible)[:, None]  # (B, T), (B, 1, T, S)
 
 
+def init_weights(model: "Transformer"):
+    """GPT-2's initialization: N(0, init_std) for linear and embedding weights, zero biases, and
+    the residual projections scaled down with depth so the stream's variance stays O(1)."""
+    cfg = model.config
+
+    def init(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    model.apply(init)
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+            nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+
 class Transformer(nn.Module):
     """Decoder-only language model: token ids (B, T) -> logits (B, T, vocab_size).
 
@@ -419,17 +435,7 @@ class Transformer(nn.Module):
         self._rope: dict = {}
         self._seen: Optional[torch.Tensor] = None   # tokens behind the cache, for use_cache=True
         self.gradient_checkpointing = False
-        self.apply(self._init_weights)
-        # residual projections are scaled down with depth (GPT-2) so the stream's variance stays O(1)
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
-                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        init_weights(self)
 
     def num_params(self, *, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); non_embedding drops the position table."""
