@@ -282,7 +282,8 @@ def bench_decode(args):
     print(f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"{args.tokens} new tokens after a {args.prompt_len}-token prompt, fp32, greedy\n")
     print(f"{'model':6s} {'params':>8s} {'roofline':>8s} {'eager':>6s} {'compiled':>8s} {'% roofline':>10s} "
-          f"{'no-cache':>8s} {'cache speed-up':>14s} {'HF':>5s} {'best/HF':>7s} {'llama2.c':>8s}  (tokens/s)")
+          f"{'no-cache':>8s} {'cache speed-up':>14s} {'HF':>5s} {'best/HF':>7s} {'llama2.c':>8s} "
+          f"{'best/llama2.c':>13s}  (tokens/s)")
     for name in args.sizes.split(","):
         cfg = TransformerConfig(**DECODE_CONFIGS[name], tie_weights=True)   # as llama2.c's models
         model = Transformer(cfg).eval()
@@ -307,11 +308,12 @@ def bench_decode(args):
                         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
             nocache_tps = args.tokens / _timed(nocache)
         hf_tps = _hf_decode(cfg, model, prompt, args.tokens) if args.hf else float("nan")
-        l2c_tps = _llama2c_decode(args.llama2c, model, args.tokens) if args.llama2c else float("nan")
+        l2c_tps = (max(_llama2c_decode(args.llama2c, model, args.tokens) for _ in range(2))   # best of 2, as ours
+                   if args.llama2c else float("nan"))
         best = max(eager_tps, compiled_tps if args.compile else 0)
         print(f"{name:6s} {model.num_params() / 1e6:7.1f}M {roofline:8.0f} {eager_tps:6.0f} {compiled_tps:8.0f} "
               f"{best / roofline:10.0%} {nocache_tps:8.0f} {eager_tps / nocache_tps:13.1f}x "
-              f"{hf_tps:5.0f} {best / hf_tps:6.2f}x {l2c_tps:8.0f}")
+              f"{hf_tps:5.0f} {best / hf_tps:6.2f}x {l2c_tps:8.0f} {best / l2c_tps:12.0%}")
 
 
 def _llama2c_decode(directory: str, model: Transformer, tokens: int) -> float:

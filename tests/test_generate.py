@@ -826,6 +826,49 @@ def test_compiled_decoding_reads_a_growing_span_of_the_cache_with_one_graph(monk
     assert sorted(set(spans)) == [64, 128, 160] and len(compiles) == 1
 
 
+def test_compiled_steps_replay_the_graph_until_the_span_moves(monkeypatch):
+    """Between span changes a step's inputs are the same tensors, so CompiledStep calls the
+    compiled graph on them directly: of 149 steps over spans 64, 128 and 160, three go through
+    dynamo and the rest are replays, with the same tokens as eager decoding."""
+    model = _tiny(2, block_size=160)
+    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
+    step = generate.decode_step(model)
+    steps, through_dynamo, real_fn, real_call = [], [], step.fn, generate.CompiledStep.__call__
+
+    def counting_fn(*args):
+        through_dynamo.append(model.blocks[0].attn.kv_cache.k_span.shape[2])
+        return real_fn(*args)
+
+    def counting_call(self, *args):
+        steps.append(1)
+        return real_call(self, *args)
+    step.fn = counting_fn
+    monkeypatch.setattr(generate.CompiledStep, "__call__", counting_call)
+    prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(0))
+    eager = torch.cat(list(generate_tokens(model, prompt, 150, temperature=0)), 1)
+    compiled = torch.cat(list(generate_tokens(model, prompt, 150, temperature=0, compile=True)), 1)
+    assert torch.equal(compiled, eager)
+    assert len(steps) == 149 and through_dynamo == [64, 128, 160]     # 146 replays
+
+
+def test_a_replay_never_outlives_its_generation(monkeypatch):
+    """A new generation sets up a new cache, so its first step goes through dynamo again: a
+    weight replaced between two generations (a new tensor, not an in-place change) is used."""
+    model = _tiny(1, tie_weights=False)
+    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
+    prompt = torch.tensor([[1, 2, 3]])
+
+    def both():
+        return [torch.cat(list(generate_tokens(model, prompt, 10, temperature=0, compile=c)), 1)
+                for c in (False, True)]
+    first = both()
+    assert torch.equal(*first)
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.flip(0))   # another head
+    second = both()
+    assert torch.equal(*second) and not torch.equal(first[0], second[0])
+
+
 def test_compiled_int8_decoding_equals_eager_int8_decoding(monkeypatch, capsys):
     """An int8 model (interleaved layout) through the real compiled path, where every one-row
     product unpacks 32-bit words of codes with shifts (Int8Linear._one_row)."""
@@ -877,7 +920,8 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, capsys)
     prompt = torch.tensor([[1, 2, 3]])
     got = torch.cat(list(generate_tokens(model, prompt, 6, temperature=0, compile=True)), 1)
     assert torch.equal(got, torch.cat(list(generate_tokens(model, prompt, 6, temperature=0)), 1))
-    assert len(calls) == 1 and calls[0]["backend"] is generate._cpu_decode_backend and calls[0]["fullgraph"]
+    assert len(calls) == 1 and calls[0]["fullgraph"]
+    assert calls[0]["backend"].__func__ is generate.CompiledStep._backend    # which calls _cpu_decode_backend
     err = capsys.readouterr().err
     assert err.count("warning: torch.compile failed (RuntimeError: no C++ compiler here); decoding without it") == 1
 
