@@ -189,28 +189,34 @@ def _next_logits(model, seq: torch.Tensor, pos: int, pad: Optional[torch.Tensor]
     return model(seq[:, -1:], start_pos=pos, pad=pad)[:, -1].float(), pos + 1
 
 
-_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # model -> its CompiledStep
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # model -> {greedy: CompiledStep}
 
 
-def decode_step(model) -> "CompiledStep":
+def decode_step(model, *, greedy: bool = False) -> "CompiledStep":
     """model's compiled one-token step (a CompiledStep), made on first use and kept."""
-    if model not in _STEPS:
-        _STEPS[model] = CompiledStep(model)
-    return _STEPS[model]
+    steps = _STEPS.setdefault(model, {})
+    if greedy not in steps:
+        steps[greedy] = CompiledStep(model, greedy=greedy)
+    return steps[greedy]
 
 
 class CompiledStep:
-    """model's one-token forward through torch.compile: step(token (B, 1), pos, pad) -> logits (B, vocab).
+    """model's one-token forward through torch.compile: step(token (B, 1), pos, pad) -> logits
+    (B, vocab), or with greedy=True the argmax next tokens (B, 1), picked inside the graph.
 
-    The graph's inputs are static: the token and its position (a 0-d tensor) are copied into
-    tensors of the step's own, and each layer attends over a span of KV cache slots, those not
-    written yet masked (KVCache, static mode). The span is the position rounded up to 64 slots,
-    a dynamic size, so one graph serves every step (a new batch size or cache length compiles
-    once more). On CUDA it runs as a CUDA graph (mode="reduce-overhead"); on a CPU through
-    _cpu_decode_backend, and a step whose inputs are the same objects as the last one's (the
-    span has not moved) calls the compiled graph again on them directly, like a CUDA graph
-    replay: dynamo's per-call work (guards, gathering every weight) costs a tenth of a step
-    at 15M parameters. If compiling fails, a warning is printed and decoding goes on eagerly.
+    The graph's inputs are static: the token and its position (a 0-d tensor) live in tensors of
+    the step's own, which the graph itself advances (the position always, the token when it is
+    greedy), so a step fed its own output copies nothing. Each layer attends over a span of KV
+    cache slots, those not written yet masked (KVCache, static mode). The span is the position
+    rounded up to 64 slots, a dynamic size, so one graph serves every step (a new batch size or
+    cache length compiles once more). On CUDA it runs as a CUDA graph (mode="reduce-overhead").
+    On a CPU it runs through _cpu_decode_backend, and a step whose inputs are the same objects
+    as the last one's (the span has not moved) is a replay, much like a CUDA graph's: it runs
+    the C++ kernels again on the buffers of the last call (see _kernel_capture), without
+    dynamo's guards or inductor's Python wrapper, which allocates every intermediate buffer
+    again (together a tenth of a step at 15M parameters, most of it for a tiny model).
+    Outputs are copies, never those buffers. If compiling fails, a warning is printed and
+    decoding goes on eagerly.
 
     Example:
         >>> model = Transformer(vocab_size=65, d_model=64, n_heads=4, n_layers=2).eval()
@@ -218,14 +224,21 @@ class CompiledStep:
         >>> logits = decode_step(model)(torch.tensor([[4]]), 3)                         # (1, 65)
     """
 
-    def __init__(self, model):
+    def __init__(self, model, *, greedy: bool = False):
         def step(token, pos, pad):
-            return model(token, start_pos=pos, pad=pad)[:, -1]
+            logits = model(token, start_pos=pos, pad=pad)[:, -1]
+            pos.add_(1)                              # the next step's position
+            if not greedy:
+                return logits
+            nxt = logits.argmax(-1, keepdim=True)
+            token.copy_(nxt)                         # and its token
+            return nxt
         # a code object of its own: dynamo counts recompiles (at most 8) per code object
         step.__code__ = step.__code__.replace()
-        self.model, self.eager = model, step
+        self.model, self.eager, self.greedy = model, step, greedy
         self.token = self.pos = None                # the graph's static inputs
-        self.last = None                            # (compiled graph, the inputs of its last call)
+        self.pos_value = self.fed = None            # what they hold: pos_value, and the token if it was fed
+        self.last = None                            # (compiled graph, its inputs, its kernels, its output)
         self.replay_key = None                      # what those inputs were made of
         if model.tok_emb.weight.device.type == "cpu":
             self.fn = torch.compile(step, backend=self._backend, fullgraph=True, dynamic=False)
@@ -234,52 +247,141 @@ class CompiledStep:
         self.compiled = None                        # True/False once the first call has compiled or failed
 
     def _backend(self, graph, example_inputs):
-        compiled = _cpu_decode_backend(graph, example_inputs)
+        wrappers = []
+        compiled = _cpu_decode_backend(graph, example_inputs, keep=wrappers)
+        capture = _kernel_capture(wrappers)
 
         def run(*args):                             # dynamo calls this with every input of the graph
-            self.last = (compiled, args)
-            return compiled(*args)
+            kernels, out = capture(compiled, args)
+            self.last = (compiled, args, kernels, out)
+            return out
         return run
 
     def __call__(self, token: torch.Tensor, pos: int, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.token is None or self.token.shape != token.shape or self.token.device != token.device:
             self.token = torch.empty_like(token, memory_format=torch.contiguous_format)
             self.pos = torch.zeros((), dtype=torch.long, device=token.device)
-        self.token.copy_(token)
-        self.pos.fill_(pos)
-        self.model.set_cache_span(-(-(pos + 1) // 64) * 64)     # read the cache up to pos, rounded up to 64
-        key = (self.token, pad, self.model.blocks[0].attn.kv_cache.k_span)  # a new span or cache: new views
+            self.pos_value = self.fed = None
+        if token is not self.fed:
+            self.token.copy_(token)
+        if pos != self.pos_value:
+            self.pos.fill_(pos)
+        self.pos_value = self.fed = None             # unknown until the step has run
+        cache = self.model.blocks[0].attn.kv_cache
+        if cache is None or not 0 <= pos < cache.max_len:   # a kernel's own check would abort the process
+            raise ValueError(f"a decode step needs a KV cache (model.setup_cache) with a slot for position "
+                             f"{pos}" + (f"; it holds {cache.max_len}" if cache is not None else ""))
+        span = -(-(pos + 1) // 64) * 64              # read the cache up to pos, rounded up to 64
+        if cache.k_span.shape[2] != min(span, cache.max_len):
+            self.model.set_cache_span(span)
+        key = (self.token, pad, cache.k_span)       # a new span or cache: new views
         if self.replay_key is not None and all(map(operator.is_, key, self.replay_key)):
-            graph, args = self.last
-            return graph(*args)[0]
+            out = self._replay()
+        else:
+            out = self._through_dynamo(pad)
+            self.replay_key = key if self.last is not None else None  # the CPU backend kept this call's inputs
+        out = out.clone()                           # a replay rewrites the buffers of the last call
+        self.pos_value, self.fed = pos + 1, out if self.greedy else None
+        return out
+
+    def _replay(self):
+        compiled, args, kernels, out = self.last
+        if kernels is None:
+            return compiled(*args)[0]
+        for kernel, kernel_args in kernels:
+            kernel(*kernel_args)
+        return out[0]
+
+    def _through_dynamo(self, pad):
         self.last = self.replay_key = None
         if self.compiled is False:
             return self.eager(self.token, self.pos, pad)
         try:
             out = self.fn(self.token, self.pos, pad)
             self.compiled = True
+            return out
         except Exception as e:
             if self.compiled:                        # it ran before: a real error, not a missing compiler
                 raise
             warn_compile_failed(e, "decoding")
             self.compiled = False
             return self.eager(self.token, self.pos, pad)
-        if self.last is not None:                    # the CPU backend kept this call's inputs
-            self.replay_key = key
-        return out
 
 
-def _cpu_decode_backend(graph, example_inputs):
+def _kernel_capture(wrappers: list):
+    """capture(compiled, args) -> (kernels, compiled(*args)), where kernels lists each C++
+    kernel that inductor's Python wrapper called, with the arguments it called it with: the
+    graph's inputs and the buffers the wrapper allocated for this call, kept from then on.
+    Calling them again on those arguments redoes the whole graph, its output rewritten in
+    place. kernels is None unless that is all the wrapper does: one compiled graph (wrappers:
+    inductor's output for it) whose call() only allocates buffers, takes views of them and
+    calls cpp_fused_* kernels (no ATen operator, no check); replays then use compiled(*args)."""
+    call = getattr(wrappers[0], "current_callable", None) if len(wrappers) == 1 else None
+    call = getattr(call, "__func__", call)
+    names = _plain_kernel_names(call)
+    if names is None:
+        return lambda compiled, args: (None, compiled(*args))
+    module = call.__globals__
+
+    def capture(compiled, args):
+        kernels = []
+
+        def recording(kernel):
+            def record(*kernel_args):
+                kernels.append((kernel, kernel_args))
+                return kernel(*kernel_args)
+            return record
+        real = {name: module[name] for name in names}
+        module.update({name: recording(kernel) for name, kernel in real.items()})
+        try:
+            out = compiled(*args)
+        finally:
+            module.update(real)
+        return kernels, out
+    return capture
+
+
+def _plain_kernel_names(call) -> Optional[list[str]]:
+    """The cpp_fused_* kernels an inductor wrapper's call() function calls, if it calls nothing
+    else than them, empty_strided_cpu, reinterpret_tensor and args.clear(); else None."""
+    import ast
+    import inspect
+    import textwrap
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(call)))
+    except (TypeError, OSError, SyntaxError):
+        return None
+    names = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Name) and f.id.startswith("cpp_fused"):
+            names.add(f.id)
+        elif not (isinstance(f, ast.Name) and f.id in ("empty_strided_cpu", "reinterpret_tensor")
+                  or isinstance(f, ast.Attribute) and f.attr == "clear" and getattr(f.value, "id", "") == "args"):
+            return None
+    return sorted(names) if names else None
+
+
+def _cpu_decode_backend(graph, example_inputs, *, keep: Optional[list] = None):
     """Inductor, with the one-token step's matrix products and attention written as plain
     multiplies, sums and a softmax (decompositions), which inductor fuses into a few loops
     split across the cores. bench.py decode measures the difference. No size asserts: dynamo's
-    guards (or the replay of the same inputs, see CompiledStep) already ensure the shapes."""
-    from torch._inductor.compile_fx import compile_fx
+    guards (or the replay of the same inputs, see CompiledStep) already ensure the shapes.
+    keep: a list that receives inductor's output for each graph it compiles (_capture_kernels)."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
+
+    def inner_compile(*args, **kwargs):
+        out = compile_fx_inner(*args, **kwargs)
+        if keep is not None:
+            keep.append(out)
+        return out
     aten = torch.ops.aten
-    return compile_fx(graph, example_inputs, config_patches={"size_asserts": False}, decompositions={
-        **select_decomp_table(), aten.mm.default: _one_row_mm,
-        aten._scaled_dot_product_flash_attention_for_cpu.default: _one_query_attention})
+    return compile_fx(graph, example_inputs, inner_compile=inner_compile, config_patches={"size_asserts": False},
+                      decompositions={**select_decomp_table(), aten.mm.default: _one_row_mm,
+                                      aten._scaled_dot_product_flash_attention_for_cpu.default: _one_query_attention})
 
 
 def _one_row_mm(a, b):
@@ -314,8 +416,11 @@ def _one_query_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=N
         mask = attn_mask.expand(B, H, 1, S).reshape(B, Hkv, g, S)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     scores = scores.float()
-    y = (torch.softmax(scores, dim=-1).to(v.dtype).unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # (B, Hkv, g, hd)
-    return y.reshape(B, H, 1, hd), torch.logsumexp(scores, dim=-1).reshape(B, H, 1)
+    top = scores.amax(-1, keepdim=True)
+    e = (scores - top).exp()                                        # softmax, normalized after the sum:
+    total = e.sum(-1, keepdim=True)                                 # one division per output, not per slot
+    y = (e.to(v.dtype).unsqueeze(-1) * v.unsqueeze(2)).sum(-2) / total.to(v.dtype)  # (B, Hkv, g, hd)
+    return y.reshape(B, H, 1, hd), (top + total.log()).reshape(B, H, 1)
 
 
 def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,6 +464,14 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
     model.setup_cache(idx.shape[0], min(block, -(-(idx.shape[1] + max_new_tokens) // 256) * 256))
     logits, pos = _prefill(model, idx, pad)              # the prompt in one forward
     try:
+        if compile and temperature == 0 and repetition_penalty == 1.0 and pos + max_new_tokens <= block + 1:
+            step = decode_step(model, greedy=True)       # picks each next token inside the graph
+            nxt = logits.argmax(-1, keepdim=True)
+            for i in range(max_new_tokens):
+                yield nxt
+                if i < max_new_tokens - 1:
+                    nxt = step(nxt, pos + i, pad)
+            return
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                               repetition_penalty=repetition_penalty, context=idx, generator=generator)

@@ -206,8 +206,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rd = cos.shape[-1]
     rot, rest = x[..., :rd], x[..., rd:]
     x1, x2 = rot.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = rot * cos + rotated * sin
+    (c1, c2), (s1, s2) = cos.chunk(2, dim=-1), sin.chunk(2, dim=-1)
+    # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] never built: a compiled
+    # decode step then computes the rotation in one pass instead of storing that copy first
+    out = torch.cat([x1 * c1 - x2 * s1, x2 * c2 + x1 * s2], dim=-1)
     return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
 
 # =============================================================================

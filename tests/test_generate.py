@@ -807,9 +807,9 @@ def test_compiled_decoding_reads_a_growing_span_of_the_cache_with_one_graph(monk
     compiles, spans = [], []
     real_backend, real_narrow = generate._cpu_decode_backend, KVCache.narrow
 
-    def counting_backend(graph, example_inputs):
+    def counting_backend(graph, example_inputs, **kwargs):
         compiles.append(1)
-        return real_backend(graph, example_inputs)
+        return real_backend(graph, example_inputs, **kwargs)
 
     def narrow(cache, n):
         real_narrow(cache, n)
@@ -826,14 +826,16 @@ def test_compiled_decoding_reads_a_growing_span_of_the_cache_with_one_graph(monk
     assert sorted(set(spans)) == [64, 128, 160] and len(compiles) == 1
 
 
-def test_compiled_steps_replay_the_graph_until_the_span_moves(monkeypatch):
-    """Between span changes a step's inputs are the same tensors, so CompiledStep calls the
-    compiled graph on them directly: of 149 steps over spans 64, 128 and 160, three go through
-    dynamo and the rest are replays, with the same tokens as eager decoding."""
+def test_compiled_steps_replay_the_kernels_until_the_span_moves(monkeypatch):
+    """Between span changes a step's inputs are the same tensors, so CompiledStep runs the C++
+    kernels inductor's wrapper ran last time, on the same buffers: of 149 greedy steps over
+    spans 64, 128 and 160, three go through dynamo and the wrapper, the other 146 only call
+    the kernels, and the tokens equal eager decoding."""
     model = _tiny(2, block_size=160)
     monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
-    step = generate.decode_step(model)
-    steps, through_dynamo, real_fn, real_call = [], [], step.fn, generate.CompiledStep.__call__
+    step = generate.decode_step(model, greedy=True)
+    steps, through_dynamo, wrapper_calls, kernel_calls = [], [], [], []
+    real_fn, real_call, real_capture = step.fn, generate.CompiledStep.__call__, generate._kernel_capture
 
     def counting_fn(*args):
         through_dynamo.append(model.blocks[0].attn.kv_cache.k_span.shape[2])
@@ -842,13 +844,72 @@ def test_compiled_steps_replay_the_graph_until_the_span_moves(monkeypatch):
     def counting_call(self, *args):
         steps.append(1)
         return real_call(self, *args)
+
+    def counting_capture(wrappers):
+        capture = real_capture(wrappers)
+
+        def counted(compiled, args):
+            wrapper_calls.append(1)
+            kernels, out = capture(compiled, args)
+            assert kernels                              # on this torch: the wrapper only runs kernels
+            return [(lambda *a, k=k: kernel_calls.append(1) or k(*a), a) for k, a in kernels], out
+        return counted
     step.fn = counting_fn
     monkeypatch.setattr(generate.CompiledStep, "__call__", counting_call)
+    monkeypatch.setattr(generate, "_kernel_capture", counting_capture)
     prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(0))
     eager = torch.cat(list(generate_tokens(model, prompt, 150, temperature=0)), 1)
     compiled = torch.cat(list(generate_tokens(model, prompt, 150, temperature=0, compile=True)), 1)
     assert torch.equal(compiled, eager)
-    assert len(steps) == 149 and through_dynamo == [64, 128, 160]     # 146 replays
+    assert len(steps) == 149 and through_dynamo == [64, 128, 160] and len(wrapper_calls) == 3
+    assert len(kernel_calls) == 146                                    # one fused kernel per replay
+
+
+def test_sampled_compiled_decoding_replays_the_logits_step():
+    """Sampling (and a repetition penalty) take the logits from the compiled step, replayed
+    too; with the same seed the tokens equal eager ones."""
+    model = _tiny(2, block_size=160)
+    prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(0))
+    for kw in (dict(temperature=0.8, top_k=10), dict(temperature=0, repetition_penalty=1.3)):
+        runs = [torch.cat(list(generate_tokens(model, prompt, 100, compile=c, generator=torch.Generator().manual_seed(1),
+                                               **kw)), 1) for c in (False, True)]
+        assert torch.equal(*runs)
+    assert generate.decode_step(model).last[2]                         # kernels captured and replayed
+
+
+def test_a_decode_step_outside_the_cache_is_an_error_not_an_abort():
+    """A kernel's own index check would abort the whole process: the step checks first."""
+    model = _tiny(1)
+    step = generate.decode_step(model)
+    with pytest.raises(ValueError, match=r"needs a KV cache \(model.setup_cache\) with a slot for position 3$"):
+        step(torch.tensor([[1]]), 3)
+    model.setup_cache(1, 8)
+    with pytest.raises(ValueError, match=r"slot for position 8; it holds 8"):
+        step(torch.tensor([[1]]), 8)
+    model.clear_cache()
+
+
+def _wrapper_with_kernels_only(args):
+    a, b = args
+    args.clear()
+    buf0 = empty_strided_cpu((1, 4), (4, 1), torch.float32)        # noqa: F821 (names of inductor's module)
+    cpp_fused_add_0(a, b, buf0)                                     # noqa: F821
+    return (reinterpret_tensor(buf0, (4,), (1,), 0), )              # noqa: F821
+
+
+def _wrapper_with_an_aten_call(args):
+    a, b = args
+    buf0 = empty_strided_cpu((1, 4), (4, 1), torch.float32)        # noqa: F821
+    cpp_fused_add_0(a, b, buf0)                                     # noqa: F821
+    extern_kernels.mm(a, b, out=buf0)                               # noqa: F821
+    return (buf0, )
+
+
+def test_only_a_wrapper_that_just_runs_cpp_kernels_is_replayed_by_its_kernels():
+    assert generate._plain_kernel_names(_wrapper_with_kernels_only) == ["cpp_fused_add_0"]
+    assert generate._plain_kernel_names(_wrapper_with_an_aten_call) is None
+    assert generate._plain_kernel_names(print) is None                 # no Python source
+    assert generate._kernel_capture([])(lambda *a: ("out",), (1, 2)) == (None, ("out",))
 
 
 def test_a_replay_never_outlives_its_generation(monkeypatch):
@@ -875,9 +936,9 @@ def test_compiled_int8_decoding_equals_eager_int8_decoding(monkeypatch, capsys):
     model = quantize_model(_tiny(2), QuantConfig("int8"))
     graphs, real_backend = [], generate._cpu_decode_backend
 
-    def backend(graph, example_inputs):
+    def backend(graph, example_inputs, **kwargs):
         graphs.append(graph.code)
-        return real_backend(graph, example_inputs)
+        return real_backend(graph, example_inputs, **kwargs)
     monkeypatch.setattr(generate, "_cpu_decode_backend", backend)
     prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(1))
     eager = torch.cat(list(generate_tokens(model, prompt, 12, temperature=0)), 1)
@@ -894,7 +955,7 @@ def test_each_model_has_its_own_compiled_step_past_dynamo_recompile_limit(monkey
     import torch._dynamo
     compiled = []
 
-    def trace_only(graph, example_inputs):                   # dynamo's capture, without inductor
+    def trace_only(graph, example_inputs, **kwargs):         # dynamo's capture, without inductor
         compiled.append(1)
         return graph.forward
     monkeypatch.setattr(generate, "_cpu_decode_backend", trace_only)
