@@ -225,8 +225,10 @@ class CompiledStep:
     """
 
     def __init__(self, model, *, greedy: bool = False):
+        model_ref = weakref.ref(model)               # _STEPS must not keep the model alive
+
         def step(token, pos, pad):
-            logits = model(token, start_pos=pos, pad=pad)[:, -1]
+            logits = model_ref()(token, start_pos=pos, pad=pad)[:, -1]
             pos.add_(1)                              # the next step's position
             if not greedy:
                 return logits
@@ -235,7 +237,7 @@ class CompiledStep:
             return nxt
         # a code object of its own: dynamo counts recompiles (at most 8) per code object
         step.__code__ = step.__code__.replace()
-        self.model, self.eager, self.greedy = model, step, greedy
+        self.model_ref, self.eager, self.greedy = model_ref, step, greedy
         self.token = self.pos = None                # the graph's static inputs
         self.pos_value = self.fed = None            # what they hold: pos_value, and the token if it was fed
         self.last = None                            # (compiled graph, its inputs, its kernels, its output)
@@ -267,13 +269,14 @@ class CompiledStep:
         if pos != self.pos_value:
             self.pos.fill_(pos)
         self.pos_value = self.fed = None             # unknown until the step has run
-        cache = self.model.blocks[0].attn.kv_cache
+        model = self.model_ref()
+        cache = model.blocks[0].attn.kv_cache
         if cache is None or not 0 <= pos < cache.max_len:   # a kernel's own check would abort the process
             raise ValueError(f"a decode step needs a KV cache (model.setup_cache) with a slot for position "
                              f"{pos}" + (f"; it holds {cache.max_len}" if cache is not None else ""))
         span = -(-(pos + 1) // 64) * 64              # read the cache up to pos, rounded up to 64
         if cache.k_span.shape[2] != min(span, cache.max_len):
-            self.model.set_cache_span(span)
+            model.set_cache_span(span)
         key = (self.token, pad, cache.k_span)       # a new span or cache: new views
         if self.replay_key is not None and all(map(operator.is_, key, self.replay_key)):
             out = self._replay()

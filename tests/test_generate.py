@@ -877,6 +877,20 @@ def test_sampled_compiled_decoding_replays_the_logits_step():
     assert generate.decode_step(model).last[2]                         # kernels captured and replayed
 
 
+def test_a_compiled_step_does_not_keep_its_model_alive():
+    """The steps are kept per model in a WeakKeyDictionary; they hold the model weakly, so a
+    notebook that builds many models frees each one (and its compiled step) when it is dropped."""
+    import gc
+    import weakref
+    model = _tiny(1)
+    list(generate_tokens(model, torch.tensor([[1, 2, 3]]), 5, temperature=0, compile=True))
+    assert generate.decode_step(model, greedy=True).last[2]             # compiled, kernels captured
+    ref, n = weakref.ref(model), len(generate._STEPS)
+    del model
+    gc.collect()
+    assert ref() is None and len(generate._STEPS) == n - 1
+
+
 def test_a_decode_step_outside_the_cache_is_an_error_not_an_abort():
     """A kernel's own index check would abort the whole process: the step checks first."""
     model = _tiny(1)
