@@ -260,20 +260,20 @@ class CompiledStep:
         return run
 
     def __call__(self, token: torch.Tensor, pos: int, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.token is None or self.token.shape != token.shape or self.token.device != token.device:
-            self.token = torch.empty_like(token, memory_format=torch.contiguous_format)
-            self.pos = torch.zeros((), dtype=torch.long, device=token.device)
-            self.pos_value = self.fed = None
-        if token is not self.fed:
-            self.token.copy_(token)
-        if pos != self.pos_value:
-            self.pos.fill_(pos)
-        self.pos_value = self.fed = None             # unknown until the step has run
         model = self.model_ref()
         cache = model.blocks[0].attn.kv_cache
         if cache is None or not 0 <= pos < cache.max_len:   # a kernel's own check would abort the process
             raise ValueError(f"a decode step needs a KV cache (model.setup_cache) with a slot for position "
                              f"{pos}" + (f"; it holds {cache.max_len}" if cache is not None else ""))
+        if self.token is None or self.token.shape != token.shape or self.token.device != token.device:
+            self.token = torch.empty_like(token, memory_format=torch.contiguous_format)
+            self.pos = torch.zeros((), dtype=torch.long, device=token.device)
+            self.pos_value = self.fed = None         # new tensors hold nothing yet
+        if token is not self.fed:
+            self.token.copy_(token)
+        if pos != self.pos_value:
+            self.pos.fill_(pos)
+        self.pos_value = self.fed = None             # unknown until the step has run
         span = -(-(pos + 1) // 64) * 64              # read the cache up to pos, rounded up to 64
         if cache.k_span.shape[2] != min(span, cache.max_len):
             model.set_cache_span(span)
@@ -372,7 +372,7 @@ def _cpu_decode_backend(graph, example_inputs, *, keep: Optional[list] = None):
     multiplies, sums and a softmax (decompositions), which inductor fuses into a few loops
     split across the cores. bench.py decode measures the difference. No size asserts: dynamo's
     guards (or the replay of the same inputs, see CompiledStep) already ensure the shapes.
-    keep: a list that receives inductor's output for each graph it compiles (_capture_kernels)."""
+    keep: a list that receives inductor's output for each graph it compiles (_kernel_capture)."""
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
 
@@ -469,7 +469,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
     try:
         if compile and temperature == 0 and repetition_penalty == 1.0 and pos + max_new_tokens <= block + 1:
             step = decode_step(model, greedy=True)       # picks each next token inside the graph
-            nxt = logits.argmax(-1, keepdim=True)
+            nxt = sample_next(logits, temperature=0)
             for i in range(max_new_tokens):
                 yield nxt
                 if i < max_new_tokens - 1:
