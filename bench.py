@@ -262,7 +262,7 @@ DECODE_CONFIGS = {
 def measure_bandwidth(*, n_bytes: int = 1 << 28, seconds: float = 1.0) -> float:
     """Sustained read bandwidth (bytes per second): summing a tensor far larger than the caches,
     as decoding reads every weight once per token."""
-    src = torch.empty(n_bytes // 4, dtype=torch.float32).normal_()
+    src = torch.ones(n_bytes // 4, dtype=torch.float32)
     src.sum()
     iters, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -275,24 +275,30 @@ def bench_decode(args):
     """Batch-1 greedy decode tokens/s: ours eager and with --compile (generate.decode_step), ours
     without the cache, Hugging Face LlamaForCausalLM.generate (when transformers is installed)
     and llama2.c's run.c (with --llama2c), against the roofline of reading every weight once
-    per token."""
+    per token.
+
+    Memory bandwidth can drift from second to second (other tenants, other jobs), so ours (compiled,
+    or eager with --no-compile) and llama2.c run side by side in five rounds, each run between two
+    bandwidth measurements; a run's % of the roofline uses the mean of those two, ours/llama2.c
+    is taken within a round, and each column is the median over the rounds."""
     from generate import generate_tokens
     if args.tokens < 2:
         sys.exit(f"bench.py decode: --tokens={args.tokens} must be >= 2 (tokens/s are timed from the first new token on)")
     torch.manual_seed(0)
-    bandwidth = measure_bandwidth()
-    print(f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"{args.tokens} new tokens after a {args.prompt_len}-token prompt, fp32, greedy; ours timed "
-          f"from the first new token on, as llama2.c times itself\n")
-    print(f"{'model':6s} {'params':>8s} {'roofline':>8s} {'eager':>6s} {'compiled':>8s} {'% roofline':>10s} "
-          f"{'no-cache':>8s} {'cache speed-up':>14s} {'HF':>5s} {'best/HF':>7s} {'llama2.c':>8s} "
-          f"{'best/llama2.c':>13s}  (tokens/s)")
+    print(f"{torch.get_num_threads()} threads; {args.tokens} new tokens after a {args.prompt_len}-token prompt, "
+          f"fp32, greedy; ours timed from the first new token on, as llama2.c times itself; five rounds of "
+          f"ours ({'compiled' if args.compile else 'eager'}) and llama2.c side by side, each run between two "
+          f"bandwidth measurements, medians over the rounds\n")
+    print(f"{'model':6s} {'params':>8s} {'GB/s':>5s} {'roofline':>8s} {'eager':>6s} {'compiled':>8s} {'% roofline':>10s} "
+          f"{'no-cache':>8s} {'cache speed-up':>14s} {'HF':>5s} {'ours/HF':>7s} {'llama2.c':>8s} "
+          f"{'% roofline':>10s} {'ours/llama2.c':>13s}  (tokens/s)")
+    nan = float("nan")
     for name in args.sizes.split(","):
         cfg = TransformerConfig(**DECODE_CONFIGS[name], tie_weights=True)   # as llama2.c's models
         model = Transformer(cfg).eval()
         prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len))
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied head reads all
-        roofline = bandwidth / weight_bytes
+        bandwidths = []
 
         def ours(compile=False, tokens=args.tokens) -> float:
             """tokens/s from the first new token on (the prompt's forward excluded), as llama2.c
@@ -303,18 +309,28 @@ def bench_decode(args):
             for _ in steps:
                 pass
             return (tokens - 1) / (time.perf_counter() - start)
+
+        def between_measurements(run) -> tuple[float, float]:
+            """run()'s tokens/s and its fraction of the roofline at the bandwidth around it"""
+            before = measure_bandwidth(seconds=0.3)
+            tps = run()
+            bandwidths.extend((before, measure_bandwidth(seconds=0.3)))
+            return tps, tps * weight_bytes / ((before + bandwidths[-1]) / 2)
         eager_tps = max(ours() for _ in range(2))
         if args.compile:
             ours(True, 8)                          # compiles (the measured calls reuse the step)
-        compiled_runs, l2c_runs = [], []
-        for _ in range(3):                         # side by side, best of 3: this machine's speed drifts
-            if args.compile:
-                compiled_runs.append(ours(True))
+        mine, theirs = [], []
+        for _ in range(5):
+            mine.append(between_measurements(lambda: ours(args.compile)))
             if args.llama2c:
-                l2c_runs.append(_llama2c_decode(args.llama2c, model, args.tokens))
-        compiled_tps = max(compiled_runs, default=float("nan"))
-        l2c_tps = max(l2c_runs, default=float("nan"))
-        nocache_tps = float("nan")
+                theirs.append(between_measurements(lambda: _llama2c_decode(args.llama2c, model, args.tokens)))
+        bandwidth = statistics.median(bandwidths)
+        ours_tps, ours_roof = (statistics.median(col) for col in zip(*mine))
+        l2c_tps, l2c_roof, vs_l2c = nan, nan, nan
+        if theirs:
+            l2c_tps, l2c_roof = (statistics.median(col) for col in zip(*theirs))
+            vs_l2c = statistics.median(m[0] / t[0] for m, t in zip(mine, theirs))   # within each round
+        nocache_tps = nan
         if not args.skip_nocache:
             def nocache():
                 seq = prompt
@@ -322,11 +338,11 @@ def bench_decode(args):
                     for _ in range(args.tokens):
                         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
             nocache_tps = args.tokens / _timed(nocache)
-        hf_tps = _hf_decode(cfg, model, prompt, args.tokens) if args.hf else float("nan")
-        best = max(eager_tps, compiled_tps if args.compile else 0)
-        print(f"{name:6s} {model.num_params() / 1e6:7.1f}M {roofline:8.0f} {eager_tps:6.0f} {compiled_tps:8.0f} "
-              f"{best / roofline:10.0%} {nocache_tps:8.0f} {eager_tps / nocache_tps:13.1f}x "
-              f"{hf_tps:5.0f} {best / hf_tps:6.2f}x {l2c_tps:8.0f} {best / l2c_tps:12.0%}")
+        hf_tps = _hf_decode(cfg, model, prompt, args.tokens) if args.hf else nan
+        print(f"{name:6s} {model.num_params() / 1e6:7.1f}M {bandwidth / 1e9:5.1f} {bandwidth / weight_bytes:8.0f} "
+              f"{eager_tps:6.0f} {ours_tps if args.compile else nan:8.0f} {ours_roof:10.0%} {nocache_tps:8.0f} "
+              f"{eager_tps / nocache_tps:13.1f}x {hf_tps:5.0f} {ours_tps / hf_tps:6.2f}x {l2c_tps:8.0f} "
+              f"{l2c_roof:10.0%} {vs_l2c:12.0%}")
 
 
 def _llama2c_decode(directory: str, model: Transformer, tokens: int) -> float:

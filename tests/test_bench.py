@@ -33,8 +33,8 @@ def test_decode_prints_a_row_per_size():
                           "--skip-nocache", "--no-compile"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     row = next(l for l in out.stdout.splitlines() if l.startswith("15M"))
-    params, roofline, eager, compiled = row.split()[1:5]
-    assert params == "15.2M" and float(roofline) > 0 and float(eager) > 0 and compiled == "nan"
+    params, bandwidth, roofline, eager, compiled = row.split()[1:6]
+    assert params == "15.2M" and float(bandwidth) > 0 and float(roofline) > 0 and float(eager) > 0 and compiled == "nan"
 
 
 # Stands in for llama2.c's run binary: checks the model file against the layout run.c's
@@ -62,6 +62,20 @@ def test_llama2c_column_writes_the_model_in_run_c_layout(tmp_path):
     model = Transformer(vocab_size=100, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, block_size=32,
                         tie_weights=True)
     assert bench._llama2c_decode(str(tmp_path), model, 7) == 123.5
+
+
+def test_decode_runs_llama2c_side_by_side(tmp_path):
+    run = tmp_path / "run"
+    run.write_text(FAKE_RUN.format(python=sys.executable))
+    run.chmod(0o755)
+    out = subprocess.run([sys.executable, "bench.py", "decode", "--sizes", "15M", "--tokens", "7", "--no-hf",
+                          "--skip-nocache", "--no-compile", "--llama2c", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    row = next(l for l in out.stdout.splitlines() if l.startswith("15M")).split()
+    bandwidth, roofline, eager, roof = float(row[2]), float(row[3]), float(row[4]), float(row[6].rstrip("%"))
+    assert row[-3] == "124" and row[-2].endswith("%") and row[-1].endswith("%")   # the fake run's 123.5 tokens/s
+    assert 0 < roof and 0 < float(row[-1].rstrip("%")) and bandwidth > 0 and roofline > 0 and eager > 0
 
 
 def test_tokenize_prints_a_row_per_tokenizer_and_skips_an_unavailable_encoding(tmp_path, capsys, monkeypatch):
