@@ -490,7 +490,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
 @torch.no_grad()
 def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int,
                 length_penalty: float = 1.0, num_return_sequences: int = 1,
-                eos_id: Optional[int] = None) -> list[tuple[list[int], float]]:
+                eos_id: Optional[int] = None, compile: bool = False) -> list[tuple[list[int], float]]:
     """The num_return_sequences best continuations of prompt under beam search, best first,
     as (token ids, score); score = sum of log-probabilities / length ** length_penalty.
 
@@ -499,6 +499,7 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
     this is greedy decoding. A beam that emits eos_id is finished: it keeps its score (its only
     continuation is eos again, at log-probability 0), and its output ends before the eos; its
     length is the number of tokens before it (the eos's log-probability counts, as in HF).
+    compile: the one-token steps (all beams at once) run through decode_step(model).
     """
     if beam_size < 1 or not 1 <= num_return_sequences <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= num_return_sequences <= beam_size "
@@ -522,7 +523,7 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
             if step == max_new_tokens - 1:
                 break
             model.select_cache_rows(rows)                                  # caches follow their beams
-            logits, pos = _next_logits(model, seqs, pos)
+            logits, pos = _next_logits(model, seqs, pos, compile=compile)
     finally:
         model.clear_cache()
     outputs = [_until(ids, eos_id) for ids in seqs[:, len(prompt):].tolist()]
@@ -546,14 +547,15 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 @torch.no_grad()
 def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, *, k: int = 4,
                          temperature: float = 1.0, generator: Optional[torch.Generator] = None,
-                         eos_id: Optional[int] = None):
+                         eos_id: Optional[int] = None, compile: bool = False):
     """Speculative decoding: the draft proposes k tokens, the target checks them in one forward.
 
     Token x drawn from the draft's q is kept with probability min(1, p(x) / q(x)) under the
     target's p; the first rejected one is replaced by a draw from normalize(max(0, p - q)),
     and when all k are kept the target adds one more. Outputs are distributed exactly as
     sampling from the target alone; at temperature 0 they equal its greedy output. The output
-    ends before the first eos_id, if one is given and drawn.
+    ends before the first eos_id, if one is given and drawn. compile: the draft's one-token
+    steps run through decode_step(draft) (the target's k+1-token checks run eagerly).
     Returns (new token ids, acceptance rate of the draft's proposals).
     """
     if k < 1:
@@ -568,11 +570,16 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
     seq = list(prompt)
     fed_t = fed_d = 0                       # how many tokens of seq each KV cache holds
     proposed = accepted = 0
+
+    def draft_logits(tokens: list[int], pos: int) -> torch.Tensor:
+        if compile and len(tokens) == 1:
+            return decode_step(draft)(torch.tensor([tokens], device=device), pos)
+        return draft(torch.tensor([tokens], device=device), start_pos=pos)[:, -1]
     target.setup_cache(1)
     draft.setup_cache(1)
     try:
         while len(seq) - len(prompt) < max_new_tokens:
-            logits = draft(torch.tensor([seq[fed_d:]], device=device), start_pos=fed_d)[:, -1]
+            logits = draft_logits(seq[fed_d:], fed_d)
             fed_d = len(seq)
             xs, qs = [], []
             for i in range(k):                                   # the draft proposes k tokens
@@ -581,7 +588,7 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
                 xs.append(x)
                 qs.append(q)
                 if i < k - 1:
-                    logits = draft(torch.tensor([[x]], device=device), start_pos=fed_d + i)[:, -1]
+                    logits = draft_logits([x], fed_d + i)
             chunk = torch.tensor([seq[fed_t:] + xs], device=device)    # the target checks them at once
             ps = _probs(target(chunk, start_pos=fed_t)[0, -(k + 1):], temperature)   # (k+1, vocab)
             before = len(seq)
@@ -791,7 +798,7 @@ def main(argv=None):
             ranked = beam_search(model, encode_prompt(tokenizer, scfg.prompt), scfg.max_new_tokens,
                                  beam_size=scfg.beam_size, length_penalty=scfg.length_penalty,
                                  num_return_sequences=scfg.num_return_sequences,
-                                 eos_id=scfg.eos_id(tokenizer))
+                                 eos_id=scfg.eos_id(tokenizer), compile=scfg.compile)
             for i, (ids, score) in enumerate(ranked):
                 print(("\n" if i else "") + f"[beam {i + 1}, score {score:.4f}]\n{scfg.prompt}{tokenizer.decode(ids)}")
             return
@@ -828,11 +835,17 @@ def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
     if draft_tok.state() != tokenizer.state():
         raise ValueError(f"the draft checkpoint '{cfg.draft_checkpoint}' has another tokenizer than the target")
     ids = encode_prompt(tokenizer, cfg.prompt)
+    if cfg.compile:      # compile the draft's step, and the target's for the comparison, before timing
+        speculative_generate(model, draft, ids, 1, k=cfg.speculative_k, temperature=cfg.temperature,
+                             generator=torch.Generator(device=device), compile=True)
+        for _ in generate_tokens(model, torch.tensor([ids], device=device), 2, temperature=cfg.temperature,
+                                 generator=torch.Generator(device=device), compile=True):
+            pass
     for i in range(cfg.num_samples):
         start = time.perf_counter()
         new, rate = speculative_generate(model, draft, ids, cfg.max_new_tokens, k=cfg.speculative_k,
                                          temperature=cfg.temperature, generator=generator,
-                                         eos_id=cfg.eos_id(tokenizer))
+                                         eos_id=cfg.eos_id(tokenizer), compile=cfg.compile)
         spec_s = time.perf_counter() - start
         stream = TextStream(tokenizer, cfg.stop)
         for tok in new:
@@ -842,8 +855,8 @@ def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
         print(("\n" + "-" * 40 + "\n" if i else "") + cfg.prompt + stream.text())
         n = max(len(new), 1)                  # as many tokens as the output (fewer after an eos)
         start = time.perf_counter()
-        for _ in generate_tokens(model, torch.tensor([ids], device=device), n,
-                                 temperature=cfg.temperature, generator=torch.Generator(device=device)):
+        for _ in generate_tokens(model, torch.tensor([ids], device=device), n, temperature=cfg.temperature,
+                                 generator=torch.Generator(device=device), compile=cfg.compile):
             pass
         plain_s = time.perf_counter() - start
         print(f"[speculative k={cfg.speculative_k}: acceptance {rate:.0%}, {len(new) / spec_s:.0f} tokens/s; "

@@ -272,7 +272,12 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def select(self, rows: torch.Tensor):
-        """Keep (and repeat) batch rows in this order, e.g. the surviving beams."""
+        """Keep (and repeat) batch rows in this order, e.g. the surviving beams. As many rows as
+        before are reordered in place, so the span views (a compiled step's inputs) stay valid."""
+        if rows.shape[0] == self.k.shape[0]:
+            self.k.copy_(self.k.index_select(0, rows))
+            self.v.copy_(self.v.index_select(0, rows))
+            return
         self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
         self._span(self.max_len)
 

@@ -504,7 +504,19 @@ def test_greedy_speculative_equals_target_greedy(k):
     assert out == greedy and 0 <= rate <= 1
 
 
-def test_sampled_speculative_follows_the_target_distribution():
+def test_compiled_draft_steps_keep_speculative_decoding_exact(monkeypatch):
+    """compile=True runs the draft's one-token steps through its compiled step: greedy output
+    is still the target's greedy output."""
+    target, draft = _pair()
+    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
+    greedy = torch.cat(list(generate_tokens(target, torch.tensor([[1, 2]]), 20, temperature=0)), 1)[0].tolist()
+    out, rate = generate.speculative_generate(target, draft, [1, 2], 20, k=3, temperature=0, compile=True)
+    assert out == greedy and 0 <= rate <= 1
+    assert generate.decode_step(draft).compiled and target not in generate._STEPS   # only the draft's
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_sampled_speculative_follows_the_target_distribution(compile):
     # the joint law of the first two new tokens (16 cells) vs the target's exact probabilities
     target, draft = _pair(1)
     prompt = [1, 2]
@@ -516,7 +528,8 @@ def test_sampled_speculative_follows_the_target_distribution():
     n = 1500
     counts = torch.zeros(16)
     for _ in range(n):
-        (a, b), _ = generate.speculative_generate(target, draft, prompt, 2, k=3, temperature=1.0, generator=g)
+        (a, b), _ = generate.speculative_generate(target, draft, prompt, 2, k=3, temperature=1.0, generator=g,
+                                                  compile=compile)
         counts[a * 4 + b] += 1
     expected = n * exact
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
@@ -875,6 +888,34 @@ def test_sampled_compiled_decoding_replays_the_logits_step():
                                                **kw)), 1) for c in (False, True)]
         assert torch.equal(*runs)
     assert generate.decode_step(model).last[2]                         # kernels captured and replayed
+
+
+def test_compiled_beam_search_equals_eager_and_replays_between_reorders(monkeypatch):
+    """Beam search's steps (all beams at once) through the compiled step: the same beams and
+    scores as eager, and the cache reordered in place, so steps replay the kernels between
+    span changes instead of going through dynamo for every reorder."""
+    model = _tiny(2, block_size=64)
+    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
+    prompt = [1, 5, 7]
+    eager = generate.beam_search(model, prompt, 40, beam_size=3, num_return_sequences=3)
+    step = generate.decode_step(model)
+    through_dynamo, real_fn = [], step.fn
+    step.fn = lambda *args: through_dynamo.append(1) or real_fn(*args)
+    compiled = generate.beam_search(model, prompt, 40, beam_size=3, num_return_sequences=3, compile=True)
+    assert [ids for ids, _ in compiled] == [ids for ids, _ in eager]
+    torch.testing.assert_close([s for _, s in compiled], [s for _, s in eager], rtol=1e-5, atol=1e-6)
+    assert step.compiled and len(through_dynamo) == 1          # 38 of the 39 steps are replays
+
+
+def test_cache_rows_reordered_in_place_keep_their_views():
+    cache = KVCache(3, 8, 2, 4)
+    cache.k.normal_(); cache.v.normal_()
+    k, v, span = cache.k.clone(), cache.v.clone(), cache.k_span
+    rows = torch.tensor([2, 0, 0])
+    cache.select(rows)
+    assert cache.k_span is span and torch.equal(cache.k, k[rows]) and torch.equal(cache.v, v[rows])
+    cache.select(torch.tensor([1, 2]))                          # fewer rows: new tensors
+    assert cache.k.shape[0] == 2 and torch.equal(cache.k, k[rows][[1, 2]])
 
 
 def test_a_compiled_step_does_not_keep_its_model_alive():
