@@ -192,6 +192,13 @@ def _next_logits(model, seq: torch.Tensor, pos: int, pad: Optional[torch.Tensor]
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # model -> {greedy: CompiledStep}
 
 
+def _clear_cache(model):
+    """model.clear_cache(), its compiled steps letting go of the cache too."""
+    model.clear_cache()
+    for step in _STEPS.get(model, {}).values():
+        step.forget()
+
+
 def decode_step(model, *, greedy: bool = False) -> "CompiledStep":
     """model's compiled one-token step (a CompiledStep), made on first use and kept."""
     steps = _STEPS.setdefault(model, {})
@@ -286,6 +293,11 @@ class CompiledStep:
         out = out.clone()                           # a replay rewrites the buffers of the last call
         self.pos_value, self.fed = pos + 1, out if self.greedy else None
         return out
+
+    def forget(self):
+        """Let go of the last call's inputs, the KV cache among them, once decoding is over (the
+        next call goes through dynamo anyway: a new cache is new tensors)."""
+        self.last = self.replay_key = None
 
     def _replay(self):
         compiled, args, kernels, out = self.last
@@ -484,7 +496,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
             idx = torch.cat([idx, nxt], dim=1)
             logits, pos = _next_logits(model, idx, pos, pad, compile)
     finally:
-        model.clear_cache()
+        _clear_cache(model)
 
 
 @torch.no_grad()
@@ -525,7 +537,7 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
             model.select_cache_rows(rows)                                  # caches follow their beams
             logits, pos = _next_logits(model, seqs, pos, compile=compile)
     finally:
-        model.clear_cache()
+        _clear_cache(model)
     outputs = [_until(ids, eos_id) for ids in seqs[:, len(prompt):].tolist()]
     ranked = sorted(((ids, score / max(len(ids), 1) ** length_penalty) for ids, score in zip(outputs, scores.tolist())),
                     key=lambda pair: -pair[1])
@@ -610,8 +622,8 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
             fed_t = before + kept                                 # the new last token is not cached yet
             fed_d = before + min(kept, k - 1)
     finally:
-        target.clear_cache()
-        draft.clear_cache()
+        _clear_cache(target)
+        _clear_cache(draft)
     return seq[len(prompt):len(prompt) + max_new_tokens], accepted / max(proposed, 1)
 
 

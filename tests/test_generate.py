@@ -887,7 +887,10 @@ def test_sampled_compiled_decoding_replays_the_logits_step():
         runs = [torch.cat(list(generate_tokens(model, prompt, 100, compile=c, generator=torch.Generator().manual_seed(1),
                                                **kw)), 1) for c in (False, True)]
         assert torch.equal(*runs)
+    steps = generate_tokens(model, prompt, 10, temperature=0.8, compile=True)
+    next(steps), next(steps), next(steps)
     assert generate.decode_step(model).last[2]                         # kernels captured and replayed
+    steps.close()
 
 
 def test_compiled_beam_search_equals_eager_and_replays_between_reorders(monkeypatch):
@@ -924,12 +927,30 @@ def test_a_compiled_step_does_not_keep_its_model_alive():
     import gc
     import weakref
     model = _tiny(1)
-    list(generate_tokens(model, torch.tensor([[1, 2, 3]]), 5, temperature=0, compile=True))
+    steps = generate_tokens(model, torch.tensor([[1, 2, 3]]), 5, temperature=0, compile=True)
+    next(steps), next(steps), next(steps)
     assert generate.decode_step(model, greedy=True).last[2]             # compiled, kernels captured
+    list(steps)
     ref, n = weakref.ref(model), len(generate._STEPS)
     del model
     gc.collect()
     assert ref() is None and len(generate._STEPS) == n - 1
+
+
+def test_compiled_steps_let_go_of_the_kv_cache_when_decoding_ends():
+    """A step replays on the buffers of its last call, the KV cache among them; once decoding
+    is over (model.clear_cache) it drops them, so the cache is freed, not kept until the next call."""
+    import gc
+    import weakref
+    model = _tiny(1)
+    for kw in (dict(temperature=0), dict(temperature=0.7, top_k=5)):       # greedy and logits steps
+        steps = generate_tokens(model, torch.tensor([[1, 2, 3]]), 6, compile=True, **kw)
+        next(steps), next(steps), next(steps)
+        cache = weakref.ref(model.blocks[0].attn.kv_cache.k)
+        assert generate.decode_step(model, greedy=kw["temperature"] == 0).last is not None   # replaying on it
+        list(steps)
+        gc.collect()
+        assert cache() is None
 
 
 def test_a_decode_step_outside_the_cache_is_an_error_not_an_abort():
