@@ -210,6 +210,8 @@ def decode_step(model, *, greedy: bool = False) -> "CompiledStep":
 class CompiledStep:
     """model's one-token forward through torch.compile: step(token (B, 1), pos, pad) -> logits
     (B, vocab), or with greedy=True the argmax next tokens (B, 1), picked inside the graph.
+    A chunk of T > 1 tokens (B, T) gives the logits of each of them, (B, T, vocab), from a
+    graph of its own (speculative decoding's checks of k + 1 tokens).
 
     The graph's inputs are static: the token and its position (a 0-d tensor) live in tensors of
     the step's own, which the graph itself advances (the position always, the token when it is
@@ -235,8 +237,11 @@ class CompiledStep:
         model_ref = weakref.ref(model)               # _STEPS must not keep the model alive
 
         def step(token, pos, pad):
-            logits = model_ref()(token, start_pos=pos, pad=pad)[:, -1]
-            pos.add_(1)                              # the next step's position
+            logits = model_ref()(token, start_pos=pos, pad=pad)
+            pos.add_(token.shape[1])                 # the next step's position
+            if token.shape[1] > 1:                   # a chunk: every position's logits
+                return logits
+            logits = logits[:, -1]
             if not greedy:
                 return logits
             nxt = logits.argmax(-1, keepdim=True)
@@ -269,9 +274,13 @@ class CompiledStep:
     def __call__(self, token: torch.Tensor, pos: int, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         model = self.model_ref()
         cache = model.blocks[0].attn.kv_cache
-        if cache is None or not 0 <= pos < cache.max_len:   # a kernel's own check would abort the process
-            raise ValueError(f"a decode step needs a KV cache (model.setup_cache) with a slot for position "
-                             f"{pos}" + (f"; it holds {cache.max_len}" if cache is not None else ""))
+        T = token.shape[1]
+        if self.greedy and T != 1:
+            raise ValueError(f"a greedy decode step takes one token per row, got {T}")
+        if cache is None or not 0 <= pos <= cache.max_len - T:   # a kernel's own check would abort the process
+            where = f"position {pos}" if T == 1 else f"positions {pos}..{pos + T - 1}"
+            raise ValueError(f"a decode step needs a KV cache (model.setup_cache) with a slot for {where}"
+                             + (f"; it holds {cache.max_len}" if cache is not None else ""))
         if self.token is None or self.token.shape != token.shape or self.token.device != token.device:
             self.token = torch.empty_like(token, memory_format=torch.contiguous_format)
             self.pos = torch.zeros((), dtype=torch.long, device=token.device)
@@ -281,7 +290,7 @@ class CompiledStep:
         if pos != self.pos_value:
             self.pos.fill_(pos)
         self.pos_value = self.fed = None             # unknown until the step has run
-        span = -(-(pos + 1) // 64) * 64              # read the cache up to pos, rounded up to 64
+        span = -(-(pos + T) // 64) * 64              # read the cache up to the last position, rounded up to 64
         if cache.k_span.shape[2] != min(span, cache.max_len):
             model.set_cache_span(span)
         key = (self.token, pad, cache.k_span)       # a new span or cache: new views
@@ -291,7 +300,7 @@ class CompiledStep:
             out = self._through_dynamo(pad)
             self.replay_key = key if self.last is not None else None  # the CPU backend kept this call's inputs
         out = out.clone()                           # a replay rewrites the buffers of the last call
-        self.pos_value, self.fed = pos + 1, out if self.greedy else None
+        self.pos_value, self.fed = pos + T, out if self.greedy else None
         return out
 
     def forget(self):
@@ -567,7 +576,8 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
     and when all k are kept the target adds one more. Outputs are distributed exactly as
     sampling from the target alone; at temperature 0 they equal its greedy output. The output
     ends before the first eos_id, if one is given and drawn. compile: the draft's one-token
-    steps run through decode_step(draft) (the target's k+1-token checks run eagerly).
+    steps run through decode_step(draft), and the target's checks of k + 1 tokens (every round
+    after the first, which also reads the prompt) through decode_step(target).
     Returns (new token ids, acceptance rate of the draft's proposals).
     """
     if k < 1:
@@ -601,8 +611,12 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
                 qs.append(q)
                 if i < k - 1:
                     logits = draft_logits([x], fed_d + i)
-            chunk = torch.tensor([seq[fed_t:] + xs], device=device)    # the target checks them at once
-            ps = _probs(target(chunk, start_pos=fed_t)[0, -(k + 1):], temperature)   # (k+1, vocab)
+            chunk = seq[fed_t:] + xs                                   # the target checks them at once
+            if compile and len(chunk) == k + 1:                        # (after the first round)
+                checked = decode_step(target)(torch.tensor([chunk], device=device), fed_t)[0]
+            else:
+                checked = target(torch.tensor([chunk], device=device), start_pos=fed_t)[0, -(k + 1):]
+            ps = _probs(checked.float(), temperature)                  # (k+1, vocab)
             before = len(seq)
             for i, (x, q) in enumerate(zip(xs, qs)):
                 proposed += 1
@@ -848,8 +862,8 @@ def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
         raise ValueError(f"the draft checkpoint '{cfg.draft_checkpoint}' has another tokenizer than the target")
     ids = encode_prompt(tokenizer, cfg.prompt)
     if cfg.compile:      # compile the draft's step, and the target's for the comparison, before timing
-        speculative_generate(model, draft, ids, 1, k=cfg.speculative_k, temperature=cfg.temperature,
-                             generator=torch.Generator(device=device), compile=True)
+        speculative_generate(model, draft, ids, min(cfg.max_new_tokens, cfg.speculative_k + 2), k=cfg.speculative_k,
+                             temperature=cfg.temperature, generator=torch.Generator(device=device), compile=True)
         for _ in generate_tokens(model, torch.tensor([ids], device=device), 2, temperature=cfg.temperature,
                                  generator=torch.Generator(device=device), compile=True):
             pass

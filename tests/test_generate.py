@@ -504,15 +504,36 @@ def test_greedy_speculative_equals_target_greedy(k):
     assert out == greedy and 0 <= rate <= 1
 
 
-def test_compiled_draft_steps_keep_speculative_decoding_exact(monkeypatch):
-    """compile=True runs the draft's one-token steps through its compiled step: greedy output
-    is still the target's greedy output."""
+def test_compiled_steps_keep_speculative_decoding_exact(monkeypatch):
+    """compile=True runs the draft's one-token steps and the target's checks of k + 1 tokens
+    through compiled steps: greedy output is still the target's greedy output."""
     target, draft = _pair()
     monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
     greedy = torch.cat(list(generate_tokens(target, torch.tensor([[1, 2]]), 20, temperature=0)), 1)[0].tolist()
     out, rate = generate.speculative_generate(target, draft, [1, 2], 20, k=3, temperature=0, compile=True)
     assert out == greedy and 0 <= rate <= 1
-    assert generate.decode_step(draft).compiled and target not in generate._STEPS   # only the draft's
+    assert generate.decode_step(draft).compiled and generate.decode_step(target).compiled
+
+
+def test_a_compiled_chunk_step_gives_every_position_s_logits():
+    """A (1, T) chunk through the compiled step: the logits of its T positions, as eager, from
+    its position on; a greedy step takes one token, and the chunk must fit in the cache."""
+    model = _tiny(2, block_size=32)
+    prompt, chunk = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = model(torch.cat([prompt, chunk], 1))[0, 4:]
+        model.setup_cache(1, 32)
+        model(prompt, start_pos=0)
+        step = generate.decode_step(model)
+        got = step(chunk, 4)
+        assert got.shape == (1, 4, 23) and step.compiled
+        torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(step(chunk, 4)[0], want, rtol=1e-4, atol=1e-5)       # replayed
+        with pytest.raises(ValueError, match=r"a slot for positions 30..33; it holds 32"):
+            step(chunk, 30)
+        with pytest.raises(ValueError, match="one token per row, got 4"):
+            generate.decode_step(model, greedy=True)(chunk, 4)
+    model.clear_cache()
 
 
 @pytest.mark.parametrize("compile", [False, True])
