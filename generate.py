@@ -317,7 +317,7 @@ class CompiledStep:
         return out[0]
 
     def _through_dynamo(self, pad):
-        self.last = self.replay_key = None
+        self.forget()                               # this call records anew (CPU backend)
         if self.compiled is False:
             return self.eager(self.token, self.pos, pad)
         try:
