@@ -314,8 +314,9 @@ def bench_decode(args):
             """run()'s tokens/s and its fraction of the roofline at the bandwidth around it"""
             before = measure_bandwidth(seconds=0.3)
             tps = run()
-            bandwidths.extend((before, measure_bandwidth(seconds=0.3)))
-            return tps, tps * weight_bytes / ((before + bandwidths[-1]) / 2)
+            after = measure_bandwidth(seconds=0.3)
+            bandwidths.extend((before, after))
+            return tps, tps * weight_bytes / ((before + after) / 2)
         eager_tps = max(ours() for _ in range(2))
         if args.compile:
             ours(True, 8)                          # compiles (the measured calls reuse the step)
