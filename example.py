@@ -19,7 +19,8 @@ from data import ByteTokenizer, CharTokenizer, DataConfig, TokenDataset, load_da
 from generate import SampleConfig, generate_text, generate_tokens, sample_next
 from model import Transformer, TransformerConfig
 from train import SECTIONS, train
-from utils import load_checkpoint, load_config, model_from_checkpoint
+from config import load_config
+from utils import load_checkpoint, model_from_checkpoint
 
 CHECKS = []
 

@@ -28,10 +28,9 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from config import SECTIONS as RUN_SECTIONS, coerce, config_file, field_types, load_config
 from model import closest
-from train import SECTIONS as TRAIN_SECTIONS
-from utils import (CheckpointError, coerce, config_file, field_types, load_config,
-                   load_model, pick_device, warn_compile_failed)
+from utils import CheckpointError, load_model, pick_device, warn_compile_failed
 
 
 @dataclass
@@ -791,7 +790,7 @@ def prompt_file_main(model, tokenizer, cfg: SampleConfig, generator):
 # Command line
 # -----------------------------------------------------------------------------
 
-SECTIONS = {**TRAIN_SECTIONS, "sample": SampleConfig}
+SECTIONS = {**RUN_SECTIONS, "sample": SampleConfig}
 ALIASES = {**{name: f"sample.{name}" for name in SampleConfig.__dataclass_fields__},
            "quantize": "quantize.mode", "group_size": "quantize.group_size"}
 

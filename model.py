@@ -1,14 +1,15 @@
-"""The decoder-only transformer: every layer in one file.
+"""The transformer: every layer in one file, and the models built from them.
 
 Sections, in reading order:
     1. Config      -- TransformerConfig (validated) and the named presets
     2. Norms       -- RMSNorm, LayerNorm
     3. RoPE        -- rotary position embeddings, full or partial
     4. KV cache    -- a module holding keys/values for incremental decoding
-    5. Attention   -- causal self-attention for MHA, GQA and MQA via SDPA
+    5. Attention   -- causal or bidirectional self-attention, MHA, GQA and MQA via SDPA
     6. FeedForward -- SwiGLU / GeGLU (gated) and GELU / ReLU / SiLU MLPs
     7. Block       -- pre-norm or post-norm residual block
-    8. Model       -- Transformer: embeddings, blocks, head, caches
+    8. Model       -- Backbone (embeddings, blocks, final norm -> hidden states) and
+                      Transformer (a backbone with an LM, classification or regression head)
     9. Surgery     -- LoRA adapters and int8/int4 weight quantization, applied by
                       swapping the nn.Linear modules of a built model
 
@@ -19,13 +20,13 @@ Example:
     >>> model(torch.randint(0, 100, (2, 10))).shape
     torch.Size([2, 10, 100])
 
-There is no generation loop here: sampling lives in generate.py.
+There is no generation loop here: sampling lives in generate.py, and the compiled
+decoding fast path in fastpath.py.
 """
 from __future__ import annotations
 
 import difflib
 import math
-import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
@@ -42,6 +43,8 @@ NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "none")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
 GATED = ("swiglu", "geglu")
+HEADS = ("lm", "classification", "regression")
+POOLINGS = ("last", "mean", "cls", "none")   # none: an output per position
 
 
 def closest(name: str, valid) -> str:
@@ -80,6 +83,11 @@ class TransformerConfig:
     activation: str = "swiglu"
     tie_weights: bool = True
     init_std: float = 0.02
+    causal: bool = True            # False: every position attends to every other (an encoder)
+    head: str = "lm"               # lm | classification | regression (see section 8)
+    num_classes: Optional[int] = None  # classification: the number of labels
+    output_dim: int = 1            # regression: values predicted per sequence (or per position)
+    pooling: str = "last"          # classification/regression: last | mean | cls | none
 
     def __post_init__(self):
         def need(ok, msg):
@@ -116,6 +124,20 @@ class TransformerConfig:
                  f"{self.head_dim * self.rotary_pct:g} rotated dims; need an even number >= 2")
         need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
         need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
+        self._check_head(need)
+
+    def _check_head(self, need):
+        need(self.head in HEADS, f"head={self.head!r}; {closest(self.head, HEADS)}")
+        need(self.pooling in POOLINGS, f"pooling={self.pooling!r}; {closest(self.pooling, POOLINGS)}")
+        if self.head == "classification":
+            need(isinstance(self.num_classes, int) and self.num_classes >= 2,
+                 f"head=classification needs num_classes >= 2, got {self.num_classes!r}")
+        need(isinstance(self.output_dim, int) and self.output_dim > 0,
+             f"output_dim must be a positive integer, got {self.output_dim!r}")
+        # position 0 of a causal model sees only itself, so a [CLS] slot there would learn nothing
+        need(not (self.pooling == "cls" and self.causal),
+             "pooling=cls needs causal=False (a causal model's first position sees only itself); "
+             "use pooling=last or mean")
 
     @property
     def head_dim(self) -> int:
@@ -220,47 +242,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Keys and values of past positions, preallocated for (batch, max_len).
 
-    `update(start, k, v)` writes the new positions and returns the keys and
-    values of every position so far, so a step attends over the whole past
-    without recomputing it. With start a 0-d tensor (static mode, what a
-    compiled decode step needs) it returns the first `span` slots whatever
-    the position, the caller masking those not written yet: shapes do not
-    change from step to step. `narrow(n)` sets the span (all slots at first),
-    so that a step reads only the slots it could need.
+    `update(start, k, v)` writes the new positions and returns the keys and values of
+    every position so far, so a step attends over the whole past without recomputing it.
     """
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
                  *, dtype=torch.float32, device=None):
         super().__init__()
-        # one slot more than max_len, never written: no span is then the whole buffer, so all
-        # spans share their strides (a contiguous one would need a compiled graph of its own)
-        shape = (batch_size, n_kv_heads, max_len + 1, head_dim)
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.max_len = max_len
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self._span(max_len)
 
-    def _span(self, n: int):
-        self.k_span, self.v_span = self.k[:, :, :n], self.v[:, :, :n]      # views: writes reach the cache
-
-    def narrow(self, n: int):
-        """Static mode reads and returns slots 0..n-1 from now on (all of them if n is larger).
-        n is marked as a dynamic size for torch.compile, so one compiled step serves every span."""
-        if n < 1:
-            raise ValueError(f"span {n} must be at least 1")
-        n = min(n, self.max_len)
-        if self.k_span.shape[2] != n:
-            import torch._dynamo
-            self._span(n)
-            torch._dynamo.maybe_mark_dynamic(self.k_span, 2)
-            torch._dynamo.maybe_mark_dynamic(self.v_span, 2)
-
-    def update(self, start, k: torch.Tensor, v: torch.Tensor):
-        if isinstance(start, torch.Tensor):   # static shapes: write, return the span's slots
-            slots = start + torch.arange(k.shape[2], device=k.device)
-            self.k_span.index_copy_(2, slots, k)
-            self.v_span.index_copy_(2, slots, v)
-            return self.k_span, self.v_span
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; "
@@ -272,22 +266,16 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def select(self, rows: torch.Tensor):
-        """Keep (and repeat) batch rows in this order, e.g. the surviving beams. As many rows as
-        before are reordered in place, so the span views (a compiled step's inputs) stay valid."""
-        if rows.shape[0] == self.k.shape[0]:
-            self.k.copy_(self.k.index_select(0, rows))
-            self.v.copy_(self.v.index_select(0, rows))
-            return
+        """Keep (and repeat) batch rows in this order, e.g. the surviving beams."""
         self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
-        self._span(self.max_len)
 
 # =============================================================================
 # 5. Attention
 # =============================================================================
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; n_kv_heads < n_heads gives GQA (1: MQA)."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, causal or bidirectional; n_kv_heads < n_heads gives GQA (1: MQA)."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -295,7 +283,7 @@ class CausalSelfAttention(nn.Module):
         qkv_dim = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
         self.wqkv = nn.Linear(cfg.d_model, qkv_dim, bias=cfg.bias)   # one matmul for q, k, v
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
-        self.dropout = cfg.dropout
+        self.dropout, self.causal = cfg.dropout, cfg.causal
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x, rope=None, start_pos=None, mask=None):
@@ -311,7 +299,7 @@ class CausalSelfAttention(nn.Module):
         if start_pos is not None:
             k, v = self.kv_cache.update(start_pos, k, v)     # (B, Hkv, start+T, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != H)
         y = y.transpose(1, 2).reshape(B, T, H * hd)           # (B, T, C)
         return self.wo(y)
@@ -350,7 +338,7 @@ class Block(nn.Module):
         super().__init__()
         self.pre_norm = cfg.pre_norm
         self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg)
         self.mlp = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -362,31 +350,75 @@ class Block(nn.Module):
         return self.norm2(x + self.drop(self.mlp(x)))
 
 # =============================================================================
-# 8. Model
+# 8. Model: a backbone (inputs -> blocks -> final norm) with a head on top
 # =============================================================================
 
 
-def positions_and_mask(start, T: int, pad: Optional[torch.Tensor], *, device, cache_len: int = 0):
-    """Positions of the T slots from start, (T,) or, with left padding pad (B,), (B, T); and the
-    attention mask for SDPA (True = attend), or None where is_causal (or nothing) will do.
-    start may be a 0-d tensor (a static KV cache: attention then spans the cache_len slots it
-    returns, those not yet written masked out, so shapes never depend on the position)."""
-    static = isinstance(start, torch.Tensor)
-    slots = (start + torch.arange(T, device=device)) if static else torch.arange(start, start + T, device=device)
-    if pad is None and not static:
-        if start > 0 and T > 1:   # a chunk after cached positions: causal within, sees all before
+def positions_and_mask(start: int, T: int, *, causal: bool = True, pad: Optional[torch.Tensor] = None,
+                       attention_mask: Optional[torch.Tensor] = None, device=None):
+    """Positions of T slots from start, (T,) or (B, T) for padded rows, and the attention mask
+    for SDPA (True = attend), or None where is_causal (or nothing) will do.
+
+    pad: (B,) left-padding lengths (generation, with a KV cache).
+    attention_mask: (B, T), true at real tokens, padding anywhere (training, no cache).
+    Either way a row's positions count from its first real token, so it computes what it
+    would alone; a padding slot sees only itself (its output is never used, but a row with
+    nothing to attend to would be NaN).
+
+        >>> positions_and_mask(0, 3, attention_mask=torch.tensor([[1, 1, 0]]))[0].tolist()
+        [[0, 1, 1]]
+    """
+    if attention_mask is not None:
+        real = attention_mask.to(device=device, dtype=torch.bool)                  # (B, T)
+        visible = real[:, None, :].expand(-1, T, -1)                               # (B, T, S=T)
+        if causal:
+            visible = visible.tril()
+        visible = visible | torch.eye(T, dtype=torch.bool, device=device)
+        return (real.long().cumsum(1) - 1).clamp(min=0), visible[:, None]          # (B, T), (B, 1, T, T)
+    slots = torch.arange(start, start + T, device=device)
+    if pad is None:
+        if causal and start > 0 and T > 1:   # a chunk after cached positions: causal within, sees all before
             return slots, torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
         return slots, None
-    keys = torch.arange(cache_len if static else start + T, device=device)  # (S,)
-    if pad is None:
-        return slots, keys <= slots[:, None]                               # (T, S)
-    causal = keys <= slots[:, None]                                        # (T, S)
-    # a padding slot sees only itself: its output is never used, but an all-masked row would be NaN
-    visible = (keys >= pad[:, None, None]) | (keys == slots[:, None])      # (B, T, S)
-    return (slots - pad[:, None]).clamp(min=0), (causal & visible)[:, None]  # (B, T), (B, 1, T, S)
+    keys = torch.arange(start + T, device=device)                                  # (S,)
+    seen = keys <= slots[:, None] if causal else torch.ones(T, start + T, dtype=torch.bool, device=device)
+    visible = (keys >= pad[:, None, None]) | (keys == slots[:, None])              # (B, T, S)
+    return (slots - pad[:, None]).clamp(min=0), (seen & visible)[:, None]          # (B, T), (B, 1, T, S)
 
 
-def init_weights(model: "Transformer"):
+def pool(h: torch.Tensor, how: str, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One vector per sequence from hidden states h (B, T, C), over its real positions only:
+    the last one, their mean, or position 0 (cls); `none` keeps every position.
+
+        >>> pool(torch.arange(6.).view(1, 3, 2), "mean", torch.tensor([[1, 1, 0]])).tolist()
+        [[1.0, 2.0]]
+    """
+    if how == "none":
+        return h
+    if how == "cls":
+        return h[:, 0]
+    real = (torch.ones(h.shape[:2], device=h.device) if attention_mask is None
+            else attention_mask.to(device=h.device, dtype=h.dtype))               # (B, T)
+    if how == "mean":
+        return (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+    last = (real.long() * torch.arange(h.shape[1], device=h.device)).argmax(1)     # (B,): the last real slot
+    return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+class PooledHead(nn.Module):
+    """Classification logits or regression values from hidden states: pool, then a linear layer.
+    (B, T, C) -> (B, out), or (B, T, out) with pooling=none (an output per position)."""
+
+    def __init__(self, d_model: int, out_dim: int, pooling: str):
+        super().__init__()
+        self.pooling = pooling
+        self.proj = nn.Linear(d_model, out_dim)
+
+    def forward(self, h, attention_mask=None):
+        return self.proj(pool(h, self.pooling, attention_mask))
+
+
+def init_weights(model: nn.Module):
     """GPT-2's initialization: N(0, init_std) for linear and embedding weights, zero biases, and
     the residual projections scaled down with depth so the stream's variance stays O(1)."""
     cfg = model.config
@@ -402,8 +434,131 @@ def init_weights(model: "Transformer"):
             nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
 
-class Transformer(nn.Module):
-    """Decoder-only language model: token ids (B, T) -> logits (B, T, vocab_size).
+class Backbone(nn.Module):
+    """Token ids (B, T) -> hidden states (B, T, d_model): embeddings, blocks, final norm.
+
+    `hidden_states(idx)` checks its inputs and builds positions and the attention mask;
+    `encode(idx, pos, mask)` is the computation itself. The KV cache lives in each
+    attention layer (setup_cache); causal=False makes an encoder, which has none.
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        # a learned [CLS] vector before the first token, for pooling=cls
+        self.cls_emb = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.pooling == "cls" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = make_norm(cfg) if cfg.pre_norm else nn.Identity()  # post-norm output is normed already
+        # RoPE tables per (device, dtype), derived from float64 ones: not buffers, so that
+        # model.to(torch.bfloat16) cannot round the float64 master copy.
+        self._rope: dict = {}
+        self.gradient_checkpointing = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device            # the embedding is never quantized
+
+    def hidden_states(self, idx: torch.Tensor, *, start_pos: Optional[int] = None,
+                      pad: Optional[torch.Tensor] = None,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Hidden states (B, T, d_model) for token ids idx (B, T); with pooling=cls, (B, 1 + T, C),
+        the [CLS] slot first. Options as in Transformer.forward.
+
+            >>> model = Transformer(vocab_size=10, d_model=16, n_heads=2, n_layers=1)
+            >>> model.hidden_states(torch.tensor([[1, 2, 3]])).shape
+            torch.Size([1, 3, 16])
+        """
+        B, T = idx.shape
+        start, cls = start_pos or 0, self.cls_emb is not None
+        if start + T + cls > self.config.block_size:
+            raise ValueError(f"sequence of {start + T + cls} positions is longer than "
+                             f"block_size={self.config.block_size}; crop the input to the last "
+                             f"{self.config.block_size - cls} tokens")
+        if start_pos is not None and self.blocks[0].attn.kv_cache is None:
+            raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
+        if pad is not None and attention_mask is not None:
+            raise ValueError("give pad (left padding, with a KV cache) or attention_mask, not both")
+        if attention_mask is not None and attention_mask.shape != idx.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; "
+                             f"the input has {tuple(idx.shape)}")
+        if cls:
+            real = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            attention_mask = torch.cat([real.new_ones(B, 1), real], dim=1)
+        pos, mask = positions_and_mask(start, T + cls, causal=self.config.causal, pad=pad,
+                                       attention_mask=attention_mask, device=idx.device)
+        return self.encode(idx, pos, mask, start_pos=start_pos)
+
+    def encode(self, idx, pos, mask, *, start_pos=None) -> torch.Tensor:
+        """The backbone at positions pos ((T,) or (B, T)) under an SDPA mask (or None)."""
+        x = self.tok_emb(idx)                                       # (B, T, C)
+        if self.cls_emb is not None:
+            x = torch.cat([self.cls_emb.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        x = self.drop(x)
+        rope = None
+        if self.config.pos_encoding == "rope":
+            cos, sin = self._rope_tables(x.device, x.dtype)
+            rope = cos[pos], sin[pos]                               # (T, rd) or (B, T, rd)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and start_pos is None
+        for block in self.blocks:   # recompute: autograd keeps only the block's input and reruns it in backward
+            x = (checkpoint(block, x, rope, None, mask, use_reentrant=False) if recompute
+                 else block(x, rope, start_pos, mask))
+        return self.norm_f(x)                                       # (B, T, C)
+
+    def _rope_tables(self, device, dtype):
+        key = (device, dtype)
+        if key not in self._rope:   # computed in float64 once per (device, dtype), then rounded once
+            cfg = self.config
+            tables = rope_tables(cfg.rotary_dim, cfg.block_size, cfg.rope_theta)
+            self._rope[key] = tuple(t.to(device=device, dtype=dtype) for t in tables)
+        return self._rope[key]
+
+    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, *, dtype=None, device=None):
+        """Allocate a KV cache in every attention layer for up to max_len positions."""
+        if not self.config.causal:
+            raise ValueError("a bidirectional model (causal=False) has no incremental decoding")
+        max_len = max_len or self.config.block_size
+        if max_len > self.config.block_size:
+            raise ValueError(f"max_len={max_len} exceeds block_size={self.config.block_size}")
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
+                                          dtype=dtype or self.tok_emb.weight.dtype, device=device or self.device)
+
+    def select_cache_rows(self, rows: torch.Tensor):
+        """Reorder every layer's KV cache along the batch: row i becomes old row rows[i]."""
+        for block in self.blocks:
+            block.attn.kv_cache.select(rows)
+
+    def clear_cache(self):
+        """Drop the KV caches (frees their memory)."""
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    def set_dropout(self, p: float):
+        """Set the probability of every dropout (embeddings, residual branches, attention
+        weights), e.g. model.set_dropout(0.0); config.dropout keeps the built-with value."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout={p} must be in [0, 1)")
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, SelfAttention):
+                m.dropout = p
+
+    def set_gradient_checkpointing(self, enabled: bool = True):
+        """Recompute each block in backward instead of keeping its activations (training only):
+        the same loss and gradients, far less memory, about one more forward of compute."""
+        self.gradient_checkpointing = enabled
+
+
+class Transformer(Backbone):
+    """The backbone with a head: by default a language model, token ids (B, T) -> logits
+    (B, T, vocab_size); head=classification gives (B, num_classes) and head=regression
+    (B, output_dim), pooled over each sequence (per position with pooling=none).
 
     Build it from a config or from keyword arguments:
         >>> model = Transformer(TransformerConfig.from_preset("tiny", vocab_size=65))
@@ -419,30 +574,37 @@ class Transformer(nn.Module):
     extends the sequence of the previous call, only the new positions are
     computed, and the logits of those new positions are returned.
 
+    A classifier over padded sequences (the mask is true at real tokens):
+        >>> clf = Transformer(vocab_size=65, d_model=64, n_heads=4, n_layers=2, causal=False,
+        ...                   head="classification", num_classes=3, pooling="mean")
+        >>> clf(torch.tensor([[5, 6, 0]]), attention_mask=torch.tensor([[1, 1, 0]])).shape
+        torch.Size([1, 3])
+
     Training knobs, not architecture: set_dropout(p), set_gradient_checkpointing(enabled).
     """
 
     def __init__(self, config: Optional[TransformerConfig] = None, **kwargs):
-        super().__init__()
         if config is None:
             config = TransformerConfig.from_dict(kwargs)
         elif kwargs:
             config = TransformerConfig.from_dict({**config.to_dict(), **kwargs})
-        self.config = cfg = config
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm_f = make_norm(cfg) if cfg.pre_norm else nn.Identity()  # post-norm output is normed already
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_weights:
-            self.lm_head.weight = self.tok_emb.weight
-        # RoPE tables per (device, dtype), derived from float64 ones: not buffers, so that
-        # model.to(torch.bfloat16) cannot round the float64 master copy.
-        self._rope: dict = {}
+        super().__init__(config)
+        cfg = config
+        self.lm_head = self.head = None
+        if cfg.head == "lm":
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        else:
+            out = cfg.num_classes if cfg.head == "classification" else cfg.output_dim
+            self.head = PooledHead(cfg.d_model, out, cfg.pooling)
         self._seen: Optional[torch.Tensor] = None   # tokens behind the cache, for use_cache=True
-        self.gradient_checkpointing = False
         init_weights(self)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share the LM head's weight with the token embedding (tie_weights=True), again after
+        loading with assign=True or swapping the head's module."""
+        if self.config.tie_weights and isinstance(self.lm_head, nn.Linear):
+            self.lm_head.weight = self.tok_emb.weight
 
     def num_params(self, *, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); non_embedding drops the position table."""
@@ -451,9 +613,10 @@ class Transformer(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, *, start_pos: Optional[int] = None,
-                use_cache: bool = False, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids idx (B, T).
+    def forward(self, idx: torch.Tensor, *, start_pos: Optional[int] = None, use_cache: bool = False,
+                pad: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The head's output for token ids idx (B, T): LM logits (B, T, vocab_size), or the
+        classification/regression head's (B, out) or (B, T, out).
 
         start_pos: write idx's keys/values into the KV cache (see setup_cache)
             at positions start_pos.. and attend over every cached position.
@@ -462,84 +625,28 @@ class Transformer(nn.Module):
             aligned on the right: the first pad[b] slots of row b (in the cache too) are
             hidden from attention, and its positions count from its first real token, so
             each row computes what it would alone.
+        attention_mask: (B, T), true (or 1) at real tokens and false at padding, anywhere
+            in the row (no cache): padding is hidden from attention and from pooling.
         """
         if use_cache:
             return self._forward_incremental(idx)
-        B, T = idx.shape
-        start = 0 if start_pos is None else start_pos
-        if not isinstance(start, torch.Tensor) and start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} positions is longer than "
-                             f"block_size={self.config.block_size}; crop the input to the last "
-                             f"{self.config.block_size} tokens")
-        cache = self.blocks[0].attn.kv_cache
-        if start_pos is not None and cache is None:
-            raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
-        span = 0 if cache is None else cache.k_span.shape[2]          # what a static-mode step reads
-        pos, mask = positions_and_mask(start, T, pad, device=idx.device, cache_len=span)
-        x = self.tok_emb(idx)                                       # (B, T, C)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(pos)
-        x = self.drop(x)
-        rope = None
-        if self.config.pos_encoding == "rope":
-            cos, sin = self._rope_tables(x.device, x.dtype)
-            gather = pad is not None or isinstance(start, torch.Tensor)    # positions not a plain range
-            rope = (cos[pos], sin[pos]) if gather else (cos[start:start + T], sin[start:start + T])
-        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and start_pos is None
-        for block in self.blocks:   # recompute: autograd keeps only the block's input and reruns it in backward
-            x = (checkpoint(block, x, rope, None, mask, use_reentrant=False) if recompute
-                 else block(x, rope, start_pos, mask))
-        return self.lm_head(self.norm_f(x))                         # (B, T, vocab)
+        h = self.hidden_states(idx, start_pos=start_pos, pad=pad, attention_mask=attention_mask)
+        return self.output(h, attention_mask)
 
-    def set_dropout(self, p: float):
-        """Set the probability of every dropout (embeddings, residual branches, attention
-        weights), e.g. model.set_dropout(0.0); config.dropout keeps the built-with value."""
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout={p} must be in [0, 1)")
-        for m in self.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = p
-            elif isinstance(m, CausalSelfAttention):
-                m.dropout = p
-
-    def set_gradient_checkpointing(self, enabled: bool = True):
-        """Recompute each block in backward instead of keeping its activations (training only):
-        the same loss and gradients, far less memory, about one more forward of compute."""
-        self.gradient_checkpointing = enabled
-
-    def _rope_tables(self, device, dtype):
-        key = (device, dtype)
-        if key not in self._rope:   # computed in float64 once per (device, dtype), then rounded once
-            cfg = self.config
-            tables = rope_tables(cfg.rotary_dim, cfg.block_size, cfg.rope_theta)
-            self._rope[key] = tuple(t.to(device=device, dtype=dtype) for t in tables)
-        return self._rope[key]
+    def output(self, h: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The head applied to hidden states h (B, T, C)."""
+        if self.lm_head is not None:
+            return self.lm_head(h)                                   # (B, T, vocab)
+        if self.cls_emb is not None and attention_mask is not None:  # the [CLS] slot is real
+            attention_mask = torch.cat([attention_mask.new_ones(h.shape[0], 1), attention_mask], dim=1)
+        return self.head(h, attention_mask)
 
     def setup_cache(self, batch_size: int, max_len: Optional[int] = None, *, dtype=None, device=None):
-        """Allocate a KV cache in every attention layer for up to max_len positions."""
-        max_len = max_len or self.config.block_size
-        if max_len > self.config.block_size:
-            raise ValueError(f"max_len={max_len} exceeds block_size={self.config.block_size}")
-        ref = self.tok_emb.weight
-        for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
-                                          dtype=dtype or ref.dtype, device=device or ref.device)
+        super().setup_cache(batch_size, max_len, dtype=dtype, device=device)
         self._seen = None
 
-    def set_cache_span(self, n: int):
-        """Static-mode steps (start_pos a 0-d tensor) read cache slots 0..n-1 (KVCache.narrow)."""
-        for block in self.blocks:
-            block.attn.kv_cache.narrow(n)
-
-    def select_cache_rows(self, rows: torch.Tensor):
-        """Reorder every layer's KV cache along the batch: row i becomes old row rows[i]."""
-        for block in self.blocks:
-            block.attn.kv_cache.select(rows)
-
     def clear_cache(self):
-        """Drop the KV caches (frees their memory)."""
-        for block in self.blocks:
-            block.attn.kv_cache = None
+        super().clear_cache()
         self._seen = None
 
     def _forward_incremental(self, idx):
@@ -602,6 +709,7 @@ class QuantConfig:
 
     mode: Optional[str] = None
     group_size: int = 64
+    int8_kernel: Optional[bool] = None   # None: by the device (Int8Linear); true/false forces it
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in QUANT_MODES:
@@ -676,7 +784,8 @@ def _swap(model: nn.Module, make) -> int:
 
 def apply_lora(model: "Transformer", cfg: LoRAConfig) -> int:
     """Freeze every weight of the model and add adapters to cfg.targets; returns the
-    number of trainable (adapter) parameters.
+    number of trainable parameters. A classification or regression head is new to the
+    task, so it stays trainable and is saved with the adapters (as PEFT's modules_to_save).
 
         >>> model = Transformer(vocab_size=16, d_model=32, n_heads=4, n_layers=2)
         >>> apply_lora(model, LoRAConfig(r=4, targets=["q", "v"]))
@@ -700,12 +809,14 @@ def apply_lora(model: "Transformer", cfg: LoRAConfig) -> int:
         return None
 
     _swap(model, make)
+    if getattr(model, "head", None) is not None:
+        model.head.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def lora_state_dict(model: nn.Module) -> dict:
-    """Only the adapter weights: what an adapter checkpoint stores."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+    """Only the adapter weights (and a task head's): what an adapter checkpoint stores."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.startswith("head.")}
 
 
 def load_lora_state_dict(model: nn.Module, state: dict) -> None:
@@ -758,56 +869,22 @@ def _fused(op: str) -> bool:
     return hasattr(torch.ops.aten, op)
 
 
-_INT8_KERNEL_FASTER: dict = {}
-
-
-def _int8_kernel_faster(dtype) -> bool:
-    """Is torch's fused int8 matmul faster than dequantize-then-matmul for one row here?
-    Measured once per process: on AVX2-only CPUs the kernel is several times slower."""
-    if dtype not in _INT8_KERNEL_FASTER:
-        import time
-        w, s = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8), torch.rand(1024, dtype=dtype)
-        x = torch.randn(1, 1024, dtype=dtype)
-        paths = [lambda: torch.ops.aten._weight_int8pack_mm(x, w, s), lambda: F.linear(x, w.to(dtype)) * s]
-        best = []
-        for path in paths:
-            path()
-            start = time.perf_counter()
-            for _ in range(10):
-                path()
-            best.append(time.perf_counter() - start)
-        _INT8_KERNEL_FASTER[dtype] = best[0] < best[1]
-    return _INT8_KERNEL_FASTER[dtype]
-
-
-def interleave4(t: torch.Tensor) -> torch.Tensor:
-    """Reorder the last dimension K so that position 4j + b holds element b*K/4 + j: read as
-    32-bit words, int8 codes in this order give word j the columns j, j+K/4, j+K/2, j+3K/4.
-        >>> interleave4(torch.arange(8)).tolist()
-        [0, 2, 4, 6, 1, 3, 5, 7]
-    """
-    return t.unflatten(-1, (4, -1)).transpose(-1, -2).flatten(-2)
-
-
-def deinterleave4(t: torch.Tensor) -> torch.Tensor:
-    """Inverse of interleave4."""
-    return t.unflatten(-1, (-1, 4)).transpose(-1, -2).flatten(-2)
+def int8_kernel_suits(device_type: str) -> bool:
+    """Does torch's fused int8 matmul suit decoding-sized inputs on this device? Decided by the
+    device, never by timing, so results do not depend on how a measurement came out: CPUs with
+    AVX-512 run it faster than dequantize-then-matmul, AVX2-only ones several times slower."""
+    return (device_type == "cpu" and _fused("_weight_int8pack_mm")
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
 
 
 class Int8Linear(nn.Module):
     """Weight-only int8 linear layer: y = (x @ q.T) * scale (+ bias).
 
-    use_kernel: True uses torch's fused `_weight_int8pack_mm` (CPU, no gradient
-    needed); False dequantizes then multiplies, which gives the same result; None
-    (default) uses the kernel for decoding-sized inputs (<= 16 rows) where it measured
-    faster than the fallback on this machine (_int8_kernel_faster). Large batches always
-    take the fallback: the dequantization is amortized over the rows and BLAS wins.
-
-    `interleave()` (inference) keeps the weight's columns in memory in interleave4's order;
-    the state dict still holds the plain order. Under torch.compile on a CPU a one-row product
-    then reads each 32-bit word of codes once and unpacks its four bytes with shifts, against
-    four contiguous quarters of x: a loop that runs at about the speed of reading the
-    bytes, where inductor's int8 loads are slow. The eager paths reorder x to match.
+    use_kernel: True uses torch's fused `_weight_int8pack_mm` (CPU, no gradient needed);
+    False dequantizes then multiplies, which gives the same result; None (default) uses the
+    kernel for decoding-sized inputs (<= 16 rows) where int8_kernel_suits the device. Large
+    batches always take the fallback: the dequantization is amortized over the rows and
+    BLAS wins. QuantConfig.int8_kernel sets it for every layer.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False, device=None):
@@ -817,7 +894,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.use_kernel: Optional[bool] = None
-        self.layout = "plain"              # or "interleaved" (see interleave)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -828,60 +904,29 @@ class Int8Linear(nn.Module):
             layer.bias = linear.bias.detach().float().clone()
         return layer
 
-    def interleave(self) -> bool:
-        """Store the weight's columns in interleave4's order; False (unchanged) where the
-        words cannot be unpacked that way (in_features not a multiple of 4, big-endian)."""
-        if self.layout == "plain" and self.in_features % 4 == 0 and sys.byteorder == "little":
-            self.weight, self.layout = interleave4(self.weight), "interleaved"
-        return self.layout == "interleaved"
-
     def codes(self) -> torch.Tensor:
-        """The int8 weight (out_features, in_features) in the plain column order."""
-        return self.weight if self.layout == "plain" else deinterleave4(self.weight)
+        """The int8 weight (out_features, in_features)."""
+        return self.weight
 
     def dequantize(self) -> torch.Tensor:
         return self.codes().float() * self.scales[:, None]                     # (N, K)
 
-    def _one_row(self, x):
-        """x (..., K) with one row @ the interleaved codes, as shifts, multiplies and a sum."""
-        # through a float32 view: inductor loads float32 vectors directly, int32 ones via a copy
-        words = self.weight.view(torch.float32).view(torch.int32)              # (N, K/4)
-        xq = x.reshape(4, -1)                                                  # (4, K/4): x's quarters
-        y = sum(((words << 24 - 8 * b) >> 24).to(x.dtype) * xq[b] for b in range(4)).sum(-1)  # byte b, signed
-        return y.view(*x.shape[:-1], self.out_features)
+    def _kernel_wanted(self, x) -> bool:
+        if self.use_kernel is False or x.device.type != "cpu" or not _fused("_weight_int8pack_mm"):
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:                         # the kernel has no backward
+            return False
+        return bool(self.use_kernel) or (x.numel() // self.in_features <= 16 and int8_kernel_suits("cpu"))
 
     def forward(self, x):
         scales = self.scales.to(x.dtype)
-        if self.layout == "interleaved":
-            if torch.compiler.is_compiling() and x.numel() == self.in_features and x.device.type == "cpu":
-                y = self._one_row(x) * scales
-                return y if self.bias is None else y + self.bias.to(x.dtype)
-            x = interleave4(x)                                 # features in the weight's column order
-        kernel = (x.device.type == "cpu" and _fused("_weight_int8pack_mm")
-                  and not (torch.is_grad_enabled() and x.requires_grad) and self.use_kernel is not False)
-        if kernel and self.use_kernel is None:
-            kernel = x.numel() // self.in_features <= 16 and _int8_kernel_faster(x.dtype)
-        if kernel:
+        if self._kernel_wanted(x):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(),
                                                    self.weight, scales)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * scales
         return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.layout != "plain":
-            destination[prefix + "weight"] = self.codes()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # as Int4Linear: only a state dict holding this layer's weight replaces it
-        interleaved = self.layout != "plain" and prefix + "weight" in state_dict
-        if interleaved:
-            self.layout = "plain"
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if interleaved:
-            self.interleave()
 
 
 class Int4Linear(nn.Module):
@@ -999,9 +1044,9 @@ class Int4Linear(nn.Module):
 def quantize_model(model: "Transformer", cfg: QuantConfig, *, kernels: bool = True) -> "Transformer":
     """Swap every nn.Linear (blocks and head) for an int8 or int4 one, in place.
 
-    kernels: the inference layouts, int4 weights repacked for the fused kernel and int8
-    ones interleaved (see Int8Linear). Training a QLoRA adapter passes False: the kernels
-    have no backward, and dequantizing the portable layout is cheap. A tied head gets its own quantized copy; the embedding stays float.
+    kernels: int4 weights repacked for the fused kernel (the inference layout). Training a
+    QLoRA adapter passes False: the kernel has no backward, and dequantizing the portable
+    layout is cheap. A tied head gets its own quantized copy; the embedding stays float.
 
         >>> model = Transformer(vocab_size=64, d_model=64, n_heads=4, n_layers=1)
         >>> type(quantize_model(model, QuantConfig("int8")).lm_head).__name__
@@ -1015,8 +1060,7 @@ def quantize_model(model: "Transformer", cfg: QuantConfig, *, kernels: bool = Tr
             return None
         if cfg.mode == "int8":
             layer = Int8Linear.from_linear(module)
-            if kernels:
-                layer.interleave()
+            layer.use_kernel = cfg.int8_kernel
             return layer
         layer = Int4Linear.from_linear(module, group_size=cfg.group_size)
         if kernels:
@@ -1028,14 +1072,14 @@ def quantize_model(model: "Transformer", cfg: QuantConfig, *, kernels: bool = Tr
     return model
 
 
-def use_kernels(model: nn.Module) -> nn.Module:
-    """Repack int4 layers for their device's fused kernel and interleave int8 layers (after
-    loading or moving): inference layouts, see Int4Linear and Int8Linear."""
+def use_kernels(model: nn.Module, *, int8_kernel: Optional[bool] = None) -> nn.Module:
+    """Repack int4 layers for their device's fused kernel (after loading or moving), and set
+    the int8 layers' kernel choice when int8_kernel is given (see Int8Linear)."""
     for m in model.modules():
         if isinstance(m, Int4Linear):
             m.to_kernel_layout()
-        elif isinstance(m, Int8Linear):
-            m.interleave()
+        elif isinstance(m, Int8Linear) and int8_kernel is not None:
+            m.use_kernel = int8_kernel
     return model
 
 
@@ -1054,6 +1098,6 @@ def dequantize_model(model: "Transformer") -> "Transformer":
         return layer
 
     _swap(model, make)
-    if getattr(model, "config", None) is not None and model.config.tie_weights:
-        model.lm_head.weight = model.tok_emb.weight
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     return model

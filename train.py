@@ -35,99 +35,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from data import DataConfig, TokenDataset, prepared_dataset, tokenizer_from_state
-from model import (PRESETS as MODEL_PRESETS, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer,
-                   TransformerConfig, apply_lora, closest, load_lora_state_dict, lora_state_dict)
-from utils import (CheckpointError, JsonlLogger, base_reference, check_base, config_file, config_to_dict,
-                   device_peak_flops, flops_per_token, load_checkpoint, load_config, model_from_checkpoint,
-                   pick_device, plot_run, save_checkpoint, tune_cpu_allocator, warn_compile_failed)
-
-SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
-DISTRIBUTED = ("ddp", "fsdp")
-DROPOUT_SCHEDULES = ("constant", "linear")
-
-
-@dataclass
-class TrainConfig:
-    """How to train: optimisation, budget, evaluation and output.
-
-    Under torchrun, batch_size and grad_accum_steps are per rank: an optimizer step sees
-    batch_size * grad_accum_steps * world_size sequences.
-    """
-
-    out_dir: str = "out"
-    init_from: Optional[str] = None  # start from this checkpoint's weights and tokenizer (fine-tuning)
-    device: str = "auto"            # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
-    seed: int = 1337
-    batch_size: int = 32            # sequences per micro-batch, per rank
-    grad_accum_steps: int = 1       # micro-batches per optimizer step, per rank
-    max_iters: int = 5000
-    max_time: Optional[float] = None  # seconds; when set, it replaces max_iters as the budget
-    learning_rate: float = 1e-3
-    min_lr_ratio: float = 0.1       # the schedule decays to learning_rate * min_lr_ratio
-    lr_schedule: str = "cosine"     # cosine | linear | constant (after warmup)
-    warmup_iters: int = 100
-    weight_decay: float = 0.1       # AdamW, decoupled; not applied to norms, biases, embeddings
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0          # max global grad norm; 0 disables clipping
-    eval_interval: int = 250
-    eval_iters: int = 50            # random validation batches per periodic evaluation
-    log_interval: int = 10
-    early_stopping_patience: Optional[int] = None  # stop after this many evaluations without a new best
-    dropout_schedule: str = "constant"  # constant | linear: from model.dropout to dropout_final over the budget
-    dropout_final: float = 0.0
-    precision: str = "fp32"         # fp32 | bf16 | fp16 (fp16 needs a GPU: CUDA or MPS)
-    compile: bool = False           # torch.compile the model (falls back to eager with a warning)
-    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory
-    distributed: str = "ddp"        # under torchrun: ddp (a replica per rank) | fsdp (sharded, fully_shard)
-    progress: bool = True           # tqdm progress bar
-    plot: bool = True               # draw plot.png at the end of the run
-    tensorboard: bool = False       # also log to out_dir/tensorboard (needs the tensorboard package)
-
-    def __post_init__(self):
-        for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval",
-                     "eval_iters", "log_interval"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"training.{name}={getattr(self, name)} must be positive")
-        if self.max_time is not None and self.max_time <= 0:
-            raise ValueError(f"training.max_time={self.max_time} must be positive seconds")
-        for name, valid in (("lr_schedule", SCHEDULES), ("precision", PRECISIONS),
-                            ("distributed", DISTRIBUTED), ("dropout_schedule", DROPOUT_SCHEDULES)):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"training.{name}={getattr(self, name)!r}; {closest(getattr(self, name), valid)}")
-        if not (self.learning_rate > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_iters >= 0):
-            raise ValueError("training: need learning_rate > 0, 0 <= min_lr_ratio <= 1, warmup_iters >= 0")
-        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
-            raise ValueError(f"training.early_stopping_patience={self.early_stopping_patience} must be "
-                             f"positive (or null: never stop early)")
-        if not 0.0 <= self.dropout_final < 1.0:
-            raise ValueError(f"training.dropout_final={self.dropout_final} must be in [0, 1)")
-        if self.compile and self.dropout_schedule != "constant":
-            raise ValueError("training.dropout_schedule=linear changes the dropout every step, and a compiled "
-                             "model recompiles for every new value: use it without training.compile")
-
-
-SECTIONS = {"model": TransformerConfig, "data": DataConfig, "training": TrainConfig,
-            "lora": LoRAConfig, "quantize": QuantConfig}
-
-# Run presets set model and training keys together; every model preset is a run preset too.
-RUN_PRESETS = {
-    # Beats nanoGPT's CPU "baby GPT" on tinyshakespeare in the same wall-clock (see readme).
-    # Found by search on a 2-core CPU: within 75 s, a small, fast model that sees more
-    # tokens wins over a larger one that sees fewer.
-    "cpu-fast": {
-        "model": dict(n_layers=2, d_model=128, n_heads=4, n_kv_heads=4, block_size=64, dropout=0.0,
-                      norm="rmsnorm", pos_encoding="rope", activation="swiglu", bias=False),
-        "training": dict(batch_size=16, learning_rate=4e-3, min_lr_ratio=0.05, warmup_iters=50,
-                         lr_schedule="cosine", max_time=75.0, eval_interval=250, eval_iters=10,
-                         weight_decay=0.1, beta2=0.99, precision="fp32"),
-    },
-}
-PRESETS = {**{name: {"model": p} for name, p in MODEL_PRESETS.items()}, **RUN_PRESETS}
-ALIASES = {"data": "data.path", "device": "training.device", "init_from": "training.init_from",
-           "quantize": "quantize.mode", "group_size": "quantize.group_size"}
+from config import (ALIASES, PRESETS, RUN_PRESETS, SECTIONS, TrainConfig, config_file, config_to_dict,  # noqa: F401
+                    load_config)
+from data import TokenDataset, prepared_dataset, tokenizer_from_state
+from model import Int4Linear, Int8Linear, Transformer, TransformerConfig, apply_lora, load_lora_state_dict, lora_state_dict
+from utils import (CheckpointError, JsonlLogger, base_reference, check_base, device_peak_flops, flops_per_token,
+                   load_checkpoint, model_from_checkpoint, pick_device, plot_run, save_checkpoint,
+                   tune_cpu_allocator, warn_compile_failed)
 
 # -----------------------------------------------------------------------------
 # Small pure pieces

@@ -1,11 +1,8 @@
-"""Shared helpers: configuration (YAML + typed CLI overrides), checkpoints, devices,
-logging, plots and profiling.
+"""Shared helpers: checkpoints (versioned, atomic, one load_model for every kind), devices,
+logging, plots and profiling. The configuration lives in config.py.
 
-    >>> from utils import load_config
-    >>> from train import SECTIONS
-    >>> cfg = load_config("config.yaml", ["--model.n_layers=4"], sections=SECTIONS, other_sections=("sample",))
-    >>> cfg["model"].n_layers
-    4
+    >>> from utils import load_model
+    >>> model, tokenizer = load_model("out/best.pt")          # doctest: +SKIP
 
 As a script, `python utils.py COMMAND ...` runs a subcommand (`--help` lists them):
 
@@ -26,173 +23,15 @@ import os
 import sys
 import tempfile
 import time
-import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-import yaml
 
 from model import (QUANT_MODES, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer,
                    TransformerConfig, apply_lora, closest, dequantize_model, load_lora_state_dict, merge_lora,
                    quantize_model, use_kernels)
 from data import tokenizer_from_state
-
-# =============================================================================
-# Configuration: dataclass defaults < config.yaml < --preset < --section.key=value
-# =============================================================================
-
-
-def field_types(cls) -> dict[str, Any]:
-    """{field name: its resolved type annotation} of a config dataclass."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def coerce(value: Any, typ, where: str) -> Any:
-    """Convert a YAML or command-line value to the field's type, or say what is wrong.
-    A list field (list[str]) takes a YAML list or a single value."""
-    if typing.get_origin(typ) is list:
-        (item,) = typing.get_args(typ)
-        items = value if isinstance(value, list) else [value]
-        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(items)]
-    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
-    base = next(t for t in typing.get_args(typ) if t is not type(None)) if optional else typ
-    text = value.strip().lower() if isinstance(value, str) else None
-    if value is None or text in ("none", "null", "~") or value == "" or (text == "" and base is not str):
-        if optional:
-            return None
-        raise ValueError(f"{where} cannot be empty/null")
-    bad = ValueError(f"{where} expects {getattr(base, '__name__', base)}, got {value!r}")
-    if base is str:
-        return str(value)
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if text in ("true", "yes", "on", "1") or value == 1:
-            return True
-        if text in ("false", "no", "off", "0") or value == 0:
-            return False
-        raise bad
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise bad
-    try:
-        number = float(value)
-    except ValueError:
-        raise bad from None
-    if base is float:
-        return number
-    if base is int:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)               # exact, however large
-        if not (number == number and abs(number) != float("inf") and number.is_integer()):
-            raise bad                       # '2.5e0', '1e-3', 'nan', '1e400' are not integers
-        return int(number)
-    raise bad
-
-
-def _apply(values: dict, section_cls, section: str, updates: dict, source: str):
-    types = field_types(section_cls)
-    for key, value in updates.items():
-        if key not in types:
-            raise ValueError(f"unknown key '{section}.{key}' in {source}; "
-                             f"{closest(key, types).replace('valid: ', f'valid {section} keys: ')}")
-        values[key] = coerce(value, types[key], f"{section}.{key} ({source})")
-
-
-def parse_overrides(argv: list[str], *, sections: dict[str, type], aliases: dict[str, str] = None):
-    """`--section.key=value`, `--section.key value` or an alias (`--device cuda`), typed.
-
-    Returns {section: {key: raw value}}. Boolean keys may be given without a value; list
-    keys collect every repetition (`--stop A --stop B`).
-    """
-    aliases = aliases or {}
-    out: dict[str, dict] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; options look like --section.key=value")
-        name, eq, value = arg[2:].partition("=")
-        dotted = aliases.get(name, name)
-        section, dot, key = dotted.partition(".")
-        if not dot:
-            valid = list(aliases) + [f"{s}.{k}" for s, c in sections.items() for k in field_types(c)]
-            raise ValueError(f"unknown option '--{name}'; {closest(name, valid)}")
-        if section not in sections:
-            raise ValueError(f"unknown config section '{section}' in '--{name}'; {closest(section, sections)}")
-        types = field_types(sections[section])
-        if key not in types:
-            valid = [f"{section}.{k}" for k in types]
-            raise ValueError(f"unknown option '--{name}'; {closest(dotted, valid)}")
-        if not eq:
-            is_bool = types[key] in (bool, Optional[bool])
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--") and not (
-                    is_bool and argv[i + 1].lower() not in ("true", "false", "yes", "no", "on", "off", "1", "0")):
-                value, i = argv[i + 1], i + 1
-            elif is_bool:
-                value = "true"
-            else:
-                raise ValueError(f"option '--{name}' needs a value")
-        if typing.get_origin(types[key]) is list:        # repeated flags accumulate
-            out.setdefault(section, {}).setdefault(key, []).append(value)
-        else:
-            out.setdefault(section, {})[key] = value
-        i += 1
-    return out
-
-
-def load_config(path: Optional[str], argv: list[str] = (), *, sections: dict[str, type],
-                presets: dict[str, dict] = None, preset: Optional[str] = None,
-                aliases: dict[str, str] = None, base: Optional[dict] = None,
-                other_sections: tuple[str, ...] = ()) -> dict:
-    """Resolve the run configuration into one dataclass instance per section.
-
-    Layers, later wins: dataclass defaults, `base` (e.g. a checkpoint's config), the YAML
-    file, the named preset, then the command-line overrides. Every key is type-checked and
-    an unknown key names the closest valid one. other_sections: sections of the file that
-    another script reads (train.py skips generate.py's `sample`).
-    """
-    values = {name: {} for name in sections}
-    layers = []
-    if base:
-        layers.append(("the checkpoint", base))
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"config file '{path}' does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        layers.append((str(path), raw))
-    if preset is not None:
-        presets = presets or {}
-        if preset not in presets:
-            raise ValueError(f"unknown preset '{preset}'; {closest(preset, presets)}")
-        layers.append((f"preset '{preset}'", presets[preset]))
-    layers.append(("the command line", parse_overrides(list(argv), sections=sections, aliases=aliases)))
-    for source, layer in layers:
-        for section, updates in layer.items():
-            if section not in sections:
-                if source == "the checkpoint" or section in other_sections:
-                    continue
-                raise ValueError(f"unknown section '{section}' in {source}; {closest(section, sections)}")
-            if not isinstance(updates, dict):
-                raise ValueError(f"section '{section}' in {source} must be a mapping")
-            _apply(values[section], sections[section], section, updates, source)
-    return {name: cls(**values[name]) for name, cls in sections.items()}
-
-
-def config_file(path: str, default: str = "config.yaml") -> Optional[str]:
-    """The YAML file to read: a path the user named must exist (load_config says so);
-    the default may be absent, and then only defaults and overrides apply."""
-    return path if (path != default or Path(path).exists()) else None
-
-
-def config_to_dict(cfg: dict) -> dict:
-    return {name: dataclasses.asdict(c) for name, c in cfg.items()}
 
 # =============================================================================
 # Checkpoints: versioned, atomic, loaded with weights_only=True

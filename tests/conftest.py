@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:          # so that a bare `pytest` (not only `pyth
     sys.path.insert(0, str(REPO))
 
 import train as train_mod  # noqa: E402
-from utils import load_config  # noqa: E402
+from config import load_config  # noqa: E402
 
 # No per-example deadline: the machine may be shared, and a slow example is not a failure.
 settings.register_profile("repo", deadline=None, suppress_health_check=[HealthCheck.too_slow])

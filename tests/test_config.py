@@ -1,4 +1,4 @@
-"""utils.load_config / parse_overrides / coerce, and the TrainConfig / SampleConfig checks."""
+"""config.load_config / parse_overrides / coerce, and the TrainConfig / SampleConfig checks."""
 import dataclasses
 import math
 import re
@@ -16,7 +16,7 @@ from data import DataConfig
 from generate import SampleConfig
 from model import TransformerConfig
 from train import TrainConfig
-from utils import coerce, load_config, parse_overrides
+from config import coerce, load_config, parse_overrides
 
 S = train.SECTIONS
 REPO = Path(__file__).resolve().parents[1]

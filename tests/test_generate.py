@@ -16,7 +16,8 @@ from data import EOT, BPETokenizer, ByteTokenizer, CharTokenizer
 from generate import (SampleConfig, TextStream, check_sampling, generate_text, generate_tokens,
                       sample_next, top_k_filter, top_p_filter)
 from model import Int8Linear, KVCache, QuantConfig, Transformer, quantize_model
-from utils import load_checkpoint, load_config, model_from_checkpoint
+from config import load_config
+from utils import load_checkpoint, model_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,7 +19,8 @@ import utils
 from generate import SampleConfig, generate_text
 from model import Transformer
 from train import TrainConfig, dropout_at, lr_at, make_optimizer, split_loss
-from utils import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, load_checkpoint, load_config,
+from config import load_config
+from utils import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, load_checkpoint,
                    model_from_checkpoint, read_jsonl, save_checkpoint)
 from data import DataConfig, load_dataset
 

@@ -1,0 +1,295 @@
+"""The run's configuration: a dataclass per section of config.yaml, the named presets, and
+the loader that layers dataclass defaults < config.yaml < --preset < --section.key=value.
+
+    >>> from config import SECTIONS, load_config
+    >>> cfg = load_config("config.yaml", ["--model.n_layers=4"], sections=SECTIONS, other_sections=("sample",))
+    >>> cfg["model"].n_layers
+    4
+
+Sections: model (model.TransformerConfig), data (DataConfig), training (TrainConfig), lora
+and quantize (model.LoRAConfig, model.QuantConfig); generate.py adds sample. This module
+imports only model.py, so every script can read the configuration without a loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from model import PRESETS as MODEL_PRESETS, LoRAConfig, QuantConfig, TransformerConfig, closest
+
+TOKENIZER_KINDS = ("char", "byte", "bpe")
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenized, and where the token files go."""
+
+    path: Optional[str] = None     # a text file or a folder of them; None: built-in Shakespeare
+    tokenizer: str = "char"        # char | byte | bpe
+    bpe: str = "train"             # tokenizer=bpe: train (learn from the corpus) or a tiktoken encoding name
+    vocab_size: int = 4096         # bpe=train: tokens to learn (256 bytes + merges + <|endoftext|>)
+    val_fraction: float = 0.1      # the last fraction of the tokens is the validation split
+    cache_dir: Optional[str] = None  # prepared train.bin/val.bin/meta.json; None: <training.out_dir>/data
+
+    def __post_init__(self):
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(f"data.tokenizer={self.tokenizer!r}; {closest(self.tokenizer, TOKENIZER_KINDS)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if not 257 <= self.vocab_size <= 2 ** 32:
+            raise ValueError(f"data.vocab_size={self.vocab_size} must be at least 257 (256 bytes + "
+                             f"<|endoftext|>) and at most 2**32 (uint32 token files)")
+        if self.bpe != "train":
+            import tiktoken
+            names = tiktoken.list_encoding_names()
+            if self.bpe not in names:
+                raise ValueError(f"data.bpe={self.bpe!r} is neither 'train' nor a tiktoken encoding; "
+                                 f"{closest(self.bpe, ['train', *names])}")
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DISTRIBUTED = ("ddp", "fsdp")
+DROPOUT_SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimisation, budget, evaluation and output.
+
+    Under torchrun, batch_size and grad_accum_steps are per rank: an optimizer step sees
+    batch_size * grad_accum_steps * world_size sequences.
+    """
+
+    out_dir: str = "out"
+    init_from: Optional[str] = None  # start from this checkpoint's weights and tokenizer (fine-tuning)
+    device: str = "auto"            # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
+    seed: int = 1337
+    batch_size: int = 32            # sequences per micro-batch, per rank
+    grad_accum_steps: int = 1       # micro-batches per optimizer step, per rank
+    max_iters: int = 5000
+    max_time: Optional[float] = None  # seconds; when set, it replaces max_iters as the budget
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1       # the schedule decays to learning_rate * min_lr_ratio
+    lr_schedule: str = "cosine"     # cosine | linear | constant (after warmup)
+    warmup_iters: int = 100
+    weight_decay: float = 0.1       # AdamW, decoupled; not applied to norms, biases, embeddings
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0          # max global grad norm; 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 50            # random validation batches per periodic evaluation
+    log_interval: int = 10
+    early_stopping_patience: Optional[int] = None  # stop after this many evaluations without a new best
+    dropout_schedule: str = "constant"  # constant | linear: from model.dropout to dropout_final over the budget
+    dropout_final: float = 0.0
+    precision: str = "fp32"         # fp32 | bf16 | fp16 (fp16 needs a GPU: CUDA or MPS)
+    compile: bool = False           # torch.compile the model (falls back to eager with a warning)
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory
+    distributed: str = "ddp"        # under torchrun: ddp (a replica per rank) | fsdp (sharded, fully_shard)
+    progress: bool = True           # tqdm progress bar
+    plot: bool = True               # draw plot.png at the end of the run
+    tensorboard: bool = False       # also log to out_dir/tensorboard (needs the tensorboard package)
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval",
+                     "eval_iters", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"training.{name}={getattr(self, name)} must be positive")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ValueError(f"training.max_time={self.max_time} must be positive seconds")
+        for name, valid in (("lr_schedule", SCHEDULES), ("precision", PRECISIONS),
+                            ("distributed", DISTRIBUTED), ("dropout_schedule", DROPOUT_SCHEDULES)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"training.{name}={getattr(self, name)!r}; {closest(getattr(self, name), valid)}")
+        if not (self.learning_rate > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_iters >= 0):
+            raise ValueError("training: need learning_rate > 0, 0 <= min_lr_ratio <= 1, warmup_iters >= 0")
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            raise ValueError(f"training.early_stopping_patience={self.early_stopping_patience} must be "
+                             f"positive (or null: never stop early)")
+        if not 0.0 <= self.dropout_final < 1.0:
+            raise ValueError(f"training.dropout_final={self.dropout_final} must be in [0, 1)")
+        if self.compile and self.dropout_schedule != "constant":
+            raise ValueError("training.dropout_schedule=linear changes the dropout every step, and a compiled "
+                             "model recompiles for every new value: use it without training.compile")
+
+
+SECTIONS = {"model": TransformerConfig, "data": DataConfig, "training": TrainConfig,
+            "lora": LoRAConfig, "quantize": QuantConfig}
+
+# Run presets set model and training keys together; every model preset is a run preset too.
+RUN_PRESETS = {
+    # Beats nanoGPT's CPU "baby GPT" on tinyshakespeare in the same wall-clock (see readme).
+    # Found by search on a 2-core CPU: within 75 s, a small, fast model that sees more
+    # tokens wins over a larger one that sees fewer.
+    "cpu-fast": {
+        "model": dict(n_layers=2, d_model=128, n_heads=4, n_kv_heads=4, block_size=64, dropout=0.0,
+                      norm="rmsnorm", pos_encoding="rope", activation="swiglu", bias=False),
+        "training": dict(batch_size=16, learning_rate=4e-3, min_lr_ratio=0.05, warmup_iters=50,
+                         lr_schedule="cosine", max_time=75.0, eval_interval=250, eval_iters=10,
+                         weight_decay=0.1, beta2=0.99, precision="fp32"),
+    },
+}
+PRESETS = {**{name: {"model": p} for name, p in MODEL_PRESETS.items()}, **RUN_PRESETS}
+ALIASES = {"data": "data.path", "device": "training.device", "init_from": "training.init_from",
+           "quantize": "quantize.mode", "group_size": "quantize.group_size"}
+
+# =============================================================================
+# Configuration: dataclass defaults < config.yaml < --preset < --section.key=value
+# =============================================================================
+
+
+def field_types(cls) -> dict[str, Any]:
+    """{field name: its resolved type annotation} of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce(value: Any, typ, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or say what is wrong.
+    A list field (list[str]) takes a YAML list or a single value."""
+    if typing.get_origin(typ) is list:
+        (item,) = typing.get_args(typ)
+        items = value if isinstance(value, list) else [value]
+        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(items)]
+    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
+    base = next(t for t in typing.get_args(typ) if t is not type(None)) if optional else typ
+    text = value.strip().lower() if isinstance(value, str) else None
+    if value is None or text in ("none", "null", "~") or value == "" or (text == "" and base is not str):
+        if optional:
+            return None
+        raise ValueError(f"{where} cannot be empty/null")
+    bad = ValueError(f"{where} expects {getattr(base, '__name__', base)}, got {value!r}")
+    if base is str:
+        return str(value)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if text in ("true", "yes", "on", "1") or value == 1:
+            return True
+        if text in ("false", "no", "off", "0") or value == 0:
+            return False
+        raise bad
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad
+    try:
+        number = float(value)
+    except ValueError:
+        raise bad from None
+    if base is float:
+        return number
+    if base is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)               # exact, however large
+        if not (number == number and abs(number) != float("inf") and number.is_integer()):
+            raise bad                       # '2.5e0', '1e-3', 'nan', '1e400' are not integers
+        return int(number)
+    raise bad
+
+
+def _apply(values: dict, section_cls, section: str, updates: dict, source: str):
+    types = field_types(section_cls)
+    for key, value in updates.items():
+        if key not in types:
+            raise ValueError(f"unknown key '{section}.{key}' in {source}; "
+                             f"{closest(key, types).replace('valid: ', f'valid {section} keys: ')}")
+        values[key] = coerce(value, types[key], f"{section}.{key} ({source})")
+
+
+def parse_overrides(argv: list[str], *, sections: dict[str, type], aliases: dict[str, str] = None):
+    """`--section.key=value`, `--section.key value` or an alias (`--device cuda`), typed.
+
+    Returns {section: {key: raw value}}. Boolean keys may be given without a value; list
+    keys collect every repetition (`--stop A --stop B`).
+    """
+    aliases = aliases or {}
+    out: dict[str, dict] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; options look like --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        dotted = aliases.get(name, name)
+        section, dot, key = dotted.partition(".")
+        if not dot:
+            valid = list(aliases) + [f"{s}.{k}" for s, c in sections.items() for k in field_types(c)]
+            raise ValueError(f"unknown option '--{name}'; {closest(name, valid)}")
+        if section not in sections:
+            raise ValueError(f"unknown config section '{section}' in '--{name}'; {closest(section, sections)}")
+        types = field_types(sections[section])
+        if key not in types:
+            valid = [f"{section}.{k}" for k in types]
+            raise ValueError(f"unknown option '--{name}'; {closest(dotted, valid)}")
+        if not eq:
+            is_bool = types[key] in (bool, Optional[bool])
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--") and not (
+                    is_bool and argv[i + 1].lower() not in ("true", "false", "yes", "no", "on", "off", "1", "0")):
+                value, i = argv[i + 1], i + 1
+            elif is_bool:
+                value = "true"
+            else:
+                raise ValueError(f"option '--{name}' needs a value")
+        if typing.get_origin(types[key]) is list:        # repeated flags accumulate
+            out.setdefault(section, {}).setdefault(key, []).append(value)
+        else:
+            out.setdefault(section, {})[key] = value
+        i += 1
+    return out
+
+
+def load_config(path: Optional[str], argv: list[str] = (), *, sections: dict[str, type],
+                presets: dict[str, dict] = None, preset: Optional[str] = None,
+                aliases: dict[str, str] = None, base: Optional[dict] = None,
+                other_sections: tuple[str, ...] = ()) -> dict:
+    """Resolve the run configuration into one dataclass instance per section.
+
+    Layers, later wins: dataclass defaults, `base` (e.g. a checkpoint's config), the YAML
+    file, the named preset, then the command-line overrides. Every key is type-checked and
+    an unknown key names the closest valid one. other_sections: sections of the file that
+    another script reads (train.py skips generate.py's `sample`).
+    """
+    values = {name: {} for name in sections}
+    layers = []
+    if base:
+        layers.append(("the checkpoint", base))
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config file '{path}' does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        layers.append((str(path), raw))
+    if preset is not None:
+        presets = presets or {}
+        if preset not in presets:
+            raise ValueError(f"unknown preset '{preset}'; {closest(preset, presets)}")
+        layers.append((f"preset '{preset}'", presets[preset]))
+    layers.append(("the command line", parse_overrides(list(argv), sections=sections, aliases=aliases)))
+    for source, layer in layers:
+        for section, updates in layer.items():
+            if section not in sections:
+                if source == "the checkpoint" or section in other_sections:
+                    continue
+                raise ValueError(f"unknown section '{section}' in {source}; {closest(section, sections)}")
+            if not isinstance(updates, dict):
+                raise ValueError(f"section '{section}' in {source} must be a mapping")
+            _apply(values[section], sections[section], section, updates, source)
+    return {name: cls(**values[name]) for name, cls in sections.items()}
+
+
+def config_file(path: str, default: str = "config.yaml") -> Optional[str]:
+    """The YAML file to read: a path the user named must exist (load_config says so);
+    the default may be absent, and then only defaults and overrides apply."""
+    return path if (path != default or Path(path).exists()) else None
+
+
+def config_to_dict(cfg: dict) -> dict:
+    return {name: dataclasses.asdict(c) for name, c in cfg.items()}
