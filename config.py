@@ -65,14 +65,15 @@ class TrainConfig:
     batch_size * grad_accum_steps * world_size sequences.
     """
 
-    out_dir: str = "out"
+    out_dir: Optional[str] = "out"  # checkpoints, log.jsonl, plot.png; None (the Python API's default): none
     init_from: Optional[str] = None  # start from this checkpoint's weights and tokenizer (fine-tuning)
     device: str = "auto"            # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
     seed: int = 1337
     batch_size: int = 32            # sequences per micro-batch, per rank
     grad_accum_steps: int = 1       # micro-batches per optimizer step, per rank
     max_iters: int = 5000
-    max_time: Optional[float] = None  # seconds; when set, it replaces max_iters as the budget
+    max_time: Optional[float] = None  # seconds; when set, it replaces max_iters (and epochs) as the budget
+    epochs: Optional[float] = None  # passes over the training data; when set, it replaces max_iters
     learning_rate: float = 1e-3
     min_lr_ratio: float = 0.1       # the schedule decays to learning_rate * min_lr_ratio
     lr_schedule: str = "cosine"     # cosine | linear | constant (after warmup)
@@ -81,10 +82,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0          # max global grad norm; 0 disables clipping
-    eval_interval: int = 250
+    eval_interval: Optional[int] = 250  # steps between evaluations; None: at the end of every epoch
     eval_iters: int = 50            # random validation batches per periodic evaluation
     log_interval: int = 10
     early_stopping_patience: Optional[int] = None  # stop after this many evaluations without a new best
+    monitor: Optional[str] = None   # the validation metric that picks best.pt; None: the task's (lm: loss)
     dropout_schedule: str = "constant"  # constant | linear: from model.dropout to dropout_final over the budget
     dropout_final: float = 0.0
     precision: str = "fp32"         # fp32 | bf16 | fp16 (fp16 needs a GPU: CUDA or MPS)
@@ -97,8 +99,8 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval",
-                     "eval_iters", "log_interval"):
-            if getattr(self, name) <= 0:
+                     "eval_iters", "log_interval", "epochs"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"training.{name}={getattr(self, name)} must be positive")
         if self.max_time is not None and self.max_time <= 0:
             raise ValueError(f"training.max_time={self.max_time} must be positive seconds")
@@ -135,7 +137,7 @@ RUN_PRESETS = {
     },
 }
 PRESETS = {**{name: {"model": p} for name, p in MODEL_PRESETS.items()}, **RUN_PRESETS}
-ALIASES = {"data": "data.path", "device": "training.device", "init_from": "training.init_from",
+ALIASES = {"data": "data.path", "device": "training.device", "init_from": "training.init_from", "epochs": "training.epochs",
            "quantize": "quantize.mode", "group_size": "quantize.group_size"}
 
 # =============================================================================

@@ -69,6 +69,62 @@ def builtin_corpus() -> str:
     return "\n".join(play_to_text(p.read_text(encoding="utf-8")) for p in builtin_plays())
 
 
+# Shakespeare's plays by genre, for text classification: the package's folders, in the
+# First Folio's three kinds (problem plays and romances among the comedies, Roman plays
+# among the tragedies).
+GENRES = {"comedies": "comedy", "problems": "comedy", "romances": "comedy", "histories": "history",
+          "tragedies": "tragedy", "roman": "tragedy"}
+
+
+def shakespeare_genres(*, chars: int = 256, test_fraction: float = 0.25, seed: int = 0) -> dict:
+    """Passages of `chars` characters of spoken verse (speaker names dropped), labelled comedy,
+    history or tragedy, split by play: a seeded test_fraction of each genre's plays is held
+    out whole, so no test passage comes from a play seen in training.
+
+    Returns {"train": [(text, label id)], "test": [...], "labels": [...], "test_plays": [...]}.
+        >>> split = shakespeare_genres()                                     # doctest: +SKIP
+        >>> split["labels"], len(split["train"]) > len(split["test"])
+        (['comedy', 'history', 'tragedy'], True)
+    """
+    labels = sorted(set(GENRES.values()))
+    by_genre: dict[str, list[Path]] = defaultdict(list)
+    for play in builtin_plays():
+        by_genre[GENRES[play.parent.name]].append(play)
+    rng, out = np.random.default_rng(seed), {"train": [], "test": [], "labels": labels, "test_plays": []}
+    for genre in labels:
+        plays = sorted(by_genre[genre])
+        held = set(rng.permutation(len(plays))[:max(1, round(test_fraction * len(plays)))].tolist())
+        for i, play in enumerate(plays):
+            verse = "\n".join(line for line in play_to_text(play.read_text(encoding="utf-8")).splitlines()
+                              if line and not line.endswith(":"))
+            split = "test" if i in held else "train"
+            out[split] += [(verse[j:j + chars], labels.index(genre)) for j in range(0, len(verse) - chars + 1, chars)]
+            if split == "test":
+                out["test_plays"].append(play.stem)
+    return out
+
+
+class EncodedTexts(torch.utils.data.Dataset):
+    """A map-style dataset of (token ids, target) from (text, target) pairs: what
+    TransformerTrainer takes for text classification or regression.
+
+        >>> ds = EncodedTexts([("to be", 1)], CharTokenizer.train(["to be"]))
+        >>> ds[0]
+        (tensor([4, 3, 0, 1, 2]), 1)
+    """
+
+    def __init__(self, pairs, tokenizer, *, max_len: Optional[int] = None):
+        self.pairs, self.tokenizer, self.max_len = list(pairs), tokenizer, max_len
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        text, target = self.pairs[i]
+        ids = self.tokenizer.encode(text)[:self.max_len]
+        return torch.tensor(ids, dtype=torch.long), target
+
+
 _ITALIC = re.compile(r"(?<![\w*])_[^_]+_(?!\w)|(?<![*\w])\*[^*]+\*(?![*\w])", re.S)  # stage directions
 _ESCAPE = re.compile(r"\\(.)")
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")

@@ -1,4 +1,9 @@
-"""Train a language model on the built-in corpus or your own text.
+"""Train a model: TransformerTrainer, one loop for every task, and the command line that runs
+it on a language model (the built-in corpus or your own text).
+
+    >>> from train import TransformerTrainer
+    >>> trainer = TransformerTrainer(model, learning_rate=1e-3, batch_size=32)   # doctest: +SKIP
+    >>> history = trainer.train(train_dataset, epochs=10, val_dataset=val_dataset)
 
     python train.py --config config.yaml                      # built-in Shakespeare, char-level
     python train.py --config config.yaml --data my.txt --model.n_layers=4 --training.max_iters=200
@@ -7,6 +12,7 @@
     python train.py --config config.yaml --data corpus/ --data.tokenizer=bpe --data.vocab_size=4096
     python train.py --config config.yaml --init_from out/best.pt --lora.r=8 --data new.txt \
         --training.out_dir=out-lora                            # LoRA fine-tune (add --quantize int8: QLoRA)
+    python train.py --config config.yaml --epochs 2            # a budget in passes over the data
     torchrun --standalone --nproc_per_node=4 train.py --config config.yaml   # DDP on 4 GPUs (or CPU processes)
 
 Writes to training.out_dir: last.pt (for --resume), best.pt (best validation loss),
@@ -25,20 +31,21 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 
 from config import (ALIASES, PRESETS, RUN_PRESETS, SECTIONS, TrainConfig, config_file, config_to_dict,  # noqa: F401
                     load_config)
 from data import TokenDataset, prepared_dataset, tokenizer_from_state
-from model import Int4Linear, Int8Linear, Transformer, TransformerConfig, apply_lora, load_lora_state_dict, lora_state_dict
+from model import (Int4Linear, Int8Linear, Transformer, TransformerConfig, apply_lora, closest, load_lora_state_dict,
+                   lora_state_dict)
+from tasks import (EpochBatches, LanguageModelTask, Task, WindowBatches, dataset_batches, lm_loss,  # noqa: F401
+                   split_loss, task_for)
 from utils import (CheckpointError, JsonlLogger, base_reference, check_base, device_peak_flops, flops_per_token,
                    load_checkpoint, model_from_checkpoint, pick_device, plot_run, save_checkpoint,
                    tune_cpu_allocator, warn_compile_failed)
@@ -96,10 +103,6 @@ def autocast(device: str, precision: str):
         raise ValueError("this GPU does not support bf16; use training.precision=fp16")
     return torch.autocast(kind, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
-
-def lm_loss(model, x, y) -> torch.Tensor:
-    logits = model(x)                                            # (B, T, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 # -----------------------------------------------------------------------------
 # Distributed: torchrun, DDP and FSDP
@@ -197,72 +200,12 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer):
                     state[key] = distribute_tensor(value, p.device_mesh, p.placements)
 
 # -----------------------------------------------------------------------------
-# Evaluation
+# Random state and checkpoints
 # -----------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def estimate_loss(model, data, cfg: TrainConfig, block_size: int, device: str) -> dict:
-    """Mean loss over eval_iters random batches per split; the same batches every time
-    (a fixed generator), so successive evaluations compare like with like. Distributed,
-    each rank takes its share of every batch and the means are averaged."""
-    rank, world = rank_and_world()
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        losses = []
-        for _ in range(cfg.eval_iters):
-            x, y = data.get_batch(split, cfg.batch_size, block_size, generator=g, device=device,
-                                  rank=rank, world_size=world)
-            with autocast(device, cfg.precision):
-                losses.append(lm_loss(model, x, y).item())
-        out[split] = mean_over_ranks(float(np.mean(losses)), device)
-    model.train()
-    return out
-
-
-@torch.no_grad()
-def split_loss(model, data, split: str, *, block_size: int, batch_size: int, device: str,
-               precision: str = "fp32") -> float:
-    """Mean loss over every token of a split once (non-overlapping windows). Distributed,
-    every rank computes all of it (FSDP needs every rank in every forward)."""
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in data.iter_split(split, batch_size, block_size, device=device):
-        with autocast(device, precision):
-            logits = model(x)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
-        count += y.numel()
-    model.train()
-    return total / count
-
-# -----------------------------------------------------------------------------
-# Training
-# -----------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One rank's training run: what a step uses and what a checkpoint saves."""
-
-    model: Transformer            # the plain module: its state_dict is what checkpoints hold
-    wrapped: torch.nn.Module      # model, or DDP(model); FSDP shards model in place
-    fwd: torch.nn.Module          # wrapped, or torch.compile(wrapped): what forward passes call
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    generator: torch.Generator    # the batch sampler's stream, alike on every rank
-    data: TokenDataset
-    device: str
-    base_ref: Optional[dict] = None  # a LoRA run's base checkpoint {path, sha256}
-    step: int = 0
-    elapsed: float = 0.0          # training seconds, evaluations and checkpoint writes included
-    best_val: float = float("inf")
-    evals_since_best: int = 0     # for early stopping
-
-
-def _rng_state(generator: torch.Generator, device: str) -> dict:
-    state = {"torch": torch.get_rng_state(), "batches": generator.get_state(),
+def _rng_state(device: str) -> dict:
+    state = {"torch": torch.get_rng_state(),
              "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
              "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
              "python_gauss": random.getstate()[2]}
@@ -274,17 +217,417 @@ def _rng_state(generator: torch.Generator, device: str) -> dict:
     return state
 
 
-def _set_rng_state(state: dict, generator: torch.Generator, device: str):
+def _set_rng_state(state: dict, device: str):
     rank = rank_and_world()[0]
     own = (state.get("ranks") or [state])[rank:rank + 1]   # none: a checkpoint of fewer ranks
     if own:
         torch.set_rng_state(own[0]["torch"])
         if "cuda" in own[0] and device.startswith("cuda"):
             torch.cuda.set_rng_state(own[0]["cuda"], device)
-    generator.set_state(state["batches"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+
+
+def compile_model(wrapped: torch.nn.Module, trial) -> torch.nn.Module:
+    """torch.compile(wrapped), or wrapped itself, with a warning, where compiling fails.
+
+    torch.compile only wraps: the compiler runs, and fails (no C++ toolchain, an unsupported
+    platform or operator), at the first forward and, lazily, the first backward. So
+    trial(compiled) runs them here, with the random state and the gradients put back after.
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        compiled = torch.compile(wrapped)
+        with torch.random.fork_rng(devices=devices):
+            trial(compiled)
+        return compiled
+    except Exception as e:
+        warn_compile_failed(e, "training")
+        return wrapped
+    finally:
+        wrapped.zero_grad(set_to_none=True)
+
+
+class Throughput:
+    """Tokens/s and MFU over the training steps added since the last reset (evaluations excluded)."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float):
+        self.flops_per_token, self.peak = flops_per_token, peak_flops
+        self.reset()
+
+    def reset(self):
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+
+    def add(self, seconds: float, tokens: int):
+        self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + seconds
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def mfu(self) -> float:
+        return self.tokens_per_sec * self.flops_per_token / self.peak
+
+    def __str__(self):
+        return f"{self.tokens_per_sec:,.0f} tok/s | MFU {self.mfu:.1%}"
+
+# -----------------------------------------------------------------------------
+# The Trainer: one loop for every task
+# -----------------------------------------------------------------------------
+
+# where the Python API's defaults differ from the command line's: no files unless asked, and
+# an evaluation at the end of every epoch
+API_DEFAULTS = dict(out_dir=None, progress=False, plot=False, eval_interval=None)
+
+
+class TransformerTrainer:
+    """Train any model of model.py on a task: one loop with precision, compile, gradient
+    accumulation and clipping, schedules, DDP/FSDP, exact resume, early stopping on the task's
+    metric, dropout annealing, logging and plots. `python train.py` is a thin layer over it.
+
+        >>> trainer = TransformerTrainer(model, learning_rate=1e-3, batch_size=32)   # doctest: +SKIP
+        >>> history = trainer.train(train_dataset, epochs=10, val_dataset=val_dataset)
+        >>> trainer.evaluate(test_dataset)        # {'loss': ..., 'accuracy': ..., 'macro_f1': ...}
+        >>> probs = trainer.predict(test_dataset)  # (N, num_classes) for a classifier
+
+    Datasets are map-style torch Datasets of (input, target) pairs (see tasks.py), or the
+    token corpus of data.py (random windows, as train.py uses). task: from the model's head
+    unless given. Options are TrainConfig's fields (learning_rate=..., batch_size=...,
+    out_dir=... to write checkpoints, log.jsonl and plot.png there); config: a whole TrainConfig.
+    """
+
+    def __init__(self, model, *, task: Optional[Task] = None, config: Optional[TrainConfig] = None,
+                 device: Optional[str] = None, tokenizer=None, run_config: Optional[dict] = None, **options):
+        cfg = dataclasses.replace(config or TrainConfig(**{**API_DEFAULTS, **options}), **(options if config else {}))
+        self.cfg, self.task, self.tokenizer = cfg, task or task_for(model), tokenizer
+        self.device = device or init_distributed(cfg.device)
+        self.model = model.to(self.device)
+        self.run_config = run_config or {"training": cfg}       # what checkpoints record as "config"
+        self.monitor = cfg.monitor or self.task.monitor
+        self.step, self.elapsed, self.evals_since_best, self.history = 0, 0.0, 0, []
+        self.best = math.inf if self._lower_is_better() else -math.inf
+        self.best_val_loss, self.extra_payload, self._resume = math.inf, {}, None
+        autocast(self.device, cfg.precision)             # an impossible precision fails before any work
+        model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        self.wrapped = self.fwd = wrap_distributed(self.model, cfg, self.device)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)  # after sharding: FSDP replaced the parameters
+        self.scaler = torch.amp.GradScaler(self.device.split(":")[0], enabled=cfg.precision == "fp16")
+
+    def _lower_is_better(self) -> bool:
+        return self.monitor == "loss" or self.task.mode == "min" or self.monitor in ("mse", "mae", "perplexity")
+
+    def load_state(self, ckpt: dict):
+        """Continue from a checkpoint this trainer wrote (last.pt): weights, optimizer, random
+        streams and the position in the data, for a bit-identical continuation."""
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        shard_optimizer_state(self.optimizer)
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.elapsed = ckpt["step"], ckpt["elapsed"]
+        self.best_val_loss = ckpt["best_val_loss"]
+        self.best = ckpt.get("best", {}).get("value", self.best_val_loss)
+        self.evals_since_best = ckpt.get("evals_since_best", 0)
+        self._resume = ckpt
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self, train_dataset, epochs: Optional[float] = None, val_dataset=None) -> list[dict]:
+        """Train until the budget (epochs, else training.epochs, max_time or max_iters) is spent
+        or early stopping ends the run; returns the history, one dict per evaluation."""
+        cfg, rank = self.cfg, rank_and_world()[0]
+        stream = self._stream(train_dataset)
+        epochs = epochs if epochs is not None else cfg.epochs
+        steps_per_epoch = math.ceil(stream.steps_per_epoch / cfg.grad_accum_steps)
+        total_steps = math.ceil(epochs * steps_per_epoch) if epochs else cfg.max_iters
+        eval_interval = cfg.eval_interval or steps_per_epoch
+        if self._resume is not None:
+            stream.load_state(self._resume.get("stream") or {"generator": self._resume["rng"]["batches"]})
+            _set_rng_state(self._resume["rng"], self.device)
+        if rank > 0 and self._resume is None:
+            torch.manual_seed(cfg.seed + rank)          # each rank its own dropout masks
+        if cfg.compile and self.fwd is self.wrapped:
+            self.fwd = compile_model(self.wrapped, lambda fwd: self._trial(fwd, stream))
+        record = Record(self, resumed=self._resume is not None, total=cfg.max_time or total_steps)
+        record.start(train_dataset)
+        progress = lambda: self.elapsed / cfg.max_time if cfg.max_time else self.step / total_steps  # noqa: E731
+        self.model.train()
+        last_eval, stop, losses = -1, False, []
+        while progress() < 1.0 and not stop:
+            t0 = time.perf_counter()
+            lr = lr_at(self.step, progress(), cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            dropout = dropout_at(progress(), self.model.config.dropout, cfg)
+            if cfg.dropout_schedule != "constant":
+                self.model.set_dropout(dropout)
+            loss, grad_norm, tokens = self._step(stream)
+            losses.append(loss)
+            record.step(time.perf_counter() - t0, tokens, loss=loss, lr=lr, grad_norm=grad_norm,
+                        **({"dropout": dropout} if cfg.dropout_schedule != "constant" else {}))
+            if self.step % eval_interval == 0:
+                stop, last_eval = self._evaluate(record, stream, val_dataset, losses, lr), self.step
+                losses = []
+            self.elapsed += time.perf_counter() - t0
+            record.progress()
+        record.close_bar()
+        if last_eval != self.step:
+            stop = self._evaluate(record, stream, val_dataset, losses, lr_at(self.step, progress(), cfg)) or stop
+        record.finish(self._final(train_dataset, val_dataset), stopped_early=stop)
+        self.stopped_early = stop
+        return self.history
+
+    def _stream(self, dataset):
+        cfg, (rank, world) = self.cfg, rank_and_world()
+        if isinstance(dataset, TokenDataset):
+            return WindowBatches(dataset, batch_size=cfg.batch_size, block_size=self.model.config.block_size,
+                                 seed=cfg.seed, rank=rank, world=world)
+        return EpochBatches(dataset, self.task, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+
+    def _trial(self, fwd, stream):
+        """A training forward and backward and an evaluation forward, on a batch the run never sees."""
+        batch = stream.trial_batch(self.device)
+        with torch.no_grad(), autocast(self.device, self.cfg.precision):
+            self.task.loss(self.wrapped, batch)   # eagerly first: state built on first use (RoPE tables) is not traced
+        with autocast(self.device, self.cfg.precision):
+            self.task.loss(fwd, batch).backward()
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.cfg.precision):
+            self.task.loss(fwd, batch)
+        self.model.train()
+
+    def _step(self, stream) -> tuple[float, float, int]:
+        """One optimizer step over grad_accum_steps micro-batches: (mean loss over all ranks,
+        gradient norm before clipping, tokens seen). A non-finite loss or norm raises before the update."""
+        cfg = self.cfg
+        loss_sum, tokens = torch.zeros((), device=self.device), 0
+        for micro in range(cfg.grad_accum_steps):
+            batch = stream.next(self.device)
+            tokens += batch["input"].shape[0] * batch["input"].shape[1]
+            with grad_sync(self.wrapped, micro == cfg.grad_accum_steps - 1):
+                with autocast(self.device, cfg.precision):
+                    loss = self.task.loss(self.fwd, batch)
+                self.scaler.scale(loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = gather_full(norm).item()          # FSDP: a DTensor, the norm over all the shards
+        train_loss = mean_over_ranks(loss_sum.item() / cfg.grad_accum_steps, self.device)
+        if not (math.isfinite(train_loss) and (math.isfinite(grad_norm) or self.scaler.is_enabled())):
+            where = f"; {Path(cfg.out_dir) / 'last.pt'} is the last good checkpoint" if cfg.out_dir else ""
+            raise FloatingPointError(f"non-finite loss {train_loss} / grad norm {grad_norm} at step {self.step + 1}; "
+                                     f"the weights were not updated{where}. Try a lower learning rate.")
+        self.scaler.step(self.optimizer)     # with fp16, skipped when the gradients overflowed
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return train_loss, grad_norm, tokens * rank_and_world()[1]
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _metrics(self, batches, *, model=None) -> dict:
+        model = model or self.fwd
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast(self.device, self.cfg.precision):
+                out = self.task.metrics(model, batches)
+        finally:
+            model.train(was_training)
+        return {k: mean_over_ranks(v, self.device) for k, v in out.items()}
+
+    def _val_metrics(self, stream, val_dataset, losses: list) -> tuple[dict, dict]:
+        """(train metrics, val metrics): a corpus is sampled in eval_iters random batches of each
+        split; a dataset is read whole, and the training loss is the mean since the last evaluation."""
+        cfg = self.cfg
+        if isinstance(stream, WindowBatches):
+            train = self._metrics(stream.eval_batches("train", iters=cfg.eval_iters, seed=cfg.seed + 1,
+                                                      device=self.device))
+            return train, self._metrics(stream.eval_batches("val", iters=cfg.eval_iters, seed=cfg.seed + 1,
+                                                            device=self.device))
+        train = {"loss": float(np.mean(losses))} if losses else {}
+        return train, (self._dataset_metrics(val_dataset) if val_dataset is not None else {})
+
+    def _dataset_metrics(self, dataset, *, model=None) -> dict:
+        rank, world = rank_and_world()
+        return self._metrics(dataset_batches(dataset, self.task, batch_size=self.cfg.batch_size, device=self.device,
+                                             rank=rank, world=world), model=model)
+
+    def _evaluate(self, record, stream, val_dataset, losses, lr) -> bool:
+        """Evaluate, log, write checkpoints; True when early stopping ends the run."""
+        train, val = self._val_metrics(stream, val_dataset, losses)
+        if not all(map(math.isfinite, [*train.values(), *val.values()])):   # never save diverged weights
+            raise FloatingPointError(f"non-finite evaluation {val or train} at step {self.step}"
+                                     + (f"; {Path(self.cfg.out_dir) / 'last.pt'} is the last good checkpoint"
+                                        if self.cfg.out_dir else ""))
+        judged = val or train
+        if self.monitor not in judged:
+            raise ValueError(f"training.monitor={self.monitor!r} is not a metric of the {self.task.name} task; "
+                             f"{closest(self.monitor, judged)}")
+        value = judged[self.monitor]
+        improved = value < self.best if self._lower_is_better() else value > self.best
+        if improved:
+            self.best = value
+        self.best_val_loss = min(self.best_val_loss, judged.get("loss", math.inf))
+        self.evals_since_best = 0 if improved else self.evals_since_best + 1
+        patience = self.cfg.early_stopping_patience
+        stop = bool(patience and self.evals_since_best >= patience)
+        entry = {"step": self.step, "epoch": self._epoch(stream), "train_loss": train.get("loss"),
+                 **{f"val_{k}": v for k, v in val.items()}}
+        self.history.append(entry)
+        record.evaluation(entry, train, val, improved=improved, stop=stop, patience=patience, lr=lr,
+                          payload=lambda: self.checkpoint(stream, judged.get("loss")))
+        return stop
+
+    def _epoch(self, stream) -> float:
+        per = stream.steps_per_epoch / self.cfg.grad_accum_steps
+        return round(self.step / per, 3)
+
+    def _final(self, train_dataset, val_dataset) -> Optional[float]:
+        """The final validation loss: every validation token (a corpus) or item (a dataset) once."""
+        if isinstance(train_dataset, TokenDataset):   # eager: the last batch is shorter, it would recompile
+            with autocast(self.device, self.cfg.precision):
+                return split_loss(self.model, train_dataset, "val", block_size=self.model.config.block_size,
+                                  batch_size=self.cfg.batch_size, device=self.device)
+        return self._dataset_metrics(val_dataset, model=self.model)["loss"] if val_dataset is not None else None
+
+    def evaluate(self, dataset) -> dict:
+        """The task's metrics over every item of a dataset (or validation token of a corpus)."""
+        if isinstance(dataset, TokenDataset):
+            with autocast(self.device, self.cfg.precision):
+                loss = split_loss(self.model, dataset, "val", block_size=self.model.config.block_size,
+                                  batch_size=self.cfg.batch_size, device=self.device)
+            return {"loss": loss, "perplexity": math.exp(loss)}
+        return self._dataset_metrics(dataset, model=self.model)
+
+    @torch.no_grad()
+    def predict(self, dataset) -> torch.Tensor:
+        """The task's predictions for every item, in order: class probabilities (N, num_classes),
+        regression values, or a language model's most likely next tokens. Targets are ignored."""
+        self.model.eval()
+        out = []
+        for batch in dataset_batches(dataset, self.task, batch_size=self.cfg.batch_size, device=self.device):
+            with autocast(self.device, self.cfg.precision):
+                out.append(self.task.predict(self.model, batch).cpu())
+        return torch.cat(out) if out and out[0].dim() < 2 or len({o.shape[1:] for o in out}) == 1 else out
+
+    def checkpoint(self, stream, val_loss) -> dict:
+        """Everything --resume needs, as plain full tensors, and what the model is (kind, task,
+        tokenizer). Collective under torchrun: every rank calls it; rank 0 writes the result."""
+        state = self.model.state_dict() if not self.extra_payload.get("lora") else lora_state_dict(self.model)
+        return {"kind": "transformer", "task": self.task.state(), "model": gather_full(state),
+                "model_config": self.model.config.to_dict(),
+                "tokenizer": self.tokenizer.state() if self.tokenizer is not None else None,
+                "config": config_to_dict(self.run_config), "optimizer": gather_full(self.optimizer.state_dict()),
+                "scaler": self.scaler.state_dict(), "step": self.step, "elapsed": self.elapsed,
+                "best_val_loss": self.best_val_loss, "best": {"metric": self.monitor, "value": self.best},
+                "val_loss": val_loss, "evals_since_best": self.evals_since_best, "stream": stream.state(),
+                "rng": {**_rng_state(self.device), **({"batches": stream.generator.get_state()}
+                                                       if isinstance(stream, WindowBatches) else {})},
+                **self.extra_payload}
+
+
+class Record:
+    """What a run shows and keeps (rank 0): the progress bar and lines printed, log.jsonl,
+    TensorBoard, the checkpoints and the plot. Without out_dir, only the history in memory."""
+
+    def __init__(self, trainer: TransformerTrainer, *, resumed: bool, total):
+        cfg = trainer.cfg
+        self.t, self.cfg, self.main = trainer, cfg, rank_and_world()[0] == 0
+        self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+        self.logger = open_record(self.out_dir, trainer.run_config, resumed=resumed) if self.main and self.out_dir else None
+        self.bar = None
+        if cfg.progress and self.main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=int(total), initial=int(trainer.elapsed) if cfg.max_time else trainer.step,
+                            unit="s" if cfg.max_time else "it", dynamic_ncols=True)
+        self.say = (self.bar.write if self.bar else print) if self.main else (lambda *args: None)
+        peak, self.peak_source = device_peak_flops(trainer.device, cfg.precision)
+        self.peak = peak * rank_and_world()[1]          # per device: the job's tokens/s against all its devices
+        self.log_speed, self.eval_speed = (Throughput(flops_per_token(trainer.model.config), self.peak)
+                                           for _ in range(2))
+
+    def log(self, **event):
+        if self.logger:
+            self.logger.log(**event)
+
+    def start(self, dataset):
+        t, world = self.t, rank_and_world()[1]
+        n_params = sum(p.numel() for p in t.model.parameters() if p.requires_grad)   # LoRA: the adapters
+        if isinstance(dataset, TokenDataset):
+            data = (f"vocab {t.model.config.vocab_size} ({dataset.tokenizer.kind}) | train "
+                    f"{dataset.num_tokens['train']:,} tokens, val {dataset.num_tokens['val']:,}")
+        else:
+            data = f"{t.task.name} | {len(dataset):,} training items"
+        self.say(f"{n_params / 1e6:.2f}M parameters | {data} | device {t.device}"
+                 f"{f' x {world} ({self.cfg.distributed})' if world > 1 else ''} | {self.cfg.precision} | "
+                 f"peak {self.peak / world / 1e12:.3g} TFLOP/s ({self.peak_source})")
+        self.log(event="start", step=t.step, params=n_params, device=t.device, resumed=t._resume is not None,
+                 world_size=world, task=t.task.name)
+
+    def step(self, seconds: float, tokens: int, *, loss, lr, grad_norm, **scheduled):
+        for speed in (self.log_speed, self.eval_speed):
+            speed.add(seconds, tokens)
+        if self.t.step % self.cfg.log_interval == 0 and self.main:
+            self.log(event="train", step=self.t.step, train_loss=loss, lr=lr, grad_norm=grad_norm,
+                     tokens_per_sec=round(self.log_speed.tokens_per_sec, 1), mfu=round(self.log_speed.mfu, 4),
+                     **scheduled)
+            if self.bar:
+                self.bar.set_postfix_str(f"loss {loss:.3f} | {self.log_speed}")
+            self.log_speed.reset()
+
+    def progress(self):
+        if self.bar:
+            self.bar.n = min(int(self.t.elapsed), self.bar.total) if self.cfg.max_time else self.t.step
+            self.bar.refresh()
+
+    def close_bar(self):
+        if self.bar:
+            self.bar.close()
+
+    def evaluation(self, entry: dict, train: dict, val: dict, *, improved, stop, patience, lr, payload):
+        t = self.t
+        ckpt = payload() if self.out_dir else None           # every rank: it gathers
+        if not self.main:
+            return
+        lm = "perplexity" in val
+        row = {"train_loss": train.get("loss"), "val_loss": val.get("loss"),
+               **({"perplexity": val["perplexity"]} if lm else {f"val_{k}": v for k, v in val.items() if k != "loss"})}
+        self.log(event="eval", step=t.step, **{k: v for k, v in row.items() if v is not None},
+                 elapsed=round(t.elapsed, 2))
+        speed = f" | {self.eval_speed}" if self.eval_speed.steps else ""
+        shown = (f"train {train['loss']:.4f}, " if "loss" in train else "") + (
+            f"val {val['loss']:.4f} (ppl {val['perplexity']:.2f})" if lm else
+            ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
+        self.say(f"step {t.step}: {shown}{' *best' if improved else ''} | lr {lr:.2e}{speed} [{t.elapsed:.0f}s]")
+        if ckpt is not None:
+            for name in (["best.pt", "last.pt"] if improved else ["last.pt"]):
+                save_checkpoint(self.out_dir / name, ckpt)
+        if stop:
+            self.log(event="early_stop", step=t.step, best=t.best, monitor=t.monitor,
+                     best_val_loss=t.best_val_loss, patience=patience)
+            self.say(f"early stopping: no new best {t.monitor} in {patience} evaluations")
+        self.eval_speed.reset()
+
+    def finish(self, final: Optional[float], *, stopped_early: bool):
+        t = self.t
+        t.final_val_loss = final
+        if not self.main:
+            return
+        if final is not None:
+            ppl = {"perplexity": math.exp(min(final, 700))} if t.task.name == "lm" else {}
+            self.log(event="final", step=t.step, final_val_loss=final, **ppl, elapsed=round(t.elapsed, 2))
+        if self.logger:
+            self.logger.close()
+        if final is not None and t.task.name == "lm":
+            print(f"final_val_loss {final:.4f} (perplexity {math.exp(final):.2f}, every validation token once) "
+                  f"after {t.step} steps, {t.elapsed:.1f}s" + (f"; best checkpoint: {self.out_dir / 'best.pt'}"
+                                                                if self.out_dir else ""))
+        if self.cfg.plot and self.out_dir:
+            draw_plot(self.out_dir)
+
+# -----------------------------------------------------------------------------
+# train.py's run: a language model on a corpus, through the Trainer
+# -----------------------------------------------------------------------------
 
 
 def base_checkpoint(cfg: dict, resume_from: Optional[dict]) -> tuple[Optional[dict], Optional[dict]]:
@@ -334,26 +677,6 @@ def build_model(cfg: dict, tokenizer, device: str, base: Optional[dict]) -> Tran
     return model.train()
 
 
-def compile_model(wrapped: torch.nn.Module, trial) -> torch.nn.Module:
-    """torch.compile(wrapped), or wrapped itself, with a warning, where compiling fails.
-
-    torch.compile only wraps: the compiler runs, and fails (no C++ toolchain, an unsupported
-    platform or operator), at the first forward and, lazily, the first backward. So
-    trial(compiled) runs them here, with the random state and the gradients put back after.
-    """
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    try:
-        compiled = torch.compile(wrapped)
-        with torch.random.fork_rng(devices=devices):
-            trial(compiled)
-        return compiled
-    except Exception as e:
-        warn_compile_failed(e, "training")
-        return wrapped
-    finally:
-        wrapped.zero_grad(set_to_none=True)
-
-
 def shared_dataset(cfg: dict, tokenizer) -> TokenDataset:
     """The run's prepared token files (tokenized once into <out_dir>/data or data.cache_dir,
     reused while the inputs are unchanged), read through np.memmap. Under torchrun rank 0
@@ -374,113 +697,6 @@ def shared_dataset(cfg: dict, tokenizer) -> TokenDataset:
     return load(log=lambda *args: None)      # reuses what rank 0 prepared
 
 
-def setup(cfg: dict, device: str, resume_from: Optional[dict]) -> tuple[Run, dict]:
-    """Data, model, optimizer and random streams, restored from a checkpoint when resuming.
-    Returns the run and the config with model.vocab_size set from the tokenizer."""
-    tcfg: TrainConfig = cfg["training"]
-    torch.manual_seed(tcfg.seed)
-    np.random.seed(tcfg.seed)
-    random.seed(tcfg.seed)
-    autocast(device, tcfg.precision)                 # an impossible precision fails before any work
-    base, base_ref = base_checkpoint(cfg, resume_from)
-    if base:   # a fine-tune keeps the base's architecture and tokenizer
-        cfg = {**cfg, "model": TransformerConfig.from_dict({**base["model_config"],
-                                                            "dropout": cfg["model"].dropout})}
-    known = resume_from or base
-    tokenizer = tokenizer_from_state(known["tokenizer"]) if known else None
-    # a fine-tune's model (and its LoRA/quantize settings) is checked before any data is prepared
-    model = build_model(cfg, tokenizer, device, base) if base else None
-    data = shared_dataset(cfg, tokenizer)
-    if model is None:    # the same seed: the same weights on every rank
-        model = build_model(cfg, data.tokenizer, device, None)
-    # the vocabulary belongs to the tokenizer, so the model's vocab_size follows it
-    cfg = {**cfg, "model": model.config}
-    lora = cfg["lora"].r > 0
-    if resume_from:      # before sharding: fully_shard keeps each rank's part
-        if lora:
-            load_lora_state_dict(model, resume_from["model"])
-        else:
-            model.load_state_dict(resume_from["model"])
-    rank = rank_and_world()[0]
-    if rank > 0:
-        torch.manual_seed(tcfg.seed + rank)          # but each rank its own dropout masks
-    model.set_gradient_checkpointing(tcfg.gradient_checkpointing)
-    wrapped = wrap_distributed(model, tcfg, device)
-    optimizer = make_optimizer(model, tcfg, device)  # after sharding: FSDP replaced the parameters
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=tcfg.precision == "fp16")
-    run = Run(model, wrapped, wrapped, optimizer, scaler, torch.Generator().manual_seed(tcfg.seed), data, device,
-              base_ref=base_ref)
-    if resume_from:
-        optimizer.load_state_dict(resume_from["optimizer"])
-        shard_optimizer_state(optimizer)
-        if resume_from.get("scaler"):
-            scaler.load_state_dict(resume_from["scaler"])
-        run.step, run.elapsed, run.best_val = resume_from["step"], resume_from["elapsed"], resume_from["best_val_loss"]
-        run.evals_since_best = resume_from.get("evals_since_best", 0)
-        _set_rng_state(resume_from["rng"], run.generator, device)
-    if tcfg.compile:
-        run.fwd = compile_model(wrapped, lambda compiled: _trial_step(run, compiled, tcfg, cfg["model"].block_size))
-    return run, cfg
-
-
-def _trial_step(run: Run, fwd, tcfg: TrainConfig, block_size: int):
-    """A training forward and backward and an evaluation forward, on a batch the run never sees."""
-    rank, world = rank_and_world()
-    x, y = run.data.get_batch("train", tcfg.batch_size, block_size, generator=torch.Generator().manual_seed(0),
-                              device=run.device, rank=rank, world_size=world)
-    with torch.no_grad(), autocast(run.device, tcfg.precision):
-        run.wrapped(x)      # eagerly first: state built on first use (RoPE tables) is not traced
-    with autocast(run.device, tcfg.precision):
-        loss = lm_loss(fwd, x, y)
-    loss.backward()
-    estimate_loss(fwd, run.data, dataclasses.replace(tcfg, eval_iters=1), block_size, run.device)
-
-
-def train_step(run: Run, tcfg: TrainConfig, block_size: int) -> tuple[float, float]:
-    """One optimizer step over grad_accum_steps micro-batches: (mean loss over all ranks,
-    gradient norm before clipping). A non-finite loss or norm raises before the update."""
-    rank, world = rank_and_world()
-    loss_sum = torch.zeros((), device=run.device)
-    for micro in range(tcfg.grad_accum_steps):
-        x, y = run.data.get_batch("train", tcfg.batch_size, block_size, generator=run.generator,
-                                  device=run.device, rank=rank, world_size=world)
-        with grad_sync(run.wrapped, micro == tcfg.grad_accum_steps - 1):
-            with autocast(run.device, tcfg.precision):
-                loss = lm_loss(run.fwd, x, y)
-            run.scaler.scale(loss / tcfg.grad_accum_steps).backward()
-        loss_sum += loss.detach()
-    run.scaler.unscale_(run.optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip or float("inf"))
-    grad_norm = gather_full(norm).item()          # FSDP: a DTensor, the norm over all the shards
-    train_loss = mean_over_ranks(loss_sum.item() / tcfg.grad_accum_steps, run.device)
-    if not (math.isfinite(train_loss) and (math.isfinite(grad_norm) or run.scaler.is_enabled())):
-        raise FloatingPointError(f"non-finite loss {train_loss} / grad norm {grad_norm} at step {run.step + 1}; "
-                                 f"the weights were not updated and {Path(tcfg.out_dir) / 'last.pt'} is the last "
-                                 f"good checkpoint. Try a lower learning rate.")
-    run.scaler.step(run.optimizer)     # with fp16, skipped when the gradients overflowed
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
-    return train_loss, grad_norm
-
-
-def checkpoint_payload(run: Run, cfg: dict, val_loss: float) -> dict:
-    """Everything --resume needs, as plain full tensors. Collective under torchrun: every
-    rank calls it (to gather FSDP shards and random states); rank 0 writes the result."""
-    lora = cfg["lora"].r > 0
-    payload = {"model": gather_full(lora_state_dict(run.model) if lora else run.model.state_dict()),
-               "model_config": cfg["model"].to_dict(),
-               "tokenizer": run.data.tokenizer.state(), "config": config_to_dict(cfg),
-               "optimizer": gather_full(run.optimizer.state_dict()), "scaler": run.scaler.state_dict(),
-               "step": run.step, "elapsed": run.elapsed, "best_val_loss": run.best_val, "val_loss": val_loss,
-               "evals_since_best": run.evals_since_best, "rng": _rng_state(run.generator, run.device)}
-    if lora:     # an adapter: only its weights, and which base they belong to
-        payload["lora"] = {"config": dataclasses.asdict(cfg["lora"]), "base": run.base_ref}
-    if cfg["quantize"].mode:
-        payload["quantize"] = dataclasses.asdict(cfg["quantize"])
-    return payload
-
-
 def open_record(out_dir: Path, cfg: dict, *, resumed: bool) -> JsonlLogger:
     """Rank 0's output folder: the resolved config, and log.jsonl, new for a new run and
     appended to by --resume."""
@@ -496,34 +712,10 @@ def open_record(out_dir: Path, cfg: dict, *, resumed: bool) -> JsonlLogger:
     return JsonlLogger(out_dir / "log.jsonl", tensorboard_dir=tensorboard)
 
 
-class Throughput:
-    """Tokens/s and MFU over the training steps added since the last reset (evaluations excluded)."""
-
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float):
-        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_flops
-        self.reset()
-
-    def reset(self):
-        self.steps, self.seconds = 0, 0.0
-
-    def add(self, seconds: float):
-        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
-
-    @property
-    def tokens_per_sec(self) -> float:
-        return self.steps * self.tokens_per_step / max(self.seconds, 1e-9)
-
-    @property
-    def mfu(self) -> float:
-        return self.tokens_per_sec * self.flops_per_token / self.peak
-
-    def __str__(self):
-        return f"{self.tokens_per_sec:,.0f} tok/s | MFU {self.mfu:.1%}"
-
-
 def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
-    """Train with a resolved config ({'model', 'data', 'training'} dataclasses), in this
-    process or, launched by torchrun, as one rank of a DDP or FSDP job.
+    """Train a language model with a resolved config ({'model', 'data', 'training', 'lora',
+    'quantize'} dataclasses), in this process or, launched by torchrun, as one rank of a DDP
+    or FSDP job.
 
     resume_from: a loaded last.pt checkpoint to continue from. Returns a summary dict
     (steps, best and final validation loss, whether it stopped early, the output folder).
@@ -538,106 +730,34 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
 
 def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
     tcfg: TrainConfig = cfg["training"]
-    run, cfg = setup(cfg, device, resume_from)
-    model_cfg, block_size = cfg["model"], cfg["model"].block_size
-    rank, world = rank_and_world()
-    main, out_dir = rank == 0, Path(tcfg.out_dir)
-    logger = open_record(out_dir, cfg, resumed=bool(resume_from)) if main else None
-    peak, peak_source = device_peak_flops(device, tcfg.precision)
-    tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * block_size * world
-    # per device: the job's tokens/s against the peak of all its devices
-    log_speed, eval_speed = (Throughput(tokens_per_step, flops_per_token(model_cfg), peak * world)
-                             for _ in range(2))
-    bar = None
-    if tcfg.progress and main:
-        from tqdm import tqdm
-        bar = tqdm(total=int(tcfg.max_time) if tcfg.max_time else tcfg.max_iters,
-                   initial=int(run.elapsed) if tcfg.max_time else run.step,
-                   unit="s" if tcfg.max_time else "it", dynamic_ncols=True)
-    say = (bar.write if bar else print) if main else (lambda *args: None)
-    n_params = sum(p.numel() for p in run.model.parameters() if p.requires_grad)   # LoRA: the adapters
-    say(f"{n_params / 1e6:.2f}M parameters | vocab {model_cfg.vocab_size} "
-        f"({run.data.tokenizer.kind}) | train {run.data.num_tokens['train']:,} tokens, val "
-        f"{run.data.num_tokens['val']:,} | device {device}{f' x {world} ({tcfg.distributed})' if world > 1 else ''}"
-        f" | {tcfg.precision} | peak {peak / 1e12:.3g} TFLOP/s ({peak_source})")
-    if main:
-        logger.log(event="start", step=run.step, params=n_params, device=device,
-                   resumed=bool(resume_from), world_size=world)
-
-    def progress() -> float:
-        return run.elapsed / tcfg.max_time if tcfg.max_time else run.step / tcfg.max_iters
-
-    def evaluate(lr: float) -> bool:
-        """Evaluate, log, write checkpoints; True when early stopping ends the run."""
-        losses = estimate_loss(run.fwd, run.data, tcfg, block_size, device)
-        if not all(map(math.isfinite, losses.values())):   # never save diverged weights
-            raise FloatingPointError(f"non-finite evaluation loss {losses} at step {run.step}; "
-                                     f"{out_dir / 'last.pt'} is the last good checkpoint")
-        improved = losses["val"] < run.best_val
-        run.best_val = min(run.best_val, losses["val"])
-        run.evals_since_best = 0 if improved else run.evals_since_best + 1
-        payload = checkpoint_payload(run, cfg, losses["val"])          # every rank: it gathers
-        patience = tcfg.early_stopping_patience
-        stop = bool(patience and run.evals_since_best >= patience)
-        if main:
-            logger.log(event="eval", step=run.step, train_loss=losses["train"], val_loss=losses["val"],
-                       perplexity=math.exp(losses["val"]), elapsed=round(run.elapsed, 2))
-            speed = f" | {eval_speed}" if eval_speed.steps else ""
-            say(f"step {run.step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
-                f"(ppl {math.exp(losses['val']):.2f}){' *best' if improved else ''} | lr {lr:.2e}{speed} "
-                f"[{run.elapsed:.0f}s]")
-            for name in (["best.pt", "last.pt"] if improved else ["last.pt"]):
-                save_checkpoint(out_dir / name, payload)
-            if stop:
-                logger.log(event="early_stop", step=run.step, best_val_loss=run.best_val, patience=patience)
-                say(f"early stopping: no new best validation loss in {patience} evaluations")
-        eval_speed.reset()
-        return stop
-
-    run.model.train()
-    last_eval, stop = -1, False
-    while progress() < 1.0 and not stop:
-        t0 = time.perf_counter()
-        lr = lr_at(run.step, progress(), tcfg)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        dropout = dropout_at(progress(), model_cfg.dropout, tcfg)
-        if tcfg.dropout_schedule != "constant":
-            run.model.set_dropout(dropout)
-        train_loss, grad_norm = train_step(run, tcfg, block_size)
-        for speed in (log_speed, eval_speed):
-            speed.add(time.perf_counter() - t0)
-        if run.step % tcfg.log_interval == 0 and main:
-            scheduled = {"dropout": dropout} if tcfg.dropout_schedule != "constant" else {}
-            logger.log(event="train", step=run.step, train_loss=train_loss, lr=lr, grad_norm=grad_norm,
-                       tokens_per_sec=round(log_speed.tokens_per_sec, 1), mfu=round(log_speed.mfu, 4),
-                       **scheduled)
-            if bar:
-                bar.set_postfix_str(f"loss {train_loss:.3f} | {log_speed}")
-            log_speed.reset()
-        if run.step % tcfg.eval_interval == 0:
-            stop, last_eval = evaluate(lr), run.step
-        run.elapsed += time.perf_counter() - t0
-        if bar:
-            bar.n = min(int(run.elapsed), bar.total) if tcfg.max_time else run.step
-            bar.refresh()
-    if bar:
-        bar.close()
-    if last_eval != run.step:
-        evaluate(lr_at(run.step, progress(), tcfg))
-    # eager: the pass ends with shorter batches, each of which would recompile a compiled model
-    final = split_loss(run.model, run.data, "val", block_size=block_size, batch_size=tcfg.batch_size,
-                       device=device, precision=tcfg.precision)
-    if main:
-        logger.log(event="final", step=run.step, final_val_loss=final, perplexity=math.exp(final),
-                   elapsed=round(run.elapsed, 2))
-        logger.close()
-        print(f"final_val_loss {final:.4f} (perplexity {math.exp(final):.2f}, every validation token once) "
-              f"after {run.step} steps, {run.elapsed:.1f}s; best checkpoint: {out_dir / 'best.pt'}")
-        if tcfg.plot:
-            draw_plot(out_dir)
-    return {"step": run.step, "best_val_loss": run.best_val, "final_val_loss": final, "elapsed": run.elapsed,
-            "stopped_early": stop, "out_dir": str(out_dir)}
+    torch.manual_seed(tcfg.seed)
+    np.random.seed(tcfg.seed)
+    random.seed(tcfg.seed)
+    autocast(device, tcfg.precision)                 # an impossible precision fails before any work
+    base, base_ref = base_checkpoint(cfg, resume_from)
+    if base:   # a fine-tune keeps the base's architecture and tokenizer
+        cfg = {**cfg, "model": TransformerConfig.from_dict({**base["model_config"], "dropout": cfg["model"].dropout})}
+    known = resume_from or base
+    tokenizer = tokenizer_from_state(known["tokenizer"]) if known else None
+    # a fine-tune's model (and its LoRA/quantize settings) is checked before any data is prepared
+    model = build_model(cfg, tokenizer, device, base) if base else None
+    data = shared_dataset(cfg, tokenizer)
+    if model is None:    # the same seed: the same weights on every rank
+        model = build_model(cfg, data.tokenizer, device, None)
+    cfg = {**cfg, "model": model.config}           # the vocabulary belongs to the tokenizer
+    if resume_from:      # before sharding: fully_shard keeps each rank's part
+        (load_lora_state_dict if cfg["lora"].r else type(model).load_state_dict)(model, resume_from["model"])
+    trainer = TransformerTrainer(model, task=LanguageModelTask(), config=tcfg, device=device,
+                                 tokenizer=data.tokenizer, run_config=cfg)
+    if cfg["lora"].r:     # an adapter: only its weights, and which base they belong to
+        trainer.extra_payload["lora"] = {"config": dataclasses.asdict(cfg["lora"]), "base": base_ref}
+    if cfg["quantize"].mode:
+        trainer.extra_payload["quantize"] = dataclasses.asdict(cfg["quantize"])
+    if resume_from:
+        trainer.load_state(resume_from)
+    trainer.train(data)
+    return {"step": trainer.step, "best_val_loss": trainer.best_val_loss, "final_val_loss": trainer.final_val_loss,
+            "elapsed": trainer.elapsed, "stopped_early": trainer.stopped_early, "out_dir": str(tcfg.out_dir)}
 
 
 def draw_plot(out_dir: Path):

@@ -14,6 +14,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+import tasks
 import train as train_mod
 import utils
 from generate import SampleConfig, generate_text
@@ -363,7 +364,7 @@ def test_load_checkpoint_of_an_empty_file_is_a_checkpoint_error(tmp_path):
 # --- non-finite losses -----------------------------------------------------------------------------
 
 def test_nan_loss_stops_the_run_and_keeps_last_pt(run_config, monkeypatch):
-    real_loss = train_mod.lm_loss
+    real_loss = tasks.lm_loss
     calls = {"n": 0}
 
     def nan_at_step_7(model, x, y):
@@ -374,7 +375,7 @@ def test_nan_loss_stops_the_run_and_keeps_last_pt(run_config, monkeypatch):
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_mod, "lm_loss", nan_at_step_7)
+    monkeypatch.setattr(tasks, "lm_loss", nan_at_step_7)
     cfg = run_config("--training.eval_interval=5")
     with pytest.raises(FloatingPointError, match=r"non-finite loss nan .* at step 7; .*last\.pt is the last good checkpoint"):
         train_mod.train(cfg)
@@ -617,10 +618,12 @@ def test_checkpoints_hold_what_exact_resume_needs(trained_run):
 def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_new_best(run_config, monkeypatch):
     vals = iter([3.0, 2.5, 2.6, 2.55, 2.7, 1.0, 1.0])          # best at the 2nd evaluation, then 3 worse
 
-    def scripted(model, data, cfg, block_size, device):
-        return {"train": 2.0, "val": next(vals)}
+    splits = iter(["train", "val"] * 10)
 
-    monkeypatch.setattr(train_mod, "estimate_loss", scripted)
+    def scripted(task, model, batches):                      # the task's metrics, train then val
+        return {"loss": 2.0 if next(splits) == "train" else next(vals)}
+
+    monkeypatch.setattr(tasks.LanguageModelTask, "metrics", scripted)
     cfg = run_config("--training.eval_interval=5", "--training.max_iters=100", "--training.early_stopping_patience=3")
     summary = train_mod.train(cfg)
     out = Path(cfg["training"].out_dir)
@@ -634,7 +637,7 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_new_be
 
 
 def test_no_early_stopping_without_patience(run_config, monkeypatch):
-    monkeypatch.setattr(train_mod, "estimate_loss", lambda *args: {"train": 2.0, "val": 2.0})
+    monkeypatch.setattr(tasks.LanguageModelTask, "metrics", lambda *args: {"loss": 2.0})
     summary = train_mod.train(run_config("--training.eval_interval=5", "--training.max_iters=30"))
     assert not summary["stopped_early"] and summary["step"] == 30
 

@@ -1,0 +1,336 @@
+"""Tasks: what a model is trained to do. A task turns dataset items into batches, and gives
+the loss to minimise and the metrics to report; the Trainer (train.py) knows nothing else.
+
+    LanguageModelTask    token ids -> the next token at every position: cross-entropy, perplexity
+    ClassificationTask   a sequence -> one of num_classes labels: cross-entropy, accuracy, macro-F1
+    RegressionTask       a sequence (or each position) -> real values: MSE, MAE
+
+Datasets are map-style torch Datasets of (input, target) pairs; sequences of different
+lengths are padded on the right and carry an attention mask (true at real tokens). The
+language-model corpus of train.py (data.TokenDataset) is sampled in random windows instead.
+
+    >>> task = ClassificationTask(num_classes=3)
+    >>> batch = task.collate([(torch.tensor([5, 6, 7]), 2), (torch.tensor([8]), 0)])
+    >>> batch["input"].tolist(), batch["attention_mask"].tolist(), batch["target"].tolist()
+    ([[5, 6, 7], [8, 0, 0]], [[True, True, True], [True, False, False]], [2, 0])
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+TASKS = ("lm", "classification", "regression")
+
+
+def pad_sequences(seqs: Sequence[torch.Tensor], *, pad_value=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-d (or (T, ...)) tensors to one length: (B, T, ...) values and a (B, T) mask.
+
+        >>> pad_sequences([torch.tensor([1, 2]), torch.tensor([3])])[0].tolist()
+        [[1, 2], [3, 0]]
+    """
+    seqs = [torch.as_tensor(s) for s in seqs]
+    if not seqs or any(s.shape[0] == 0 for s in seqs):
+        raise ValueError("every input sequence needs at least one element")
+    width = max(s.shape[0] for s in seqs)
+    out = seqs[0].new_full((len(seqs), width, *seqs[0].shape[1:]), pad_value)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        out[i, :s.shape[0]], mask[i, :s.shape[0]] = s, True
+    return out, mask
+
+
+def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """The unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN); a class that is
+    neither predicted nor present counts as 1 (nothing to get wrong).
+
+        >>> macro_f1(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 2)
+        0.6666666666666666
+    """
+    conf = torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    tp = conf.diag().double()
+    denom = conf.sum(0).double() + conf.sum(1).double()                       # 2 TP + FP + FN
+    return torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.ones_like(tp)).mean().item()
+
+
+class Task:
+    """The interface: collate items into a batch dict (input, target, attention_mask, on the
+    device via `to`), the mean loss of a batch, and metrics over many batches. `monitor` is
+    the metric that picks the best checkpoint and drives early stopping; `mode` says whether
+    lower or higher is better."""
+
+    name = "task"
+    monitor, mode = "loss", "min"
+
+    def collate(self, items: list) -> dict:
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def metrics(self, model, batches) -> dict:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, model, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """What a checkpoint records of the task (enough to rebuild it)."""
+        return {"name": self.name}
+
+
+def to(batch: dict, device) -> dict:
+    """The batch's tensors on the device."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of token ids x (B, T) against targets y (B, T)."""
+    logits = model(x)                                                          # (B, T, vocab)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+class LanguageModelTask(Task):
+    """Next-token prediction: input (B, T) ids, target (B, T) the same shifted by one."""
+
+    name = "lm"
+
+    def collate(self, items: list) -> dict:
+        x, y = zip(*items)
+        return {"input": torch.stack([torch.as_tensor(t) for t in x]),
+                "target": torch.stack([torch.as_tensor(t) for t in y])}
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return lm_loss(model, batch["input"], batch["target"])
+
+    @torch.no_grad()
+    def metrics(self, model, batches) -> dict:
+        total, count = 0.0, 0
+        for batch in batches:
+            logits = model(batch["input"])
+            total += F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].flatten(),
+                                     reduction="sum").item()
+            count += batch["target"].numel()
+        loss = total / max(count, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700))}
+
+    @torch.no_grad()
+    def predict(self, model, batch: dict) -> torch.Tensor:
+        return model(batch["input"]).argmax(-1)                                # (B, T) next tokens
+
+
+class _SequenceTask(Task):
+    """Shared by classification and regression: inputs padded on the right, with a mask."""
+
+    def collate(self, items: list) -> dict:
+        x, y = zip(*items)
+        inputs, mask = pad_sequences(x)
+        return {"input": inputs, "attention_mask": mask, "target": self._targets(y)}
+
+    def _targets(self, ys) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _outputs(self, model, batch):
+        return model(batch["input"], attention_mask=batch["attention_mask"])
+
+
+class ClassificationTask(_SequenceTask):
+    """One label per sequence, ints in [0, num_classes); labels: optional names, in order."""
+
+    name = "classification"
+    monitor, mode = "accuracy", "max"
+
+    def __init__(self, num_classes: int, *, labels: Optional[list[str]] = None):
+        if labels is not None and len(labels) != num_classes:
+            raise ValueError(f"{len(labels)} label names for num_classes={num_classes}")
+        self.num_classes, self.labels = num_classes, labels
+
+    def _targets(self, ys) -> torch.Tensor:
+        y = torch.as_tensor([int(v) for v in ys])
+        bad = y[(y < 0) | (y >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(f"label {bad[0].item()} is outside 0..{self.num_classes - 1} (num_classes="
+                             f"{self.num_classes})")
+        return y
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(self._outputs(model, batch).float(), batch["target"])
+
+    @torch.no_grad()
+    def metrics(self, model, batches) -> dict:
+        losses, preds, targets = [], [], []
+        for batch in batches:
+            logits = self._outputs(model, batch).float()
+            losses.append(F.cross_entropy(logits, batch["target"], reduction="sum").item())
+            preds.append(logits.argmax(-1).cpu())
+            targets.append(batch["target"].cpu())
+        pred, target = torch.cat(preds), torch.cat(targets)
+        return {"loss": sum(losses) / len(target), "accuracy": (pred == target).double().mean().item(),
+                "macro_f1": macro_f1(pred, target, self.num_classes)}
+
+    @torch.no_grad()
+    def predict(self, model, batch: dict) -> torch.Tensor:
+        return torch.softmax(self._outputs(model, batch).float(), dim=-1)      # (B, num_classes)
+
+    def state(self) -> dict:
+        return {"name": self.name, "num_classes": self.num_classes, "labels": self.labels}
+
+
+class RegressionTask(_SequenceTask):
+    """Real targets: (output_dim,) per sequence, or (T, output_dim) per position; a scalar
+    target is one value (output_dim=1)."""
+
+    name = "regression"
+
+    def _targets(self, ys) -> torch.Tensor:
+        ys = [torch.as_tensor(v, dtype=torch.float32) for v in ys]
+        if ys[0].dim() >= 1 and any(v.shape[0] != ys[0].shape[0] for v in ys):   # per position
+            return pad_sequences(ys)[0]
+        return torch.stack(ys)
+
+    def _errors(self, model, batch):
+        out = self._outputs(model, batch).float()
+        target = batch["target"].reshape(out.shape) if batch["target"].numel() == out.numel() else None
+        if target is None:
+            raise ValueError(f"the model predicts {tuple(out.shape)} per batch, the targets are "
+                             f"{tuple(batch['target'].shape)}: set output_dim (and pooling) to match")
+        err = out - target
+        if out.dim() == 3:                                  # per position: padding does not count
+            err = err * batch["attention_mask"][..., None]
+        return err, (batch["attention_mask"].sum() * out.shape[-1] if out.dim() == 3 else err.numel())
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        err, n = self._errors(model, batch)
+        return err.pow(2).sum() / n
+
+    @torch.no_grad()
+    def metrics(self, model, batches) -> dict:
+        sq = ab = n = 0.0
+        for batch in batches:
+            err, count = self._errors(model, batch)
+            sq, ab, n = sq + err.pow(2).sum().item(), ab + err.abs().sum().item(), n + float(count)
+        return {"loss": sq / n, "mse": sq / n, "mae": ab / n}
+
+    @torch.no_grad()
+    def predict(self, model, batch: dict) -> torch.Tensor:
+        return self._outputs(model, batch).float()
+
+
+def task_for(model, **kwargs) -> Task:
+    """The task a model's head implies: lm, classification or regression.
+
+        >>> from model import Transformer
+        >>> task_for(Transformer(vocab_size=9, d_model=8, n_heads=2, n_layers=1)).name
+        'lm'
+    """
+    cfg = model.config
+    if cfg.head == "classification":
+        return ClassificationTask(cfg.num_classes, **kwargs)
+    return RegressionTask() if cfg.head == "regression" else LanguageModelTask()
+
+
+def task_from_state(state: dict) -> Task:
+    if state["name"] == "classification":
+        return ClassificationTask(state["num_classes"], labels=state.get("labels"))
+    return RegressionTask() if state["name"] == "regression" else LanguageModelTask()
+
+# -----------------------------------------------------------------------------
+# Batch streams: what a training step draws from
+# -----------------------------------------------------------------------------
+
+
+class WindowBatches:
+    """Random (x, y) windows of a token corpus (data.TokenDataset), as train.py's language
+    model reads it: every batch is a fresh draw, so an "epoch" is as many windows as tokens.
+    The generator's state is all that --resume needs to continue the same stream."""
+
+    def __init__(self, data, *, batch_size: int, block_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.data, self.batch_size, self.block_size, self.rank, self.world = data, batch_size, block_size, rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps_per_epoch = max(1, data.num_tokens["train"] // (batch_size * block_size * world))
+
+    def next(self, device) -> dict:
+        x, y = self.data.get_batch("train", self.batch_size, self.block_size, generator=self.generator,
+                                   device=device, rank=self.rank, world_size=self.world)
+        return {"input": x, "target": y}
+
+    def trial_batch(self, device) -> dict:
+        """A batch the run never trains on (its own seed), e.g. to try compiling on."""
+        x, y = self.data.get_batch("train", self.batch_size, self.block_size, generator=torch.Generator().manual_seed(0),
+                                   device=device, rank=self.rank, world_size=self.world)
+        return {"input": x, "target": y}
+
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state(self, state: dict):
+        self.generator.set_state(state["generator"])
+
+    def eval_batches(self, split: str, *, iters: int, seed: int, device) -> Iterator[dict]:
+        """The same iters random batches of a split every time (a fixed seed), so that
+        successive evaluations compare like with like."""
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(iters):
+            x, y = self.data.get_batch(split, self.batch_size, self.block_size, generator=g, device=device,
+                                       rank=self.rank, world_size=self.world)
+            yield {"input": x, "target": y}
+
+
+class EpochBatches:
+    """Shuffled mini-batches of a map-style dataset, epoch after epoch. Epoch e's order is a
+    permutation seeded by (seed, e), so the position in the stream (micro-batches drawn) is
+    all that --resume needs. Distributed, each rank takes every world-th item of a batch."""
+
+    def __init__(self, dataset, task: Task, *, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if len(dataset) == 0:
+            raise ValueError("the training dataset is empty")
+        self.dataset, self.task, self.batch_size, self.seed, self.rank, self.world = (
+            dataset, task, batch_size, seed, rank, world)
+        self.steps_per_epoch = math.ceil(len(dataset) / (batch_size * world))     # micro-batches
+        self.drawn, self._order = 0, None
+
+    def next(self, device) -> dict:
+        epoch, i = divmod(self.drawn, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.dataset), generator=g))
+        span = self._order[1][i * self.batch_size * self.world:(i + 1) * self.batch_size * self.world]
+        mine = span[self.rank::self.world] if len(span) >= self.world else span
+        self.drawn += 1
+        return to(self.task.collate([self.dataset[j] for j in mine.tolist()]), device)
+
+    def trial_batch(self, device) -> dict:
+        return to(self.task.collate([self.dataset[j] for j in range(min(self.batch_size, len(self.dataset)))]), device)
+
+    def state(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state(self, state: dict):
+        self.drawn = state["drawn"]
+
+
+def dataset_batches(dataset, task: Task, *, batch_size: int, device, rank: int = 0, world: int = 1) -> Iterator[dict]:
+    """Every item of a map-style dataset once, in order, in batches (the last may be smaller);
+    distributed, rank r takes items r, r + world, ..."""
+    idx = list(range(rank, len(dataset), world))
+    for start in range(0, len(idx), batch_size):
+        yield to(task.collate([dataset[j] for j in idx[start:start + batch_size]]), device)
+
+
+def split_batches(data, split: str, *, batch_size: int, block_size: int, device) -> Iterator[dict]:
+    """Every token of a corpus split once (data.TokenDataset.iter_split), as LM batches."""
+    for x, y in data.iter_split(split, batch_size, block_size, device=device):
+        yield {"input": x, "target": y}
+
+
+@torch.no_grad()
+def split_loss(model, data, split: str, *, block_size: int, batch_size: int, device) -> float:
+    """A language model's mean loss over every token of a corpus split once (non-overlapping
+    windows). Under autocast if the caller enters one."""
+    model.eval()
+    batches = split_batches(data, split, batch_size=batch_size, block_size=block_size, device=device)
+    return LanguageModelTask().metrics(model, batches)["loss"]
