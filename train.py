@@ -318,6 +318,12 @@ class TransformerTrainer:
     def _lower_is_better(self) -> bool:
         return self.monitor == "loss" or self.task.mode == "min" or self.monitor in ("mse", "mae", "perplexity")
 
+    def resume(self, path):
+        """Continue from a last.pt this trainer's run wrote: the model's weights, then load_state."""
+        ckpt = load_checkpoint(path)
+        self.model.load_state_dict(ckpt["model"])
+        self.load_state(ckpt)
+
     def load_state(self, ckpt: dict):
         """Continue from a checkpoint this trainer wrote (last.pt): weights, optimizer, random
         streams and the position in the data, for a bit-identical continuation."""
@@ -500,15 +506,23 @@ class TransformerTrainer:
         return self._dataset_metrics(dataset, model=self.model)
 
     @torch.no_grad()
-    def predict(self, dataset) -> torch.Tensor:
+    def predict(self, dataset):
         """The task's predictions for every item, in order: class probabilities (N, num_classes),
-        regression values, or a language model's most likely next tokens. Targets are ignored."""
+        regression values (N, output_dim), or a language model's most likely next tokens. Outputs
+        per position of sequences of different lengths come as a list, one (T_i, ...) tensor per
+        item. Targets are ignored."""
         self.model.eval()
         out = []
         for batch in dataset_batches(dataset, self.task, batch_size=self.cfg.batch_size, device=self.device):
             with autocast(self.device, self.cfg.precision):
-                out.append(self.task.predict(self.model, batch).cpu())
-        return torch.cat(out) if out and out[0].dim() < 2 or len({o.shape[1:] for o in out}) == 1 else out
+                pred = self.task.predict(self.model, batch).cpu()
+            mask = batch.get("attention_mask")
+            if pred.dim() >= 3 and mask is not None:                  # per position: drop the padding
+                out += [p[m] for p, m in zip(pred, mask.cpu())]
+            else:
+                out += list(pred)
+        ragged = len({o.shape for o in out}) > 1
+        return out if ragged else torch.stack(out)
 
     def checkpoint(self, stream, val_loss) -> dict:
         """Everything --resume needs, as plain full tensors, and what the model is (kind, task,
@@ -595,9 +609,9 @@ class Record:
         self.log(event="eval", step=t.step, **{k: v for k, v in row.items() if v is not None},
                  elapsed=round(t.elapsed, 2))
         speed = f" | {self.eval_speed}" if self.eval_speed.steps else ""
-        shown = (f"train {train['loss']:.4f}, " if "loss" in train else "") + (
-            f"val {val['loss']:.4f} (ppl {val['perplexity']:.2f})" if lm else
-            ", ".join(f"val {k} {v:.4f}" for k, v in val.items()))
+        shown = ", ".join([f"train {train['loss']:.4f}"] * ("loss" in train) + (
+            [f"val {val['loss']:.4f} (ppl {val['perplexity']:.2f})"] if lm else
+            [f"val {k} {v:.4f}" for k, v in val.items()]))
         self.say(f"step {t.step}: {shown}{' *best' if improved else ''} | lr {lr:.2e}{speed} [{t.elapsed:.0f}s]")
         if ckpt is not None:
             for name in (["best.pt", "last.pt"] if improved else ["last.pt"]):

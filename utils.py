@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from model import (QUANT_MODES, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer,
+from model import (GATED, QUANT_MODES, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer,
                    TransformerConfig, apply_lora, closest, dequantize_model, load_lora_state_dict, merge_lora,
                    quantize_model, use_kernels)
 from data import tokenizer_from_state
@@ -38,7 +38,11 @@ from data import tokenizer_from_state
 # =============================================================================
 
 CHECKPOINT_FORMAT = "mini-transformer"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # 1: a language model only (no kind or task keys)
+
+
+MODEL_KINDS = {"transformer": Transformer}   # a checkpoint's "kind" -> the class load_model builds
 
 
 class CheckpointError(RuntimeError):
@@ -82,9 +86,11 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"'{path}' is not a Mini Transformer checkpoint (no '{CHECKPOINT_FORMAT}' "
                               f"format tag); foreign weights need converting first")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
+    if ckpt.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"'{path}' has checkpoint format version {ckpt.get('version')!r}; "
-                              f"this code reads version {CHECKPOINT_VERSION}")
+                              f"this code reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    ckpt.setdefault("kind", "transformer")
+    ckpt.setdefault("task", {"name": "lm"})
     for key in ("model", "model_config", "tokenizer"):
         if key not in ckpt:
             raise CheckpointError(f"'{path}' is missing '{key}'")
@@ -93,7 +99,8 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
 
 def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantConfig] = None,
                           kernels: bool = True, **config_overrides):
-    """(model in eval mode, tokenizer) from a loaded full or quantized checkpoint.
+    """(model in eval mode, tokenizer) from a loaded full or quantized checkpoint: its kind,
+    with the head its config names (tokenizer None for a model trained on non-text inputs).
 
     quantize: quantize the weights after loading (ignored when already quantized).
     kernels: the inference layouts of quantized layers, int4 packed for the fused kernel and
@@ -103,21 +110,24 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
     if "lora" in ckpt:
         raise CheckpointError("this is a LoRA adapter, not a model: merge it first (python utils.py "
                               "merge-lora) or load it with load_model(path)")
+    kind = ckpt.get("kind", "transformer")
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"the checkpoint holds a '{kind}' model; this code builds {', '.join(MODEL_KINDS)}")
     cfg = TransformerConfig.from_dict({**ckpt["model_config"], **config_overrides})
     with torch.device("meta"):                      # shapes only: the checkpoint's tensors become the
-        model = Transformer(cfg)                    # weights, so float copies are never allocated
+        model = MODEL_KINDS[kind](cfg)              # weights, so float copies are never allocated
     stored = QuantConfig(**ckpt["quantize"]) if ckpt.get("quantize") else None
     if stored:
         quantize_model(model, stored, kernels=False)
     model.load_state_dict(ckpt["model"], assign=True)
-    if cfg.tie_weights and isinstance(model.lm_head, torch.nn.Linear):
-        model.lm_head.weight = model.tok_emb.weight  # assign=True gave each name its own Parameter
+    model.tie_weights()                             # assign=True gave each name its own Parameter
     model.to(device)
     if quantize and quantize.mode and not stored:
         quantize_model(model, quantize, kernels=kernels)
     elif stored and kernels:
         use_kernels(model)
-    return model.eval(), tokenizer_from_state(ckpt["tokenizer"])
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt["tokenizer"] is not None else None
+    return model.eval(), tokenizer
 
 
 def file_sha256(path) -> str:
@@ -250,7 +260,7 @@ def flops_per_token(cfg: TransformerConfig, seq_len: Optional[int] = None) -> fl
     T = seq_len or cfg.block_size
     d, hd = cfg.d_model, cfg.head_dim
     attn = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
-    mlp = (3 if cfg.activation in ("swiglu", "geglu") else 2) * d * cfg.d_ff
+    mlp = (3 if cfg.activation in GATED else 2) * d * cfg.d_ff
     matmul_params = cfg.n_layers * (attn + mlp) + d * cfg.vocab_size   # lm_head
     return 6 * matmul_params + 12 * cfg.n_layers * T * d
 
@@ -345,13 +355,14 @@ def _plain_payload(model, tokenizer, ckpt: dict, **extra) -> dict:
 def val_perplexity(model, tokenizer, ckpt: dict, data_path: Optional[str] = None) -> float:
     """Perplexity over every validation token once, on the data the checkpoint trained on
     (or data_path), split as in training."""
-    from data import DataConfig, load_dataset            # train imports utils: import lazily
-    from train import split_loss
+    from config import DataConfig
+    from data import load_dataset
+    from tasks import split_loss
     data_cfg = DataConfig(**{**ckpt.get("config", {}).get("data", {}),
                              **({"path": data_path} if data_path else {})})
     block = model.config.block_size
     data = load_dataset(data_cfg, block_size=block, tokenizer=tokenizer)
-    device = str(model.tok_emb.weight.device)     # the embedding is never quantized
+    device = str(model.device)
     return math.exp(split_loss(model, data, "val", block_size=block, batch_size=16, device=device))
 
 

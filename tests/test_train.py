@@ -327,7 +327,7 @@ class _Sneaky:
     ("random", r"is not a loadable checkpoint"),
     ("foreign", r"is not a Mini Transformer checkpoint \(no 'mini-transformer' format tag\)"),
     ("list", r"is not a Mini Transformer checkpoint"),
-    ("version", r"has checkpoint format version 99; this code reads version 1"),
+    ("version", r"has checkpoint format version 99; this code reads versions 1, 2"),
     ("no_model", r"is missing 'model'"),
     ("object", r"is not a loadable checkpoint: UnpicklingError: .*[Ww]eights only load failed"),
 ])

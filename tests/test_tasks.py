@@ -1,0 +1,206 @@
+"""The backbone with heads, and TransformerTrainer on every task: classification and regression
+on real text (Shakespeare's plays), exact resume, LoRA on a classifier, old checkpoints."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data import BPETokenizer, CharTokenizer, EncodedTexts, shakespeare_genres
+from model import Transformer, TransformerConfig, apply_lora, LoRAConfig, lora_state_dict
+from tasks import ClassificationTask, RegressionTask, macro_f1
+import train as train_mod
+from train import TransformerTrainer
+from utils import CHECKPOINT_FORMAT, load_model, save_checkpoint
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return Transformer(**{**dict(vocab_size=40, d_model=32, n_heads=4, n_layers=2, block_size=64), **kw})
+
+
+@pytest.mark.parametrize("causal,pooling", [(True, "last"), (True, "mean"), (False, "mean"), (False, "cls"),
+                                            (False, "none")])
+def test_a_padded_batch_equals_its_rows_alone(causal, pooling):
+    model = tiny(causal=causal, head="regression", output_dim=3, pooling=pooling).double().eval()
+    a, b = torch.randint(1, 40, (1, 7)), torch.randint(1, 40, (1, 4))
+    for batch, mask in (                       # right padding, then left padding
+            (torch.cat([a, torch.cat([b, torch.zeros(1, 3, dtype=torch.long)], 1)]), [[1] * 7, [1] * 4 + [0] * 3]),
+            (torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)]), [[1] * 7, [0] * 3 + [1] * 4])):
+        out = model(batch, attention_mask=torch.tensor(mask))
+        alone = model(b)[0]
+        got = out[1] if pooling != "none" else out[1][torch.tensor(mask[1], dtype=torch.bool)]
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out[0], model(a)[0], rtol=0, atol=1e-12)
+
+
+def test_causal_false_lets_early_positions_see_later_tokens():
+    x = torch.randint(0, 40, (1, 8))
+    y = x.clone()
+    y[0, -1] = (x[0, -1] + 1) % 40
+    for causal in (True, False):
+        h = tiny(causal=causal).hidden_states
+        changed = (h(x) - h(y)).abs().amax(-1)[0, :-1] > 1e-6
+        assert changed.any() == (not causal)
+
+
+def test_hidden_states_are_what_the_lm_head_reads():
+    model = tiny().eval()
+    x = torch.randint(0, 40, (2, 9))
+    h = model.hidden_states(x)
+    assert h.shape == (2, 9, 32)
+    torch.testing.assert_close(model(x), model.lm_head(h))
+
+
+def test_the_lm_state_dict_keys_are_unchanged():
+    keys = set(tiny().state_dict())
+    assert {"tok_emb.weight", "norm_f.weight", "lm_head.weight", "blocks.0.attn.wqkv.weight",
+            "blocks.1.mlp.w2.weight"} <= keys and not any(k.startswith(("head.", "cls_emb")) for k in keys)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(head="clasification", num_classes=3), "did you mean 'classification'"),
+    (dict(head="classification"), "num_classes >= 2"),
+    (dict(head="regression", pooling="cls"), "pooling=cls needs causal=False"),
+    (dict(pooling="avg"), "valid: last, mean, cls, none"),
+])
+def test_head_config_errors_are_clear(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TransformerConfig(**kwargs)
+
+
+def test_seed_002_classification_head_example_adapted():
+    """Seed 002's ClassificationModel, on hidden states instead of the LM logits."""
+    class ClassificationModel(torch.nn.Module):
+        def __init__(self, transformer, num_classes):
+            super().__init__()
+            self.transformer = transformer
+            self.classifier = torch.nn.Linear(transformer.config.d_model, num_classes)
+
+        def forward(self, idx):
+            features = self.transformer.hidden_states(idx)[:, -1, :]      # last token representation
+            return self.classifier(features)
+
+    out = ClassificationModel(tiny(), 5)(torch.randint(0, 40, (3, 10)))
+    assert out.shape == (3, 5)
+
+
+def test_macro_f1_against_hand_computed():
+    pred, target = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 1, 1, 2, 2, 0])
+    f1 = [2 * 1 / (2 + 1 + 1), 2 * 1 / (2 + 0 + 1), 2 * 2 / (4 + 1 + 0)]   # per class: 2TP/(2TP+FP+FN)
+    assert macro_f1(pred, target, 3) == pytest.approx(np.mean(f1))
+
+
+@pytest.fixture(scope="module")
+def genres():
+    """Shakespeare passages by genre (real labelled text), a random split of a small sample,
+    in a BPE learned from the training passages (words make genre learnable in seconds)."""
+    split = shakespeare_genres(chars=256)
+    items = split["train"] + split["test"]
+    rng = np.random.default_rng(0)
+    pick = rng.permutation(len(items))[:2400]
+    items = [items[i] for i in pick]
+    tok = BPETokenizer.train([t for t, _ in items[:2000]], vocab_size=1024)
+    return EncodedTexts(items[:2000], tok), EncodedTexts(items[2000:], tok), tok, split["labels"]
+
+
+def test_a_classifier_trained_through_the_trainer_beats_the_majority_class(genres):
+    train, test, tok, labels = genres
+    model = tiny(vocab_size=tok.vocab_size, block_size=256, d_model=64, causal=False, head="classification",
+                 num_classes=3, pooling="mean")
+    trainer = TransformerTrainer(model, task=ClassificationTask(3, labels=labels), learning_rate=3e-3,
+                                 batch_size=32, warmup_iters=10)
+    history = trainer.train(train, epochs=2, val_dataset=test)
+    assert [h["epoch"] for h in history] == [1.0, 2.0]                       # one evaluation per epoch
+    metrics = trainer.evaluate(test)
+    majority = np.bincount([y for _, y in train.pairs], minlength=3).argmax()
+    majority_acc = np.mean([y == majority for _, y in test.pairs])
+    assert metrics["accuracy"] > majority_acc + 0.05, (metrics, majority_acc)
+    probs = trainer.predict(test)
+    assert probs.shape == (len(test), 3) and torch.allclose(probs.sum(1), torch.ones(len(test)))
+    acc = (probs.argmax(1) == torch.tensor([y for _, y in test.pairs])).double().mean().item()
+    assert acc == pytest.approx(metrics["accuracy"])
+
+
+def test_per_position_regression_learns_a_property_of_real_text(genres):
+    """Target at every token: how many characters it spans (padding never counts); the trained
+    model beats predicting the mean."""
+    train, test, tok, _ = genres
+
+    def lengths(ds):
+        items = [ds[i][0] for i in range(len(ds))]
+        return [(ids, torch.tensor([[len(tok.decode([t]))] for t in ids.tolist()], dtype=torch.float32))
+                for ids in items]
+    train_r, test_r = lengths(train), lengths(test)
+    model = tiny(vocab_size=tok.vocab_size, block_size=256, head="regression", pooling="none")
+    trainer = TransformerTrainer(model, task=RegressionTask(), learning_rate=1e-2, batch_size=32, warmup_iters=10)
+    trainer.train(train_r, epochs=3)
+    values = torch.cat([y for _, y in train_r])
+    baseline = torch.cat([y for _, y in test_r]).sub(values.mean()).pow(2).mean().item()
+    got = trainer.evaluate(test_r)
+    assert got["mse"] < 0.5 * baseline and got["mae"] < math.sqrt(baseline)
+    assert trainer.predict(test_r[:3])[0].shape == (len(test_r[0][0]), 1)
+
+
+def test_an_epoch_run_resumed_from_last_pt_ends_as_the_straight_run(genres, tmp_path, monkeypatch):
+    train, test, tok, _ = genres
+    small = EncodedTexts(train.pairs[:256], tok)
+
+    def run(out, resume=None):
+        model = tiny(vocab_size=tok.vocab_size, block_size=256, head="classification", num_classes=3, dropout=0.1)
+        trainer = TransformerTrainer(model, learning_rate=3e-3, batch_size=32, out_dir=str(out), eval_interval=3)
+        if resume:
+            trainer.resume(resume)
+        return trainer.train(small, epochs=2, val_dataset=test), trainer
+    straight, _ = run(tmp_path / "a")
+    real_save = train_mod.save_checkpoint
+
+    def interrupt_at_9(path, payload):                 # killed mid-epoch 2, after writing step 9
+        real_save(path, payload)
+        if payload["step"] == 9:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod, "save_checkpoint", interrupt_at_9)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    resumed, trainer = run(tmp_path / "b", resume=tmp_path / "b" / "last.pt")
+    assert resumed[-1] == straight[-1] and trainer.step == 16
+
+
+def test_a_classifier_checkpoint_loads_with_its_head_and_labels(genres, tmp_path):
+    train, test, tok, labels = genres
+    model = tiny(vocab_size=tok.vocab_size, block_size=256, head="classification", num_classes=3)
+    trainer = TransformerTrainer(model, task=ClassificationTask(3, labels=labels), batch_size=64,
+                                 out_dir=str(tmp_path), tokenizer=tok)
+    trainer.train(EncodedTexts(train.pairs[:128], tok), epochs=1, val_dataset=test)
+    loaded, tokenizer = load_model(tmp_path / "best.pt")
+    ids = torch.tensor([tokenizer.encode("To be, or not to be")])
+    torch.testing.assert_close(loaded(ids), model.eval()(ids))
+    ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert ckpt["kind"] == "transformer" and ckpt["task"]["labels"] == labels
+
+
+def test_a_version_1_checkpoint_still_loads(tmp_path):
+    model = tiny()
+    tok = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz .,;:!?'ABCDE"])
+    path = tmp_path / "v1.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "model": model.state_dict(),
+                "model_config": {k: v for k, v in model.config.to_dict().items()
+                                 if k not in ("causal", "head", "num_classes", "output_dim", "pooling")},
+                "tokenizer": tok.state()}, path)
+    loaded, _ = load_model(path)
+    x = torch.randint(0, 40, (1, 6))
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+    save_checkpoint(tmp_path / "v2.pt", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                         "tokenizer": tok.state()})
+    assert torch.load(tmp_path / "v2.pt", weights_only=True)["version"] == 2
+
+
+def test_lora_on_a_classifier_trains_the_new_head_too():
+    model = tiny(head="classification", num_classes=4)
+    trainable = apply_lora(model, LoRAConfig(r=2, targets=["q", "v"]))
+    head = sum(p.numel() for p in model.head.parameters())
+    assert all(p.requires_grad for p in model.head.parameters()) and trainable > head
+    assert {"head.proj.weight", "head.proj.bias"} <= set(lora_state_dict(model))
+    x = torch.randint(0, 40, (2, 5))
+    torch.testing.assert_close(model(x), model(x))
