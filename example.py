@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from config import SECTIONS, load_config
 from data import ByteTokenizer, CharTokenizer, DataConfig, TokenDataset, load_dataset
 from generate import SampleConfig, generate_text, generate_tokens, sample_next
 from model import Transformer, TransformerConfig
-from train import SECTIONS, train
-from config import load_config
+from train import train
 from utils import load_checkpoint, model_from_checkpoint
 
 CHECKS = []

@@ -39,13 +39,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from config import (ALIASES, PRESETS, RUN_PRESETS, SECTIONS, TrainConfig, config_file, config_to_dict,  # noqa: F401
-                    load_config)
+from config import ALIASES, PRESETS, SECTIONS, TrainConfig, config_file, config_to_dict, load_config
 from data import TokenDataset, prepared_dataset, tokenizer_from_state
 from model import (Int4Linear, Int8Linear, Transformer, TransformerConfig, apply_lora, closest, load_lora_state_dict,
                    lora_state_dict)
-from tasks import (EpochBatches, LanguageModelTask, Task, WindowBatches, dataset_batches, lm_loss,  # noqa: F401
-                   split_loss, task_for)
+from tasks import EpochBatches, LanguageModelTask, Task, WindowBatches, dataset_batches, split_loss, task_for
 from utils import (CheckpointError, JsonlLogger, base_reference, check_base, device_peak_flops, flops_per_token,
                    load_checkpoint, model_from_checkpoint, pick_device, plot_run, save_checkpoint,
                    tune_cpu_allocator, warn_compile_failed)
@@ -356,15 +354,15 @@ class TransformerTrainer:
             self.fwd = compile_model(self.wrapped, lambda fwd: self._trial(fwd, stream))
         record = Record(self, resumed=self._resume is not None, total=cfg.max_time or total_steps)
         record.start(train_dataset)
-        progress = lambda: self.elapsed / cfg.max_time if cfg.max_time else self.step / total_steps  # noqa: E731
+        spent = lambda: self.elapsed / cfg.max_time if cfg.max_time else self.step / total_steps  # noqa: E731
         self.model.train()
         last_eval, stop, losses = -1, False, []
-        while progress() < 1.0 and not stop:
+        while spent() < 1.0 and not stop:
             t0 = time.perf_counter()
-            lr = lr_at(self.step, progress(), cfg)
+            lr = lr_at(self.step, spent(), cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            dropout = dropout_at(progress(), self.model.config.dropout, cfg)
+            dropout = dropout_at(spent(), self.model.config.dropout, cfg)
             if cfg.dropout_schedule != "constant":
                 self.model.set_dropout(dropout)
             loss, grad_norm, tokens = self._step(stream)
@@ -375,10 +373,10 @@ class TransformerTrainer:
                 stop, last_eval = self._evaluate(record, stream, val_dataset, losses, lr), self.step
                 losses = []
             self.elapsed += time.perf_counter() - t0
-            record.progress()
+            record.update_bar()
         record.close_bar()
         if last_eval != self.step:
-            stop = self._evaluate(record, stream, val_dataset, losses, lr_at(self.step, progress(), cfg)) or stop
+            stop = self._evaluate(record, stream, val_dataset, losses, lr_at(self.step, spent(), cfg)) or stop
         record.finish(self._final(train_dataset, val_dataset), stopped_early=stop)
         self.stopped_early = stop
         return self.history
@@ -589,7 +587,7 @@ class Record:
                 self.bar.set_postfix_str(f"loss {loss:.3f} | {self.log_speed}")
             self.log_speed.reset()
 
-    def progress(self):
+    def update_bar(self):
         if self.bar:
             self.bar.n = min(int(self.t.elapsed), self.bar.total) if self.cfg.max_time else self.t.step
             self.bar.refresh()
