@@ -9,6 +9,7 @@
     python bench.py decode --llama2c ~/llama2.c    # ... and llama2.c's run.c (built with make runomp)
     python bench.py quant                          # decode speed and memory: fp32, bf16, int8, int4
     python bench.py tokenize                       # encode tokens/s: char, byte, trained BPE, tiktoken
+    python bench.py classify                       # Shakespeare genres: transformer vs n-gram and majority
 
 `train` times each row in a fresh process. Our rows run as train.py does (glibc malloc
 tuned by utils.tune_cpu_allocator); nanoGPT runs as shipped; on gpt2-style, a third row
@@ -33,10 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model import Transformer, TransformerConfig
-from train import RUN_PRESETS, autocast
+from config import RUN_PRESETS
+from tasks import lm_loss
+from train import autocast
 from utils import flops_per_token, measure_matmul_peak, pick_device, synchronize, tune_cpu_allocator
 
 # The comparison configuration of the foundation issue: nanoGPT's model shape, GPT-2 style.
@@ -146,7 +148,7 @@ def bench_train_row(args):
     else:
         model = Transformer(cfg).to(device)
         fwd = torch.compile(model) if args.compile else model
-        loss_fn = lambda x, y: _loss(fwd, x, y, device, args.precision)
+        loss_fn = lambda x, y: _loss(fwd, x, y, device, args.precision)  # noqa: E731
     step = train_step_fn(model, loss_fn, batch, cfg.block_size, cfg.vocab_size, device)
     times = time_steps(step, args.steps, device)
     med, tokens = statistics.median(times), batch * cfg.block_size
@@ -159,8 +161,7 @@ def bench_train_row(args):
 
 def _loss(fwd, x, y, device: str, precision: str):
     with autocast(device, precision):
-        logits = fwd(x)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        return lm_loss(fwd, x, y)
 
 
 def bench_memory(args):
@@ -272,7 +273,7 @@ def measure_bandwidth(*, n_bytes: int = 1 << 28, seconds: float = 1.0) -> float:
 
 
 def bench_decode(args):
-    """Batch-1 greedy decode tokens/s: ours eager and with --compile (generate.decode_step), ours
+    """Batch-1 greedy decode tokens/s: ours eager and with --compile (fastpath.py), ours
     without the cache, Hugging Face LlamaForCausalLM.generate (when transformers is installed)
     and llama2.c's run.c (with --llama2c), against the roofline of reading every weight once
     per token.
@@ -519,6 +520,78 @@ def bench_tokenize(args):
         print(line)
 
 
+
+def ngram_features(texts: list[str], *, orders=(1, 2, 3, 4), dim: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hashed bag of character n-grams: (indices, offsets) for nn.EmbeddingBag, one bag per text.
+    A polynomial hash of each n-gram's bytes, vectorized over the text."""
+    idx, offsets = [], []
+    total = 0
+    for text in texts:
+        b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+        offsets.append(total)
+        for n in orders:
+            if len(b) < n:
+                continue
+            h = np.full(len(b) - n + 1, n, dtype=np.int64)
+            for j in range(n):
+                h = (h * 1000003 + b[j:len(b) - n + 1 + j]) % (1 << 61)
+            idx.append(h % dim)
+            total += len(h)
+    return torch.from_numpy(np.concatenate(idx)), torch.tensor(offsets)
+
+
+def ngram_baseline(train, test, num_classes: int, *, steps: int = 300, lr: float = 0.05) -> float:
+    """Test accuracy of a linear classifier (multinomial logistic regression, full-batch Adam) on
+    hashed character 1-4-gram frequencies."""
+    torch.manual_seed(0)
+    (xi, xo), (ti, to) = ngram_features([t for t, _ in train]), ngram_features([t for t, _ in test])
+    y = torch.tensor([label for _, label in train])
+    bag = torch.nn.EmbeddingBag(1 << 18, num_classes, mode="mean")
+    torch.nn.init.zeros_(bag.weight)
+    bias = torch.nn.Parameter(torch.zeros(num_classes))
+    opt = torch.optim.Adam([bag.weight, bias], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(bag(xi, xo) + bias, y).backward()
+        opt.step()
+    with torch.no_grad():
+        pred = (bag(ti, to) + bias).argmax(-1)
+    return (pred == torch.tensor([label for _, label in test])).double().mean().item()
+
+
+def bench_classify(args):
+    """Shakespeare's plays by genre (comedy, history, tragedy), split by play: a transformer
+    classifier trained through TransformerTrainer against the majority class and a linear
+    bag-of-character-n-grams baseline, on the same split in the same run."""
+    from data import BPETokenizer, EncodedTexts, shakespeare_genres
+    from tasks import ClassificationTask
+    from train import TransformerTrainer
+    split = shakespeare_genres(chars=args.chars, seed=args.seed)
+    train, test, labels = split["train"], split["test"], split["labels"]
+    print(f"{len(train):,} train / {len(test):,} test passages of {args.chars} characters; "
+          f"test plays: {', '.join(split['test_plays'])}")
+    majority = np.bincount([y for _, y in train]).argmax()
+    rows = [("majority class (of the training passages)", np.mean([y == majority for _, y in test]), 0.0)]
+    start = time.perf_counter()
+    rows.append(("linear, hashed char 1-4-grams", ngram_baseline(train, test, len(labels)), time.perf_counter() - start))
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    tok = BPETokenizer.train([t for t, _ in train], vocab_size=args.vocab_size)
+    train_ds, test_ds = EncodedTexts(train, tok), EncodedTexts(test, tok)
+    model = Transformer(vocab_size=tok.vocab_size, d_model=args.d_model, n_heads=4, n_layers=args.n_layers,
+                        block_size=args.chars, causal=False, head="classification", num_classes=len(labels),
+                        pooling="mean", dropout=args.dropout)
+    trainer = TransformerTrainer(model, task=ClassificationTask(len(labels), labels=labels),
+                                 learning_rate=args.lr, batch_size=32, warmup_iters=50)
+    trainer.train(train_ds, epochs=args.epochs)
+    metrics = trainer.evaluate(test_ds)
+    rows.append((f"transformer (BPE {args.vocab_size}, {args.n_layers}x{args.d_model}, {args.epochs} epochs)",
+                 metrics["accuracy"], time.perf_counter() - start))
+    print("\n| model | test accuracy | seconds |\n|---|---|---|")
+    for name, acc, secs in rows:
+        print(f"| {name} | {acc:.3f} | {secs:.0f} |")
+    print(f"transformer macro-F1 {metrics['macro_f1']:.3f}")
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -562,6 +635,16 @@ def main(argv=None):
     t.add_argument("--encodings", default="gpt2", help="comma-separated tiktoken encodings ('' for none)")
     t.add_argument("--repeats", type=int, default=3)
     t.set_defaults(func=bench_tokenize)
+    c = sub.add_parser("classify", help="genre classification of Shakespeare passages vs majority and n-gram baselines")
+    c.add_argument("--chars", type=int, default=256)
+    c.add_argument("--epochs", type=float, default=4)
+    c.add_argument("--vocab_size", type=int, default=2048)
+    c.add_argument("--d_model", type=int, default=64)
+    c.add_argument("--n_layers", type=int, default=2)
+    c.add_argument("--dropout", type=float, default=0.1)
+    c.add_argument("--lr", type=float, default=3e-3)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=bench_classify)
     row = sub.add_parser("train-row", help=argparse.SUPPRESS)   # one row of `train`, in its own process
     row.add_argument("config", choices=list(TRAIN_CONFIGS))
     row.add_argument("--impl", choices=["ours", "nanoGPT"], default="ours")

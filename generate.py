@@ -8,19 +8,19 @@
 Defaults come from the `sample` section of config.yaml. The tokenizer travels inside the
 checkpoint, so no data file is needed.
 
-Decoding runs the prompt once (prefill into the KV cache), then one token per step.
+Decoding runs the prompt once (prefill into the KV cache), then one token per step, through a
+decoder (LMDecoder: prefill, step, reorder, rewind), the decoding loops' only way to the model.
 Context beyond block_size: the model always conditions on the last block_size tokens, as
 nanoGPT does. Once prompt + output fill the window, each step re-encodes the last
 block_size tokens (absolute positions shift, so cached keys cannot be reused); the result
-equals running the model without a cache on the cropped sequence.
+equals running the model without a cache on the cropped sequence. --compile runs the steps
+through fastpath.py's compiled step; without that file they run eagerly, with the same results.
 """
 from __future__ import annotations
 
 import argparse
-import operator
 import sys
 import time
-import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from config import SECTIONS as RUN_SECTIONS, coerce, config_file, field_types, load_config
 from model import closest
-from utils import CheckpointError, load_model, pick_device, warn_compile_failed
+from utils import PRECISION_DTYPES, CheckpointError, load_model, pick_device
 
 
 @dataclass
@@ -62,7 +62,7 @@ class SampleConfig:
     eos: str = "stop"                  # stop | ignore: at the end-of-text token (BPE), end the output or go on
     device: str = "auto"
     precision: str = "fp32"            # fp32 | bf16 | fp16: the weights' dtype while generating
-    compile: bool = False              # torch.compile the one-token decode step (see decode_step)
+    compile: bool = False              # torch.compile the decode steps (fastpath.py; see LMDecoder)
 
     def __post_init__(self):
         check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -76,8 +76,8 @@ class SampleConfig:
                              f"(got {self.beam_size}, {self.num_return_sequences})")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1 (or null: all prompts at once)")
-        if self.precision not in DTYPES:
-            raise ValueError(f"precision={self.precision!r}; {closest(self.precision, DTYPES)}")
+        if self.precision not in PRECISION_DTYPES:
+            raise ValueError(f"precision={self.precision!r}; {closest(self.precision, PRECISION_DTYPES)}")
         if self.eos not in EOS_MODES:
             raise ValueError(f"eos={self.eos!r}; {closest(self.eos, EOS_MODES)}")
 
@@ -87,7 +87,6 @@ class SampleConfig:
 
 
 EOS_MODES = ("stop", "ignore")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # -----------------------------------------------------------------------------
 # Sampling: small pure functions on logits (B, vocab)
@@ -163,287 +162,138 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 # -----------------------------------------------------------------------------
-# Decoding
+# Decoding: the loops reach the model only through a decoder
 # -----------------------------------------------------------------------------
 
 
-def _prefill(model, seq: torch.Tensor, pad: Optional[torch.Tensor] = None):
-    """Run the last block_size tokens of seq (B, T) into a fresh cache: (last logits, next position).
-    pad: left-padding lengths of seq's rows (see left_pad); cropping the window shortens them."""
-    window = seq[:, -model.config.block_size:]
-    if pad is not None:
-        pad = (pad - (seq.shape[1] - window.shape[1])).clamp(min=0)
-    return model(window, start_pos=0, pad=pad)[:, -1].float(), window.shape[1]
+def make_decoder(model, *, compile: bool = False, cache_len: Optional[int] = None,
+                 chunk_len: Optional[int] = None) -> "LMDecoder":
+    """The decoder the decoding loops use for model (see LMDecoder for the options)."""
+    return LMDecoder(model, compile=compile, cache_len=cache_len, chunk_len=chunk_len)
 
 
-def _next_logits(model, seq: torch.Tensor, pos: int, pad: Optional[torch.Tensor] = None,
-                 compile: bool = False):
-    """Logits after seq's last token (already appended), and the next position: one cached step
-    (compile: the compiled one, see decode_step) while the window has room, else the window
-    slides and its last block_size tokens are re-encoded."""
-    if pos >= model.config.block_size:
-        return _prefill(model, seq, pad)
-    if compile:
-        return decode_step(model)(seq[:, -1:], pos, pad).float(), pos + 1
-    return model(seq[:, -1:], start_pos=pos, pad=pad)[:, -1].float(), pos + 1
+class LMDecoder:
+    """Incremental decoding of a language model: the KV cache, the positions and the window.
 
+        prefill(ids (B, T), pad=None) -> logits (B, vocab) after each row's last token
+        step(tokens (B, T)) -> logits (B, T, vocab) after each of those tokens
+        greedy(tokens (B, 1)) -> step(tokens)'s argmax next tokens (B, 1)
+        reorder(rows)  -- row i continues old row rows[i] (beams)
+        rewind(n)      -- forget every token fed after the first n (rejected speculations)
+        close()        -- free the cache (as leaving a `with` block does)
+        max_len, device -- the longest context the model conditions on; where its tensors live
 
-_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # model -> {greedy: CompiledStep}
+    Logits are float32. pad: the rows' left-padding lengths (see left_pad). The model always
+    conditions on the last max_len (block_size) tokens fed, as nanoGPT does: once they fill
+    the window, each step re-encodes the window (absolute positions shift, so cached keys
+    cannot be reused), which equals running the model without a cache on the cropped sequence.
 
-
-def _clear_cache(model):
-    """model.clear_cache(), its compiled steps letting go of the cache too."""
-    model.clear_cache()
-    for step in _STEPS.get(model, {}).values():
-        step.forget()
-
-
-def decode_step(model, *, greedy: bool = False) -> "CompiledStep":
-    """model's compiled one-token step (a CompiledStep), made on first use and kept."""
-    steps = _STEPS.setdefault(model, {})
-    if greedy not in steps:
-        steps[greedy] = CompiledStep(model, greedy=greedy)
-    return steps[greedy]
-
-
-class CompiledStep:
-    """model's one-token forward through torch.compile: step(token (B, 1), pos, pad) -> logits
-    (B, vocab), or with greedy=True the argmax next tokens (B, 1), picked inside the graph.
-    A chunk of T > 1 tokens (B, T) gives the logits of each of them, (B, T, vocab), from a
-    graph of its own (speculative decoding's checks of k + 1 tokens).
-
-    The graph's inputs are static: the token and its position (a 0-d tensor) live in tensors of
-    the step's own, which the graph itself advances (the position always, the token when it is
-    greedy), so a step fed its own output copies nothing. Each layer attends over a span of KV
-    cache slots, those not written yet masked (KVCache, static mode). The span is the position
-    rounded up to 64 slots, a dynamic size, so one graph serves every step (a new batch size or
-    cache length compiles once more). On CUDA it runs as a CUDA graph (mode="reduce-overhead").
-    On a CPU it runs through _cpu_decode_backend, and a step whose inputs are the same objects
-    as the last one's (the span has not moved) is a replay, much like a CUDA graph's: it runs
-    the C++ kernels again on the buffers of the last call (see _kernel_capture), without
-    dynamo's guards or inductor's Python wrapper, which allocates every intermediate buffer
-    again (together a tenth of a step at 15M parameters, most of it for a tiny model).
-    Outputs are copies, never those buffers. If compiling fails, a warning is printed and
-    decoding goes on eagerly.
-
-    Example:
-        >>> model = Transformer(vocab_size=65, d_model=64, n_heads=4, n_layers=2).eval()
-        >>> model.setup_cache(1, 64); _ = model(torch.tensor([[1, 2, 3]]), start_pos=0)  # prefill
-        >>> logits = decode_step(model)(torch.tensor([[4]]), 3)                         # (1, 65)
+    cache_len: positions to allocate the cache for (at most max_len; a sequence that outgrows
+    it is re-encoded into one of max_len). compile: steps run through fastpath.py's compiled
+    step (decoding eagerly, after a note, where that file is missing): one-token steps, and
+    chunks of chunk_len tokens (speculative checks of k + 1), other lengths running eagerly so
+    that no rare length stops decoding to compile; greedy picks its token inside the graph.
     """
 
-    def __init__(self, model, *, greedy: bool = False):
-        model_ref = weakref.ref(model)               # _STEPS must not keep the model alive
+    def __init__(self, model, *, compile: bool = False, cache_len: Optional[int] = None,
+                 chunk_len: Optional[int] = None):
+        self.model, self.device, self.max_len = model, model.device, model.config.block_size
+        self.cache_len = min(cache_len or self.max_len, self.max_len)
+        self.fast, self.chunk_len = (_fastpath() if compile else None), chunk_len
+        self.seq = self.pad = None   # every token fed (B, T), padding included; (B,) padding lengths
+        self.pos = None              # how many of them the cache holds, None when it holds a slid window
+        self.cache = None            # (rows, slots) of the cache set up
 
-        def step(token, pos, pad):
-            logits = model_ref()(token, start_pos=pos, pad=pad)
-            pos.add_(token.shape[1])                 # the next step's position
-            if token.shape[1] > 1:                   # a chunk: every position's logits
-                return logits
-            logits = logits[:, -1]
-            if not greedy:
-                return logits
-            nxt = logits.argmax(-1, keepdim=True)
-            token.copy_(nxt)                         # and its token
-            return nxt
-        # a code object of its own: dynamo counts recompiles (at most 8) per code object
-        step.__code__ = step.__code__.replace()
-        self.model_ref, self.eager, self.greedy = model_ref, step, greedy
-        self.token = self.pos = None                # the graph's static inputs
-        self.pos_value = self.fed = None            # what they hold: pos_value, and the token if it was fed
-        self.last = None                            # (compiled graph, its inputs, its kernels, its output)
-        self.replay_key = None                      # what those inputs were made of
-        if model.tok_emb.weight.device.type == "cpu":
-            self.fn = torch.compile(step, backend=self._backend, fullgraph=True, dynamic=False)
+    def prefill(self, ids: torch.Tensor, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.seq, self.pad = ids, (None if pad is None else pad.to(ids.device))
+        return self._encode_window(1)[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self._fits(tokens):
+            self.seq = torch.cat([self.seq, tokens], dim=1)
+            return self._encode_window(tokens.shape[1])
+        if self.fast and tokens.shape[1] in (1, self.chunk_len):
+            logits = self.fast.decode_step(self.model)(tokens, self.pos, self.pad)
         else:
-            self.fn = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        self.compiled = None                        # True/False once the first call has compiled or failed
+            logits = self.model(tokens, start_pos=self.pos, pad=self.pad)
+        self._advance(tokens)
+        return logits.float()
 
-    def _backend(self, graph, example_inputs):
-        wrappers = []
-        compiled = _cpu_decode_backend(graph, example_inputs, keep=wrappers)
-        capture = _kernel_capture(wrappers)
+    def greedy(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not (self.fast and tokens.shape[1] == 1 and self._fits(tokens)):
+            return self.step(tokens)[:, -1].argmax(-1, keepdim=True)
+        nxt = self.fast.decode_step(self.model, greedy=True)(tokens, self.pos, self.pad)
+        self._advance(tokens)
+        return nxt
 
-        def run(*args):                             # dynamo calls this with every input of the graph
-            kernels, out = capture(compiled, args)
-            self.last = (compiled, args, kernels, out)
-            return out
-        return run
+    def reorder(self, rows: torch.Tensor):
+        self.seq = self.seq[rows]
+        self.pad = None if self.pad is None else self.pad[rows]
+        self.model.select_cache_rows(rows)
+        self.cache = (rows.shape[0], self.cache[1])
 
-    def __call__(self, token: torch.Tensor, pos: int, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
-        model = self.model_ref()
-        cache = model.blocks[0].attn.kv_cache
-        T = token.shape[1]
-        if self.greedy and T != 1:
-            raise ValueError(f"a greedy decode step takes one token per row, got {T}")
-        if cache is None or not 0 <= pos <= cache.max_len - T:   # a kernel's own check would abort the process
-            where = f"position {pos}" if T == 1 else f"positions {pos}..{pos + T - 1}"
-            raise ValueError(f"a decode step needs a KV cache (model.setup_cache) with a slot for {where}"
-                             + (f"; it holds {cache.max_len}" if cache is not None else ""))
-        if self.token is None or self.token.shape != token.shape or self.token.device != token.device:
-            self.token = torch.empty_like(token, memory_format=torch.contiguous_format)
-            self.pos = torch.zeros((), dtype=torch.long, device=token.device)
-            self.pos_value = self.fed = None         # new tensors hold nothing yet
-        if token is not self.fed:
-            self.token.copy_(token)
-        if pos != self.pos_value:
-            self.pos.fill_(pos)
-        self.pos_value = self.fed = None             # unknown until the step has run
-        span = -(-(pos + T) // 64) * 64              # read the cache up to the last position, rounded up to 64
-        if cache.k_span.shape[2] != min(span, cache.max_len):
-            model.set_cache_span(span)
-        key = (self.token, pad, cache.k_span)       # a new span or cache: new views
-        if self.replay_key is not None and all(map(operator.is_, key, self.replay_key)):
-            out = self._replay()
-        else:
-            out = self._through_dynamo(pad)
-            self.replay_key = key if self.last is not None else None  # the CPU backend kept this call's inputs
-        out = out.clone()                           # a replay rewrites the buffers of the last call
-        self.pos_value, self.fed = pos + T, out if self.greedy else None
-        return out
+    def rewind(self, n: int):
+        if not 0 < n <= self.seq.shape[1]:
+            raise ValueError(f"rewind({n}): {self.seq.shape[1]} tokens were fed")
+        self.seq = self.seq[:, :n]
+        if self.pos is not None:
+            self.pos = n
 
-    def forget(self):
-        """Let go of the last call's inputs, the KV cache among them, once decoding is over (the
-        next call goes through dynamo anyway: a new cache is new tensors)."""
-        self.last = self.replay_key = None
+    def close(self):
+        self.model.clear_cache()
+        if self.fast:
+            self.fast.forget(self.model)
+        self.seq = self.pad = self.pos = self.cache = None
 
-    def _replay(self):
-        compiled, args, kernels, out = self.last
-        if kernels is None:
-            return compiled(*args)[0]
-        for kernel, kernel_args in kernels:
-            kernel(*kernel_args)
-        return out[0]
+    def __enter__(self):
+        return self
 
-    def _through_dynamo(self, pad):
-        self.forget()                               # this call records anew (CPU backend)
-        if self.compiled is False:
-            return self.eager(self.token, self.pos, pad)
-        try:
-            out = self.fn(self.token, self.pos, pad)
-            self.compiled = True
-            return out
-        except Exception as e:
-            if self.compiled:                        # it ran before: a real error, not a missing compiler
-                raise
-            warn_compile_failed(e, "decoding")
-            self.compiled = False
-            return self.eager(self.token, self.pos, pad)
+    def __exit__(self, *exc):
+        self.close()
+
+    def _fits(self, tokens) -> bool:
+        """Do the cached positions start at the first token, with room for tokens after them?"""
+        return self.pos is not None and self.pos + tokens.shape[1] <= self.cache[1]
+
+    def _advance(self, tokens):
+        self.seq = torch.cat([self.seq, tokens], dim=1)
+        self.pos += tokens.shape[1]
+
+    def _encode_window(self, n: int) -> torch.Tensor:
+        """Run the window, the last max_len tokens fed, into the cache from slot 0: the logits
+        of its last n positions."""
+        window = self.seq[:, -self.max_len:]
+        B, W = window.shape
+        cropped = self.seq.shape[1] - W
+        pad = None if self.pad is None else (self.pad - cropped).clamp(min=0)   # fewer padding slots in view
+        slots = self.cache_len if W < self.cache_len else self.max_len
+        if self.cache != (B, slots):
+            if self.fast:
+                self.fast.setup_cache(self.model, B, slots)
+            else:
+                self.model.setup_cache(B, slots)
+            self.cache = (B, slots)
+        logits = self.model(window, start_pos=0, pad=pad)[:, -n:]
+        self.pos = None if cropped else W
+        return logits.float()
 
 
-def _kernel_capture(wrappers: list):
-    """capture(compiled, args) -> (kernels, compiled(*args)), where kernels lists each C++
-    kernel that inductor's Python wrapper called, with the arguments it called it with: the
-    graph's inputs and the buffers the wrapper allocated for this call, kept from then on.
-    Calling them again on those arguments redoes the whole graph, its output rewritten in
-    place. kernels is None unless that is all the wrapper does: one compiled graph (wrappers:
-    inductor's output for it) whose call() only allocates buffers, takes views of them and
-    calls cpp_fused_* kernels (no ATen operator, no check); replays then use compiled(*args)."""
-    call = getattr(wrappers[0], "current_callable", None) if len(wrappers) == 1 else None
-    call = getattr(call, "__func__", call)
-    names = _plain_kernel_names(call)
-    if names is None:
-        return lambda compiled, args: (None, compiled(*args))
-    module = call.__globals__
-
-    def capture(compiled, args):
-        kernels = []
-
-        def recording(kernel):
-            def record(*kernel_args):
-                kernels.append((kernel, kernel_args))
-                return kernel(*kernel_args)
-            return record
-        real = {name: module[name] for name in names}
-        module.update({name: recording(kernel) for name, kernel in real.items()})
-        try:
-            out = compiled(*args)
-        finally:
-            module.update(real)
-        return kernels, out
-    return capture
+_fastpath_noted = False
 
 
-def _plain_kernel_names(call) -> Optional[list[str]]:
-    """The cpp_fused_* kernels an inductor wrapper's call() function calls, if it calls nothing
-    else than them, empty_strided_cpu, reinterpret_tensor and args.clear(); else None."""
-    import ast
-    import inspect
-    import textwrap
+def _fastpath():
+    """The fastpath module, or None (with a note on stderr, once) when fastpath.py is missing."""
+    global _fastpath_noted
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(call)))
-    except (TypeError, OSError, SyntaxError):
+        import fastpath
+    except ModuleNotFoundError as e:
+        if e.name != "fastpath":
+            raise
+        if not _fastpath_noted:
+            print("note: fastpath.py not found; decoding eagerly", file=sys.stderr)
+            _fastpath_noted = True
         return None
-    names = set()
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
-        f = node.func
-        if isinstance(f, ast.Name) and f.id.startswith("cpp_fused"):
-            names.add(f.id)
-        elif not (isinstance(f, ast.Name) and f.id in ("empty_strided_cpu", "reinterpret_tensor")
-                  or isinstance(f, ast.Attribute) and f.attr == "clear" and getattr(f.value, "id", "") == "args"):
-            return None
-    return sorted(names) if names else None
-
-
-def _cpu_decode_backend(graph, example_inputs, *, keep: Optional[list] = None):
-    """Inductor, with the one-token step's matrix products and attention written as plain
-    multiplies, sums and a softmax (decompositions), which inductor fuses into a few loops
-    split across the cores. bench.py decode measures the difference. No size asserts: dynamo's
-    guards (or the replay of the same inputs, see CompiledStep) already ensure the shapes.
-    keep: a list that receives inductor's output for each graph it compiles (_kernel_capture)."""
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-    from torch._inductor.decomposition import select_decomp_table
-
-    def inner_compile(*args, **kwargs):
-        out = compile_fx_inner(*args, **kwargs)
-        if keep is not None:
-            keep.append(out)
-        return out
-    aten = torch.ops.aten
-    return compile_fx(graph, example_inputs, inner_compile=inner_compile, config_patches={"size_asserts": False},
-                      decompositions={**select_decomp_table(), aten.mm.default: _one_row_mm,
-                                      aten._scaled_dot_product_flash_attention_for_cpu.default: _one_query_attention})
-
-
-def _one_row_mm(a, b):
-    """a (1, K) @ b (K, N) as a multiply and a sum over K (other shapes: NotImplemented, which
-    keeps the default). torch's CPU matrix-vector product runs on one thread at about half the
-    memory bandwidth; inductor makes this one loop over b's columns that reads each weight once."""
-    if a.shape[0] != 1:
-        return NotImplemented
-    return (_realized(a).unsqueeze(2) * b.unsqueeze(0)).sum(1)      # (1, K, 1) * (1, K, N) -> (1, N)
-
-
-def _realized(x):
-    """x computed into a buffer of its own before the loop that reads it: otherwise inductor
-    inlines whatever made x (a norm and its square root, a rotation) into that loop, where it is
-    recomputed for every weight row or cache slot."""
-    from torch._inductor import inductor_prims
-    return inductor_prims.force_stride_order(x, x.stride())
-
-
-def _one_query_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
-    """torch's CPU flash attention (output, logsumexp) for one query position, as arithmetic
-    inductor fuses: the kernel is tuned for long queries and costs more than the work at one.
-    q (B, H, 1, hd); k, v (B, Hkv, S, hd), Hkv dividing H (GQA); attn_mask bool or additive."""
-    B, H, T, hd = q.shape
-    if T != 1 or is_causal or dropout_p:
-        return NotImplemented
-    Hkv, S = k.shape[1], k.shape[2]
-    g = H // Hkv                                                    # query heads per kv head
-    q = _realized(q)                                                # rotated once, not once per slot
-    scores = (q.view(B, Hkv, g, 1, hd) * k.unsqueeze(2)).sum(-1) * (scale or hd ** -0.5)  # (B, Hkv, g, S)
-    if attn_mask is not None:
-        mask = attn_mask.expand(B, H, 1, S).reshape(B, Hkv, g, S)
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    scores = scores.float()
-    top = scores.amax(-1, keepdim=True)
-    e = (scores - top).exp()                                        # softmax, normalized after the sum:
-    total = e.sum(-1, keepdim=True)                                 # one division per output, not per slot
-    y = (e.to(v.dtype).unsqueeze(-1) * v.unsqueeze(2)).sum(-2) / total.to(v.dtype)  # (B, Hkv, g, hd)
-    return y.reshape(B, H, 1, hd), (top + total.log()).reshape(B, H, 1)
+    return fastpath
 
 
 def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,7 +321,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
                     pad: Optional[torch.Tensor] = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield max_new_tokens next-token tensors (B, 1) continuing idx (B, T); pad: the rows'
     left-padding lengths when they are prompts of different lengths (see left_pad); compile:
-    run the one-token steps through decode_step(model) (the prompt runs eagerly).
+    the steps after the prompt run compiled (see LMDecoder).
 
     Example:
         >>> for tok in generate_tokens(model, torch.tensor([[1, 2]]), 5, temperature=0):
@@ -479,32 +329,24 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
     """
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty)
-    if pad is not None:
-        pad = pad.to(idx.device)
-    # a compiled step attends over the whole cache: size it to this call (rounded up, so that
-    # calls of similar lengths share a compiled shape), or block_size if the window will slide
-    block = model.config.block_size
-    model.setup_cache(idx.shape[0], min(block, -(-(idx.shape[1] + max_new_tokens) // 256) * 256))
-    logits, pos = _prefill(model, idx, pad)              # the prompt in one forward
-    try:
-        if compile and temperature == 0 and repetition_penalty == 1.0 and pos + max_new_tokens <= block + 1:
-            step = decode_step(model, greedy=True)       # picks each next token inside the graph
-            nxt = sample_next(logits, temperature=0)
-            for i in range(max_new_tokens):
-                yield nxt
-                if i < max_new_tokens - 1:
-                    nxt = step(nxt, pos + i, pad)
-            return
+    if max_new_tokens <= 0:
+        return
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, generator=generator)
+    greedy = temperature == 0 and repetition_penalty == 1.0
+    # a cache for this call (rounded up, so that calls of similar lengths share a compiled shape)
+    cache_len = -(-(idx.shape[1] + max_new_tokens) // 256) * 256
+    with make_decoder(model, compile=compile, cache_len=cache_len) as decoder:
+        nxt = sample_next(decoder.prefill(idx, pad), context=idx, **sampling)    # the prompt in one forward
         for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              repetition_penalty=repetition_penalty, context=idx, generator=generator)
             yield nxt
             if i == max_new_tokens - 1:
                 break
-            idx = torch.cat([idx, nxt], dim=1)
-            logits, pos = _next_logits(model, idx, pos, pad, compile)
-    finally:
-        _clear_cache(model)
+            if greedy:
+                nxt = decoder.greedy(nxt)
+            else:
+                idx = torch.cat([idx, nxt], dim=1)
+                nxt = sample_next(decoder.step(nxt)[:, -1], context=idx, **sampling)
 
 
 @torch.no_grad()
@@ -519,19 +361,17 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
     this is greedy decoding. A beam that emits eos_id is finished: it keeps its score (its only
     continuation is eos again, at log-probability 0), and its output ends before the eos; its
     length is the number of tokens before it (the eos's log-probability counts, as in HF).
-    compile: the one-token steps (all beams at once) run through decode_step(model).
+    compile: the steps (all beams at once) run compiled (see LMDecoder).
     """
     if beam_size < 1 or not 1 <= num_return_sequences <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= num_return_sequences <= beam_size "
                          f"(got {beam_size}, {num_return_sequences})")
-    device = next(model.parameters()).device
-    seqs = torch.tensor([prompt], device=device)                       # (1, T): one beam to start
-    scores = torch.zeros(1, device=device)
-    model.setup_cache(1)                                               # grows to the beams after step 1
-    try:
-        logits, pos = _prefill(model, seqs)
+    with make_decoder(model, compile=compile) as decoder:
+        seqs = torch.tensor([prompt], device=decoder.device)              # (1, T): one beam to start
+        scores = torch.zeros(1, device=decoder.device)
+        logits = decoder.prefill(seqs)
         for step in range(max_new_tokens):
-            logp = torch.log_softmax(logits.float(), dim=-1)               # (beams, vocab)
+            logp = torch.log_softmax(logits, dim=-1)                       # (beams, vocab)
             if eos_id is not None and step:
                 done = seqs[:, -1] == eos_id                               # finished beams stay as they are
                 logp[done] = float("-inf")
@@ -542,10 +382,8 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
             seqs = torch.cat([seqs[rows], tokens[:, None]], dim=1)
             if step == max_new_tokens - 1:
                 break
-            model.select_cache_rows(rows)                                  # caches follow their beams
-            logits, pos = _next_logits(model, seqs, pos, compile=compile)
-    finally:
-        _clear_cache(model)
+            decoder.reorder(rows)                                          # caches follow their beams
+            logits = decoder.step(tokens[:, None])[:, -1]
     outputs = [_until(ids, eos_id) for ids in seqs[:, len(prompt):].tolist()]
     ranked = sorted(((ids, score / max(len(ids), 1) ** length_penalty) for ids, score in zip(outputs, scores.tolist())),
                     key=lambda pair: -pair[1])
@@ -575,33 +413,31 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
     and when all k are kept the target adds one more. Outputs are distributed exactly as
     sampling from the target alone; at temperature 0 they equal its greedy output. The output
     ends before the first eos_id, if one is given and drawn. compile: the draft's one-token
-    steps run through decode_step(draft), and the target's checks of k + 1 tokens (every round
-    after the first, which also reads the prompt) through decode_step(target).
+    steps and the target's checks of k + 1 tokens run compiled (see LMDecoder).
     Returns (new token ids, acceptance rate of the draft's proposals).
     """
     if k < 1:
         raise ValueError(f"speculative_k={k} must be >= 1")
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError("the draft and target models have different vocabularies")
-    limit = min(target.config.block_size, draft.config.block_size)
+    checker = make_decoder(target, compile=compile, chunk_len=k + 1)
+    proposer = make_decoder(draft, compile=compile)
+    limit = min(checker.max_len, proposer.max_len)
     if len(prompt) + max_new_tokens + k > limit:
         raise ValueError(f"speculative decoding needs prompt + max_new_tokens + k <= block_size "
                          f"({len(prompt)} + {max_new_tokens} + {k} > {limit})")
-    device = next(target.parameters()).device
-    seq = list(prompt)
-    fed_t = fed_d = 0                       # how many tokens of seq each KV cache holds
-    proposed = accepted = 0
+    device = checker.device
 
-    def draft_logits(tokens: list[int], pos: int) -> torch.Tensor:
-        if compile and len(tokens) == 1:
-            return decode_step(draft)(torch.tensor([tokens], device=device), pos)
-        return draft(torch.tensor([tokens], device=device), start_pos=pos)[:, -1]
-    target.setup_cache(1)
-    draft.setup_cache(1)
-    try:
+    def ids(tokens: list[int]) -> torch.Tensor:
+        return torch.tensor([tokens], device=device)
+    seq = list(prompt)
+    proposed = accepted = 0
+    with checker, proposer:
+        after_prompt, logits = checker.prefill(ids(prompt)), proposer.prefill(ids(prompt))
+        fed_t = fed_d = len(seq)                 # how many tokens of seq each decoder was fed
         while len(seq) - len(prompt) < max_new_tokens:
-            logits = draft_logits(seq[fed_d:], fed_d)
-            fed_d = len(seq)
+            if fed_d < len(seq):
+                logits = proposer.step(ids(seq[fed_d:]))[:, -1]
             xs, qs = [], []
             for i in range(k):                                   # the draft proposes k tokens
                 q = _probs(logits, temperature)[0]
@@ -609,13 +445,12 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
                 xs.append(x)
                 qs.append(q)
                 if i < k - 1:
-                    logits = draft_logits([x], fed_d + i)
-            chunk = seq[fed_t:] + xs                                   # the target checks them at once
-            if compile and len(chunk) == k + 1:                        # (after the first round)
-                checked = decode_step(target)(torch.tensor([chunk], device=device), fed_t)[0]
-            else:
-                checked = target(torch.tensor([chunk], device=device), start_pos=fed_t)[0, -(k + 1):]
-            ps = _probs(checked.float(), temperature)                  # (k+1, vocab)
+                    logits = proposer.step(ids([x]))[:, -1]
+            chunk = seq[fed_t:] + xs                             # the target checks them at once
+            checked = checker.step(ids(chunk))[0]
+            if len(chunk) == k:                                  # the first round: the prompt's last
+                checked = torch.cat([after_prompt, checked])     # position was the prefill's
+            ps = _probs(checked, temperature)                    # (k+1, vocab)
             before = len(seq)
             for i, (x, q) in enumerate(zip(xs, qs)):
                 proposed += 1
@@ -632,11 +467,9 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
             if eos_id in seq[before:]:                            # the text ended: stop there
                 return seq[len(prompt):seq.index(eos_id, before)], accepted / max(proposed, 1)
             kept = len(seq) - before - 1                          # draft tokens kept this round
-            fed_t = before + kept                                 # the new last token is not cached yet
-            fed_d = before + min(kept, k - 1)
-    finally:
-        _clear_cache(target)
-        _clear_cache(draft)
+            fed_t, fed_d = before + kept, before + min(kept, k - 1)   # the new last token is fed next round
+            checker.rewind(fed_t)
+            proposer.rewind(fed_d)
     return seq[len(prompt):len(prompt) + max_new_tokens], accepted / max(proposed, 1)
 
 
@@ -749,7 +582,7 @@ def set_precision(model, precision: str, device: str):
     bytes a decode step reads); fp16 needs a GPU (CPUs emulate it slowly)."""
     if precision == "fp16" and device.split(":")[0] == "cpu":
         raise ValueError("precision=fp16 needs a GPU; on a CPU use bf16 (or fp32)")
-    return model if precision == "fp32" else model.to(DTYPES[precision])
+    return model if precision == "fp32" else model.to(PRECISION_DTYPES[precision])
 
 
 def read_prompts(path: str) -> list[str]:
@@ -840,15 +673,15 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
 
-COMMANDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "stop", "eos",
+SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "stop", "eos",
             "chat")
 
 
 def apply_command(cfg: SampleConfig, line: str) -> SampleConfig:
     """`/temperature 0.5`-style settings change for interactive mode: a new, validated config."""
     name, _, value = line[1:].strip().partition(" ")
-    if name not in COMMANDS:
-        raise ValueError(f"unknown command '/{name}'; {closest(name, COMMANDS)}")
+    if name not in SETTINGS:
+        raise ValueError(f"unknown command '/{name}'; {closest(name, SETTINGS)}")
     return replace(cfg, **{name: coerce(value, field_types(SampleConfig)[name], f"/{name}")})
 
 
@@ -907,7 +740,7 @@ def interactive(model, tokenizer, cfg: SampleConfig, generator, *, read=input):
             continue
         try:
             if prompt.strip() == "/settings":
-                print(", ".join(f"{name}={getattr(cfg, name)!r}" for name in COMMANDS))
+                print(", ".join(f"{name}={getattr(cfg, name)!r}" for name in SETTINGS))
             elif prompt.startswith("/"):
                 cfg = apply_command(cfg, prompt)
                 name = prompt[1:].split()[0]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -716,6 +716,10 @@ class QuantConfig:
             raise ValueError(f"quantize mode {self.mode!r}; {closest(str(self.mode), QUANT_MODES)}")
         if self.group_size not in (32, 64, 128, 256):
             raise ValueError(f"quantize group_size={self.group_size}; valid: 32, 64, 128, 256")
+
+    def stored(self) -> dict:
+        """What a checkpoint records: the weights' format (the kernel choice is the runtime's)."""
+        return {"mode": self.mode, "group_size": self.group_size}
 
 
 class LoRALinear(nn.Module):

@@ -305,7 +305,7 @@ class TransformerTrainer:
         self.run_config = run_config or {"training": cfg}       # what checkpoints record as "config"
         self.monitor = cfg.monitor or self.task.monitor
         self.step, self.elapsed, self.evals_since_best, self.history = 0, 0.0, 0, []
-        self.best = math.inf if self._lower_is_better() else -math.inf
+        self.best: Optional[float] = None            # the best value of the monitored metric so far
         self.best_val_loss, self.extra_payload, self._resume = math.inf, {}, None
         autocast(self.device, cfg.precision)             # an impossible precision fails before any work
         model.set_gradient_checkpointing(cfg.gradient_checkpointing)
@@ -331,7 +331,7 @@ class TransformerTrainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.elapsed = ckpt["step"], ckpt["elapsed"]
         self.best_val_loss = ckpt["best_val_loss"]
-        self.best = ckpt.get("best", {}).get("value", self.best_val_loss)
+        self.best = ckpt.get("best", {}).get("value", self.best_val_loss)   # version 1: the val loss
         self.evals_since_best = ckpt.get("evals_since_best", 0)
         self._resume = ckpt
 
@@ -463,12 +463,14 @@ class TransformerTrainer:
             raise FloatingPointError(f"non-finite evaluation {val or train} at step {self.step}"
                                      + (f"; {Path(self.cfg.out_dir) / 'last.pt'} is the last good checkpoint"
                                         if self.cfg.out_dir else ""))
-        judged = val or train
-        if self.monitor not in judged:
-            raise ValueError(f"training.monitor={self.monitor!r} is not a metric of the {self.task.name} task; "
-                             f"{closest(self.monitor, judged)}")
-        value = judged[self.monitor]
-        improved = value < self.best if self._lower_is_better() else value > self.best
+        judged = val or train                        # no validation data: the training loss decides
+        monitor = self.monitor if val else "loss"
+        if monitor not in judged:
+            raise ValueError(f"training.monitor={monitor!r} is not a metric of the {self.task.name} task; "
+                             f"{closest(monitor, judged)}")
+        value = judged[monitor]
+        lower = self._lower_is_better() or not val
+        improved = self.best is None or (value < self.best if lower else value > self.best)
         if improved:
             self.best = value
         self.best_val_loss = min(self.best_val_loss, judged.get("loss", math.inf))
@@ -764,7 +766,7 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
     if cfg["lora"].r:     # an adapter: only its weights, and which base they belong to
         trainer.extra_payload["lora"] = {"config": dataclasses.asdict(cfg["lora"]), "base": base_ref}
     if cfg["quantize"].mode:
-        trainer.extra_payload["quantize"] = dataclasses.asdict(cfg["quantize"])
+        trainer.extra_payload["quantize"] = cfg["quantize"].stored()
     if resume_from:
         trainer.load_state(resume_from)
     trainer.train(data)

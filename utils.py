@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import functools
 import hashlib
 import json
@@ -103,8 +102,8 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
     with the head its config names (tokenizer None for a model trained on non-text inputs).
 
     quantize: quantize the weights after loading (ignored when already quantized).
-    kernels: the inference layouts of quantized layers, int4 packed for the fused kernel and
-        int8 interleaved (see model.Int8Linear); False for QLoRA training.
+    kernels: int4 layers packed for the fused kernel (the inference layout); False for QLoRA
+        training. quantize.int8_kernel sets the int8 layers' kernel choice (see model.Int8Linear).
     config_overrides: model config changes that keep the weights' shapes (dropout).
     """
     if "lora" in ckpt:
@@ -125,7 +124,7 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
     if quantize and quantize.mode and not stored:
         quantize_model(model, quantize, kernels=kernels)
     elif stored and kernels:
-        use_kernels(model)
+        use_kernels(model, int8_kernel=quantize.int8_kernel if quantize else None)
     tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt["tokenizer"] is not None else None
     return model.eval(), tokenizer
 
@@ -392,7 +391,7 @@ def quantize_main(argv: list[str]) -> None:
                    for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
     src = Path(args.checkpoint)
     out = Path(args.out or src.with_name(f"{src.stem}-{args.mode}.pt"))
-    save_checkpoint(out, _plain_payload(model, tokenizer, ckpt, quantize=dataclasses.asdict(qcfg)))
+    save_checkpoint(out, _plain_payload(model, tokenizer, ckpt, quantize=qcfg.stored()))
     print(f"{out}: {out.stat().st_size / 1e6:.2f} MB (from {src.stat().st_size / 1e6:.2f} MB); linear "
           f"weights {linear_fp32 / 1e6:.2f} -> {linear_q / 1e6:.2f} MB ({linear_fp32 / linear_q:.1f}x smaller)")
     if args.eval:

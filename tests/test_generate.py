@@ -1,6 +1,5 @@
 """generate.py: filters, sampling, cached decoding with a sliding window, streaming text, the CLI."""
 import io
-import math
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import generate
 from data import EOT, BPETokenizer, ByteTokenizer, CharTokenizer
 from generate import (SampleConfig, TextStream, check_sampling, generate_text, generate_tokens,
                       sample_next, top_k_filter, top_p_filter)
-from model import Int8Linear, KVCache, QuantConfig, Transformer, quantize_model
+from model import QuantConfig, Transformer, quantize_model
 from config import load_config
 from utils import load_checkpoint, model_from_checkpoint
 
@@ -499,42 +498,18 @@ def _pair(seed=0):
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_speculative_equals_target_greedy(k):
-    target, draft = _pair()
+    target, draft = _pair(3)
     greedy = torch.cat(list(generate_tokens(target, torch.tensor([[1, 2]]), 20, temperature=0)), 1)[0].tolist()
     out, rate = generate.speculative_generate(target, draft, [1, 2], 20, k=k, temperature=0)
     assert out == greedy and 0 <= rate <= 1
 
 
-def test_compiled_steps_keep_speculative_decoding_exact(monkeypatch):
-    """compile=True runs the draft's one-token steps and the target's checks of k + 1 tokens
-    through compiled steps: greedy output is still the target's greedy output."""
-    target, draft = _pair()
-    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
+def test_compiled_speculative_decoding_is_still_the_target_greedy_output():
+    """compile=True: the draft's one-token steps and the target's checks of k + 1 tokens run compiled."""
+    target, draft = _pair(3)                      # a greedy output that is not one token repeated
     greedy = torch.cat(list(generate_tokens(target, torch.tensor([[1, 2]]), 20, temperature=0)), 1)[0].tolist()
     out, rate = generate.speculative_generate(target, draft, [1, 2], 20, k=3, temperature=0, compile=True)
-    assert out == greedy and 0 <= rate <= 1
-    assert generate.decode_step(draft).compiled and generate.decode_step(target).compiled
-
-
-def test_a_compiled_chunk_step_gives_every_position_s_logits():
-    """A (1, T) chunk through the compiled step: the logits of its T positions, as eager, from
-    its position on; a greedy step takes one token, and the chunk must fit in the cache."""
-    model = _tiny(2, block_size=32)
-    prompt, chunk = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        want = model(torch.cat([prompt, chunk], 1))[0, 4:]
-        model.setup_cache(1, 32)
-        model(prompt, start_pos=0)
-        step = generate.decode_step(model)
-        got = step(chunk, 4)
-        assert got.shape == (1, 4, 23) and step.compiled
-        torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(step(chunk, 4)[0], want, rtol=1e-4, atol=1e-5)       # replayed
-        with pytest.raises(ValueError, match=r"a slot for positions 30..33; it holds 32"):
-            step(chunk, 30)
-        with pytest.raises(ValueError, match="one token per row, got 4"):
-            generate.decode_step(model, greedy=True)(chunk, 4)
-    model.clear_cache()
+    assert out == greedy and 0 < rate < 1
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -659,7 +634,7 @@ def test_beam_search_finishes_a_beam_at_the_end_of_text():
 
 
 def test_speculative_decoding_stops_at_the_end_of_text():
-    target, draft = _pair()
+    target, draft = _pair(5)                      # a greedy output with a token that comes late
     greedy, k = _greedy_with_a_fresh_token(target, [1, 2], n=20)
     out, _ = generate.speculative_generate(target, draft, [1, 2], 20, k=3, temperature=0, eos_id=greedy[k])
     assert out == greedy[:k]
@@ -761,329 +736,135 @@ def test_prompt_file_on_the_command_line(trained_run, tmp_path, capsys):
         generate.main([*base, "--prompt_file", str(prompts), "--batch_size", "0"])
 
 
-# --- static KV cache, compiled decoding, precision -------------------------------------------------
+# --- the decoder, and compiled decoding ----------------------------------------------------------------
 
-@pytest.mark.parametrize("pos_encoding", ["rope", "learned"])
-def test_static_cache_steps_equal_the_no_cache_forward(pos_encoding):
-    """start_pos as a 0-d tensor: the cache is read whole with unwritten slots masked (what a
-    compiled step does); with and without left padding it equals the plain forward."""
-    torch.manual_seed(0)
-    model = Transformer(vocab_size=23, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, block_size=16,
-                        pos_encoding=pos_encoding).eval().double()
-    idx, pad = generate.left_pad([[3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5]])
-    with torch.no_grad():
-        for p in (None, pad):
-            full = model(idx, pad=p)
-            model.setup_cache(2, 12)                      # longer than the sequence: slots stay unwritten
-            steps = [model(idx[:, :3], start_pos=torch.tensor(0), pad=p)]
-            steps += [model(idx[:, t:t + 1], start_pos=torch.tensor(t), pad=p) for t in range(3, 8)]
-            got = torch.cat(steps, 1)
-            assert model.blocks[0].attn.kv_cache.max_len == 12
-            keep = slice(None) if p is None else slice(5, None)          # row 1's real tokens
-            assert torch.allclose(got[0], full[0], atol=1e-12, rtol=0)
-            assert torch.allclose(got[1, keep], full[1, keep], atol=1e-12, rtol=0)
+def test_a_decoder_steps_chunks_rewinds_and_slides_as_the_uncached_model():
+    """prefill, then steps of one token and of chunks, a rewind, and past block_size: each logit
+    is the uncached model's on the sequence so far, cropped to the last block_size tokens."""
+    model = _tiny(2).double()
+    seq = torch.randint(0, 23, (2, 40), generator=torch.Generator().manual_seed(3))
+
+    def uncached(n, T):                # logits after each of the tokens n - T .. n - 1
+        with torch.no_grad():
+            return torch.stack([model(seq[:, max(0, t + 1 - 16):t + 1])[:, -1] for t in range(n - T, n)], 1)
+
+    def close(a, b):
+        torch.testing.assert_close(a, b.float(), rtol=0, atol=1e-5)
+    with generate.make_decoder(model, cache_len=12) as decoder:
+        assert decoder.max_len == 16
+        close(decoder.prefill(seq[:, :5]), uncached(5, 1)[:, 0])
+        close(decoder.step(seq[:, 5:6]), uncached(6, 1))
+        close(decoder.step(seq[:, 6:10]), uncached(10, 4))
+        decoder.rewind(7)                                             # 7..9 rejected, then fed again
+        close(decoder.step(seq[:, 7:14]), uncached(14, 7))           # outgrows the 12 slots
+        for n in range(15, 22):                                       # the window slides at 17
+            close(decoder.step(seq[:, n - 1:n]), uncached(n, 1))
+        assert torch.equal(decoder.greedy(seq[:, 21:22]), uncached(22, 1)[:, -1].argmax(-1, keepdim=True))
+    assert model.blocks[0].attn.kv_cache is None                      # closed: the cache is freed
 
 
-def test_compiled_decoding_equals_eager_decoding(capsys):
-    """The real CPU path (inductor with one-row products as multiply-sum reductions): greedy
-    tokens equal eager ones for a single prompt, a left-padded batch and past block_size,
-    and later calls reuse the compiled step."""
-    import torch._dynamo
-    model = _tiny(2)
+def _compiled_and_eager(model, prompt, n, **kw):
+    """generate_tokens' output without and with compile=True (a fresh seeded generator each)."""
+    return [torch.cat(list(generate_tokens(model, prompt, n, compile=c, generator=torch.Generator().manual_seed(1),
+                                           **kw)), 1) for c in (False, True)]
+
+
+def test_compiled_decoding_gives_the_tokens_of_eager_decoding(capsys):
+    """The real CPU path: greedy over several spans of the cache and past block_size, sampling with
+    a seed, a repetition penalty, and a left-padded batch give the tokens eager decoding gives."""
+    model = _tiny(2, block_size=160)
     prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(0))
-    torch._dynamo.reset()
-    eager = torch.cat(list(generate_tokens(model, prompt, 30, temperature=0)), 1)     # slides at 16
-    compiled = torch.cat(list(generate_tokens(model, prompt, 30, temperature=0, compile=True)), 1)
+    for n, kw in ((170, dict(temperature=0)), (40, dict(temperature=0.8, top_k=10)),
+                  (40, dict(temperature=0, repetition_penalty=1.3))):
+        eager, compiled = _compiled_and_eager(model, prompt, n, **kw)
+        assert torch.equal(compiled, eager), kw
     assert "torch.compile failed" not in capsys.readouterr().err          # it compiled here
-    assert torch.equal(compiled, eager)
-    again = torch.cat(list(generate_tokens(model, prompt, 8, temperature=0, compile=True)), 1)
-    assert torch.equal(again, eager[:, :8])
     idx, pad = generate.left_pad([[1, 2, 3, 4], [5, 6]])
-    batch = [torch.cat(list(generate_tokens(model, idx, 10, temperature=0, pad=pad, compile=c)), 1)
-             for c in (False, True)]
-    assert torch.equal(batch[0], batch[1])
+    assert torch.equal(*_compiled_and_eager(model, idx, 10, temperature=0, pad=pad))
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
-@pytest.mark.parametrize("mask", [None, "bool", "additive"])
-def test_one_query_attention_equals_the_flash_kernel(n_kv_heads, mask):
-    """The decomposition the CPU decode backend uses in place of torch's flash attention."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 1, 8, generator=g)
-    k, v = (torch.randn(2, n_kv_heads, 9, 8, generator=g) for _ in range(2))
-    attn_mask = None
-    if mask is not None:
-        keep = torch.rand(2, 1, 1, 9, generator=g) > 0.4
-        keep[..., 3] = True                                                 # never a row with nothing
-        attn_mask = keep if mask == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    float_mask = None if attn_mask is None or mask == "additive" else \
-        torch.zeros(attn_mask.shape).masked_fill(~attn_mask, float("-inf"))
-    want = flash(q, k, v, attn_mask=float_mask if mask == "bool" else attn_mask, scale=0.3)
-    got = generate._one_query_attention(q, k, v, attn_mask=attn_mask, scale=0.3)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert generate._one_query_attention(torch.randn(2, 4, 2, 8), k, v) is NotImplemented   # two queries
-    assert generate._one_query_attention(q, k, v, is_causal=True) is NotImplemented
-
-
-def test_one_row_mm_is_the_matrix_product():
-    a, b = torch.randn(1, 6, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
-    torch.testing.assert_close(generate._one_row_mm(a, b), a @ b, rtol=1e-12, atol=1e-12)
-    assert generate._one_row_mm(torch.randn(2, 6), b) is NotImplemented
-
-
-def test_compiled_decoding_reads_a_growing_span_of_the_cache_with_one_graph(monkeypatch):
-    """Steps read the cache up to their position rounded up to 64 slots: the span grows at
-    64 and 128 (and stops at the cache's 160 slots); each span equals eager decoding, and
-    one compiled graph serves them all (the span is a dynamic size)."""
-    import torch._dynamo
-    model = _tiny(2, block_size=160)
-    compiles, spans = [], []
-    real_backend, real_narrow = generate._cpu_decode_backend, KVCache.narrow
-
-    def counting_backend(graph, example_inputs, **kwargs):
-        compiles.append(1)
-        return real_backend(graph, example_inputs, **kwargs)
-
-    def narrow(cache, n):
-        real_narrow(cache, n)
-        spans.append(cache.k_span.shape[2])
-    monkeypatch.setattr(generate, "_cpu_decode_backend", counting_backend)
-    monkeypatch.setattr(KVCache, "narrow", narrow)
-    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
-    torch._dynamo.reset()
-    prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(0))
-    eager = torch.cat(list(generate_tokens(model, prompt, 150, temperature=0)), 1)
-    spans.clear()
-    compiled = torch.cat(list(generate_tokens(model, prompt, 150, temperature=0, compile=True)), 1)
-    assert torch.equal(compiled, eager)
-    assert sorted(set(spans)) == [64, 128, 160] and len(compiles) == 1
-
-
-def test_compiled_steps_replay_the_kernels_until_the_span_moves(monkeypatch):
-    """Between span changes a step's inputs are the same tensors, so CompiledStep runs the C++
-    kernels inductor's wrapper ran last time, on the same buffers: of 149 greedy steps over
-    spans 64, 128 and 160, three go through dynamo and the wrapper, the other 146 only call
-    the kernels, and the tokens equal eager decoding."""
-    model = _tiny(2, block_size=160)
-    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
-    step = generate.decode_step(model, greedy=True)
-    steps, through_dynamo, wrapper_calls, kernel_calls = [], [], [], []
-    real_fn, real_call, real_capture = step.fn, generate.CompiledStep.__call__, generate._kernel_capture
-
-    def counting_fn(*args):
-        through_dynamo.append(model.blocks[0].attn.kv_cache.k_span.shape[2])
-        return real_fn(*args)
-
-    def counting_call(self, *args):
-        steps.append(1)
-        return real_call(self, *args)
-
-    def counting_capture(wrappers):
-        capture = real_capture(wrappers)
-
-        def counted(compiled, args):
-            wrapper_calls.append(1)
-            kernels, out = capture(compiled, args)
-            assert kernels                              # on this torch: the wrapper only runs kernels
-            return [(lambda *a, k=k: kernel_calls.append(1) or k(*a), a) for k, a in kernels], out
-        return counted
-    step.fn = counting_fn
-    monkeypatch.setattr(generate.CompiledStep, "__call__", counting_call)
-    monkeypatch.setattr(generate, "_kernel_capture", counting_capture)
-    prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(0))
-    eager = torch.cat(list(generate_tokens(model, prompt, 150, temperature=0)), 1)
-    compiled = torch.cat(list(generate_tokens(model, prompt, 150, temperature=0, compile=True)), 1)
-    assert torch.equal(compiled, eager)
-    assert len(steps) == 149 and through_dynamo == [64, 128, 160] and len(wrapper_calls) == 3
-    assert len(kernel_calls) == 146                                    # one fused kernel per replay
-
-
-def test_sampled_compiled_decoding_replays_the_logits_step():
-    """Sampling (and a repetition penalty) take the logits from the compiled step, replayed
-    too; with the same seed the tokens equal eager ones."""
-    model = _tiny(2, block_size=160)
-    prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(0))
-    for kw in (dict(temperature=0.8, top_k=10), dict(temperature=0, repetition_penalty=1.3)):
-        runs = [torch.cat(list(generate_tokens(model, prompt, 100, compile=c, generator=torch.Generator().manual_seed(1),
-                                               **kw)), 1) for c in (False, True)]
-        assert torch.equal(*runs)
-    steps = generate_tokens(model, prompt, 10, temperature=0.8, compile=True)
-    next(steps), next(steps), next(steps)
-    assert generate.decode_step(model).last[2]                         # kernels captured and replayed
-    steps.close()
-
-
-def test_compiled_beam_search_equals_eager_and_replays_between_reorders(monkeypatch):
-    """Beam search's steps (all beams at once) through the compiled step: the same beams and
-    scores as eager, and the cache reordered in place, so steps replay the kernels between
-    span changes instead of going through dynamo for every reorder."""
+def test_compiled_beam_search_equals_eager():
     model = _tiny(2, block_size=64)
-    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
-    prompt = [1, 5, 7]
-    eager = generate.beam_search(model, prompt, 40, beam_size=3, num_return_sequences=3)
-    step = generate.decode_step(model)
-    through_dynamo, real_fn = [], step.fn
-    step.fn = lambda *args: through_dynamo.append(1) or real_fn(*args)
-    compiled = generate.beam_search(model, prompt, 40, beam_size=3, num_return_sequences=3, compile=True)
+    eager = generate.beam_search(model, [1, 5, 7], 40, beam_size=3, num_return_sequences=3)
+    compiled = generate.beam_search(model, [1, 5, 7], 40, beam_size=3, num_return_sequences=3, compile=True)
     assert [ids for ids, _ in compiled] == [ids for ids, _ in eager]
     torch.testing.assert_close([s for _, s in compiled], [s for _, s in eager], rtol=1e-5, atol=1e-6)
-    assert step.compiled and len(through_dynamo) == 1          # 38 of the 39 steps are replays
 
 
-def test_cache_rows_reordered_in_place_keep_their_views():
-    cache = KVCache(3, 8, 2, 4)
-    cache.k.normal_(); cache.v.normal_()
-    k, v, span = cache.k.clone(), cache.v.clone(), cache.k_span
-    rows = torch.tensor([2, 0, 0])
-    cache.select(rows)
-    assert cache.k_span is span and torch.equal(cache.k, k[rows]) and torch.equal(cache.v, v[rows])
-    cache.select(torch.tensor([1, 2]))                          # fewer rows: new tensors
-    assert cache.k.shape[0] == 2 and torch.equal(cache.k, k[rows][[1, 2]])
+def test_compiled_int8_decoding_equals_eager_int8_decoding(capsys):
+    """An int8 model through the real compiled path (its layers interleaved for it), whose
+    state dict is still the one it was quantized to."""
+    model = quantize_model(_tiny(2), QuantConfig("int8"))
+    state = model.state_dict()
+    prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(1))
+    eager, compiled = _compiled_and_eager(model, prompt, 12, temperature=0)
+    assert "torch.compile failed" not in capsys.readouterr().err
+    assert torch.equal(compiled, eager)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
-def test_a_compiled_step_does_not_keep_its_model_alive():
-    """The steps are kept per model in a WeakKeyDictionary; they hold the model weakly, so a
-    notebook that builds many models frees each one (and its compiled step) when it is dropped."""
+def test_compiled_steps_keep_neither_a_finished_generation_nor_the_model():
+    """Once a generation ends, its KV cache is freed (the compiled steps let go of it), and a model
+    that is dropped is freed with its compiled steps (a notebook building many models)."""
     import gc
     import weakref
-    model = _tiny(1)
-    steps = generate_tokens(model, torch.tensor([[1, 2, 3]]), 5, temperature=0, compile=True)
-    next(steps), next(steps), next(steps)
-    assert generate.decode_step(model, greedy=True).last[2]             # compiled, kernels captured
-    list(steps)
-    ref, n = weakref.ref(model), len(generate._STEPS)
-    del model
-    gc.collect()
-    assert ref() is None and len(generate._STEPS) == n - 1
-
-
-def test_compiled_steps_let_go_of_the_kv_cache_when_decoding_ends():
-    """A step replays on the buffers of its last call, the KV cache among them; once decoding
-    is over (model.clear_cache) it drops them, so the cache is freed, not kept until the next call."""
-    import gc
-    import weakref
-    model = _tiny(1)
+    model = _tiny(2, block_size=160)
     for kw in (dict(temperature=0), dict(temperature=0.7, top_k=5)):       # greedy and logits steps
         steps = generate_tokens(model, torch.tensor([[1, 2, 3]]), 6, compile=True, **kw)
         next(steps), next(steps), next(steps)
         cache = weakref.ref(model.blocks[0].attn.kv_cache.k)
-        assert generate.decode_step(model, greedy=kw["temperature"] == 0).last is not None   # replaying on it
         list(steps)
         gc.collect()
         assert cache() is None
+    ref = weakref.ref(model)
+    del model, steps
+    gc.collect()
+    assert ref() is None
 
 
-def test_a_decode_step_outside_the_cache_is_an_error_not_an_abort():
-    """A kernel's own index check would abort the whole process: the step checks first."""
-    model = _tiny(1)
-    step = generate.decode_step(model)
-    with pytest.raises(ValueError, match=r"needs a KV cache \(model.setup_cache\) with a slot for position 3$"):
-        step(torch.tensor([[1]]), 3)
-    model.setup_cache(1, 8)
-    with pytest.raises(ValueError, match=r"slot for position 8; it holds 8"):
-        step(torch.tensor([[1]]), 8)
-    model.clear_cache()
-
-
-def _wrapper_with_kernels_only(args):
-    a, b = args
-    args.clear()
-    buf0 = empty_strided_cpu((1, 4), (4, 1), torch.float32)        # noqa: F821 (names of inductor's module)
-    cpp_fused_add_0(a, b, buf0)                                     # noqa: F821
-    return (reinterpret_tensor(buf0, (4,), (1,), 0), )              # noqa: F821
-
-
-def _wrapper_with_an_aten_call(args):
-    a, b = args
-    buf0 = empty_strided_cpu((1, 4), (4, 1), torch.float32)        # noqa: F821
-    cpp_fused_add_0(a, b, buf0)                                     # noqa: F821
-    extern_kernels.mm(a, b, out=buf0)                               # noqa: F821
-    return (buf0, )
-
-
-def test_only_a_wrapper_that_just_runs_cpp_kernels_is_replayed_by_its_kernels():
-    assert generate._plain_kernel_names(_wrapper_with_kernels_only) == ["cpp_fused_add_0"]
-    assert generate._plain_kernel_names(_wrapper_with_an_aten_call) is None
-    assert generate._plain_kernel_names(print) is None                 # no Python source
-    assert generate._kernel_capture([])(lambda *a: ("out",), (1, 2)) == (None, ("out",))
-
-
-def test_a_replay_never_outlives_its_generation(monkeypatch):
-    """A new generation sets up a new cache, so its first step goes through dynamo again: a
-    weight replaced between two generations (a new tensor, not an in-place change) is used."""
-    model = _tiny(1, tie_weights=False)
-    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
+def test_compiled_decoding_uses_weights_replaced_between_generations():
+    model = _tiny(2, block_size=160, tie_weights=False)
     prompt = torch.tensor([[1, 2, 3]])
-
-    def both():
-        return [torch.cat(list(generate_tokens(model, prompt, 10, temperature=0, compile=c)), 1)
-                for c in (False, True)]
-    first = both()
+    first = _compiled_and_eager(model, prompt, 10, temperature=0)
     assert torch.equal(*first)
     with torch.no_grad():
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.flip(0))   # another head
-    second = both()
+    second = _compiled_and_eager(model, prompt, 10, temperature=0)
     assert torch.equal(*second) and not torch.equal(first[0], second[0])
-
-
-def test_compiled_int8_decoding_equals_eager_int8_decoding(monkeypatch, capsys):
-    """An int8 model (interleaved layout) through the real compiled path, where every one-row
-    product unpacks 32-bit words of codes with shifts (Int8Linear._one_row)."""
-    model = quantize_model(_tiny(2), QuantConfig("int8"))
-    graphs, real_backend = [], generate._cpu_decode_backend
-
-    def backend(graph, example_inputs, **kwargs):
-        graphs.append(graph.code)
-        return real_backend(graph, example_inputs, **kwargs)
-    monkeypatch.setattr(generate, "_cpu_decode_backend", backend)
-    prompt = torch.randint(0, 23, (1, 5), generator=torch.Generator().manual_seed(1))
-    eager = torch.cat(list(generate_tokens(model, prompt, 12, temperature=0)), 1)
-    compiled = torch.cat(list(generate_tokens(model, prompt, 12, temperature=0, compile=True)), 1)
-    assert "torch.compile failed" not in capsys.readouterr().err
-    layers = sum(isinstance(m, Int8Linear) for m in model.modules())      # 5 per block and the head
-    assert len(graphs) == 1 and graphs[0].count(" >> 24") == 4 * layers == 4 * 11   # 4 bytes per word
-    assert torch.equal(compiled, eager)
-
-
-def test_each_model_has_its_own_compiled_step_past_dynamo_recompile_limit(monkeypatch, capsys):
-    """Dynamo allows 8 compiled versions per code object: more models than that in one process
-    (a notebook, the tests) must each still get a compiled step, not the eager fallback."""
-    import torch._dynamo
-    compiled = []
-
-    def trace_only(graph, example_inputs, **kwargs):         # dynamo's capture, without inductor
-        compiled.append(1)
-        return graph.forward
-    monkeypatch.setattr(generate, "_cpu_decode_backend", trace_only)
-    torch._dynamo.reset()
-    limit = torch._dynamo.config.recompile_limit
-    for _ in range(limit + 2):
-        list(generate_tokens(_tiny(2), torch.tensor([[1, 2]]), 3, temperature=0, compile=True))
-    assert "torch.compile failed" not in capsys.readouterr().err
-    assert len(compiled) == limit + 2
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, capsys):
     model = _tiny(2)
-    calls = []
 
     def compile_that_fails_when_called(fn, **kwargs):
         def call(*args):
-            calls.append(kwargs)
             raise RuntimeError("no C++ compiler here")
         return call
     monkeypatch.setattr(torch, "compile", compile_that_fails_when_called)
-    monkeypatch.setattr(generate, "_STEPS", generate.weakref.WeakKeyDictionary())
-    prompt = torch.tensor([[1, 2, 3]])
-    got = torch.cat(list(generate_tokens(model, prompt, 6, temperature=0, compile=True)), 1)
-    assert torch.equal(got, torch.cat(list(generate_tokens(model, prompt, 6, temperature=0)), 1))
-    assert len(calls) == 1 and calls[0]["fullgraph"]
-    assert calls[0]["backend"].__func__ is generate.CompiledStep._backend    # which calls _cpu_decode_backend
+    eager, compiled = _compiled_and_eager(model, torch.tensor([[1, 2, 3]]), 6, temperature=0)
+    assert torch.equal(compiled, eager)
     err = capsys.readouterr().err
     assert err.count("warning: torch.compile failed (RuntimeError: no C++ compiler here); decoding without it") == 1
 
+
+def test_without_fastpath_compile_decodes_eagerly_after_one_note(trained_run, tmp_path):
+    """fastpath.py deleted: generate.py --compile prints one note and the eager tokens."""
+    for path in REPO.glob("*.py"):
+        if path.name != "fastpath.py":
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    ckpt = str(trained_run.out_dir / "best.pt")
+    args = ["--config", str(REPO / "config.yaml"), "--checkpoint", ckpt, "--prompt", "the ",
+            "--max_new_tokens", "12", "--temperature", "0", "--num_samples", "2", "--compile"]
+    out = subprocess.run([sys.executable, "generate.py", *args], cwd=tmp_path, capture_output=True, text=True,
+                         env=SUBPROCESS_ENV, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "note: fastpath.py not found; decoding eagerly"
+    model, tok = model_from_checkpoint(load_checkpoint(ckpt))
+    text = generate_text(model, tok, "the ", SampleConfig(max_new_tokens=12, temperature=0))
+    assert out.stdout == text + "\n" + "\n" + "-" * 40 + "\n" + text + "\n"
+
+
+# --- precision ---------------------------------------------------------------------------------------
 
 def test_precision_for_generation(trained_run, capsys):
     ckpt = str(trained_run.out_dir / "best.pt")

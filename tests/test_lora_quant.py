@@ -25,9 +25,10 @@ from conftest import TEXT, single_thread
 from data import DataConfig, load_dataset
 from generate import SampleConfig, generate_text
 from model import (LORA_TARGETS, Int4Linear, Int8Linear, LoRAConfig, LoRALinear, QuantConfig, Transformer,
-                   apply_lora, deinterleave4, dequantize_model, interleave4, load_lora_state_dict, lora_state_dict,
+                   apply_lora, dequantize_model, load_lora_state_dict, lora_state_dict,
                    merge_lora, pack_int4, quantize_int4, quantize_int8, quantize_model, unpack_int4)
-from train import TrainConfig, lm_loss, make_optimizer, split_loss
+from tasks import lm_loss
+from train import TrainConfig, make_optimizer, split_loss
 from utils import (CheckpointError, base_reference, check_base, file_sha256, load_checkpoint, load_model,
                    model_from_checkpoint, read_jsonl, save_checkpoint)
 
@@ -409,58 +410,6 @@ def test_int8_fused_kernel_and_fallback_agree():
         assert len(calls) == n
     torch.testing.assert_close(fused, fallback, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fallback, F.linear(x, layer.dequantize()) + layer.bias, rtol=1e-5, atol=1e-6)
-
-
-@settings(max_examples=40)
-@given(st.lists(st.integers(1, 3), max_size=2), st.integers(1, 12))
-def test_interleave4_orders_columns_by_quarters_and_is_undone(lead, quarter):
-    k = 4 * quarter
-    t = torch.arange(math.prod(lead) * k).view(*lead, k)
-    got = interleave4(t)
-    j, b = torch.arange(k) // 4, torch.arange(k) % 4
-    assert torch.equal(got, t[..., b * quarter + j])                  # position 4j + b <- column b*K/4 + j
-    assert torch.equal(deinterleave4(got), t)
-
-
-def test_int8_interleaved_layout_computes_and_saves_as_the_plain_one():
-    """interleave() changes the in-memory order only: the same outputs on every eager path,
-    the plain order in the state dict, and a plain state dict loads into an interleaved layer."""
-    torch.manual_seed(0)
-    plain = Int8Linear.from_linear(torch.nn.Linear(64, 48, bias=True))
-    inter = copy.deepcopy(plain)
-    assert inter.interleave() and inter.layout == "interleaved"
-    assert not torch.equal(inter.weight, plain.weight) and torch.equal(inter.codes(), plain.weight)
-    assert torch.equal(inter.dequantize(), plain.dequantize())
-    x = torch.randn(3, 5, 64)
-    with torch.no_grad():
-        for use_kernel in ([True, False] if hasattr(torch.ops.aten, INT8_OP) else [False]):
-            plain.use_kernel = inter.use_kernel = use_kernel
-            torch.testing.assert_close(inter(x), plain(x), rtol=1e-5, atol=1e-6)
-    sd = inter.state_dict()
-    assert torch.equal(sd["weight"], plain.weight) and inter.layout == "interleaved"
-    fresh = Int8Linear(64, 48, bias=True)
-    fresh.interleave()
-    fresh.load_state_dict(plain.state_dict())
-    assert fresh.layout == "interleaved" and torch.equal(fresh.weight, inter.weight)
-    fresh.load_state_dict({"scales": plain.scales * 2}, strict=False)   # partial: the weight stays
-    assert torch.equal(fresh.codes(), plain.weight)
-    odd = Int8Linear.from_linear(torch.nn.Linear(30, 8))                 # 30 columns: no 32-bit words
-    assert not odd.interleave() and odd.layout == "plain"
-    assert quantize_model(gqa_model(), QuantConfig("int8")).lm_head.layout == "interleaved"   # inference
-    assert quantize_model(gqa_model(), QuantConfig("int8"), kernels=False).lm_head.layout == "plain"  # QLoRA
-
-
-def test_int8_one_row_product_unpacks_the_words_exactly():
-    """The compiled decoding path (shifts unpack four signed codes per 32-bit word), run
-    eagerly in float64 against x @ codes.T * scale."""
-    torch.manual_seed(0)
-    layer = Int8Linear.from_linear(torch.nn.Linear(64, 48, bias=False))
-    layer.weight[0, :4] = torch.tensor([-128, -1, 0, 127], dtype=torch.int8)   # the extremes, signs
-    layer.interleave()
-    x = torch.randn(1, 1, 64, dtype=torch.float64)
-    got = layer._one_row(x)
-    assert got.shape == (1, 1, 48)
-    torch.testing.assert_close(got, x @ layer.codes().double().T, rtol=1e-12, atol=1e-12)
 
 
 @needs_int4_kernel
@@ -946,18 +895,18 @@ def test_qlora_trains_an_adapter_on_a_quantized_base(runs, qlora, mode, group, t
 
 
 @needs_int8_kernel
-def test_int8_auto_kernel_choice_follows_batch_size_and_measurement(monkeypatch):
+def test_int8_auto_kernel_choice_follows_batch_size_and_the_device(monkeypatch):
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 48))
     calls = []
     real = getattr(torch.ops.aten, INT8_OP)
     monkeypatch.setattr(torch.ops.aten, INT8_OP, lambda *a: calls.append(1) or real(*a))
     import model as model_module
     with torch.no_grad():
-        monkeypatch.setitem(model_module._INT8_KERNEL_FASTER, torch.float32, True)
+        monkeypatch.setattr(model_module, "int8_kernel_suits", lambda device_type: True)
         layer(torch.randn(1, 64))
-        assert len(calls) == 1                       # decode-sized and measured faster: the kernel
+        assert len(calls) == 1                       # decode-sized on a device it suits: the kernel
         layer(torch.randn(4, 8, 64))
         assert len(calls) == 1                       # 32 rows: dequantize-then-matmul
-        monkeypatch.setitem(model_module._INT8_KERNEL_FASTER, torch.float32, False)
+        monkeypatch.setattr(model_module, "int8_kernel_suits", lambda device_type: False)
         layer(torch.randn(1, 64))
-        assert len(calls) == 1                       # measured slower here: never
+        assert len(calls) == 1                       # a device it does not suit: never
