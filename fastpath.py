@@ -106,11 +106,8 @@ def static_positions_and_mask(start: torch.Tensor, T: int, pad: Optional[torch.T
 
 def setup_cache(model, batch_size: int, max_len: int):
     """model.setup_cache's static counterpart: a StaticKVCache in every attention layer."""
-    model.clear_cache()
-    cfg = model.config
-    for block in model.blocks:
-        block.attn.kv_cache = StaticKVCache(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim,
-                                            dtype=model.tok_emb.weight.dtype, device=model.device)
+    model.clear_cache()                             # the old cache's memory goes before the new one's
+    model.setup_cache(batch_size, max_len, cache_cls=StaticKVCache)
 
 # -----------------------------------------------------------------------------
 # Int8 weights interleaved for the compiled one-row product

@@ -517,16 +517,18 @@ class Backbone(nn.Module):
             self._rope[key] = tuple(t.to(device=device, dtype=dtype) for t in tables)
         return self._rope[key]
 
-    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, *, dtype=None, device=None):
-        """Allocate a KV cache in every attention layer for up to max_len positions."""
+    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, *, dtype=None, device=None,
+                    cache_cls: type = KVCache):
+        """Allocate a KV cache (cache_cls: KVCache or a subclass) in every attention layer for up
+        to max_len positions."""
         if not self.config.causal:
             raise ValueError("a bidirectional model (causal=False) has no incremental decoding")
         max_len = max_len or self.config.block_size
         if max_len > self.config.block_size:
             raise ValueError(f"max_len={max_len} exceeds block_size={self.config.block_size}")
         for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
-                                          dtype=dtype or self.tok_emb.weight.dtype, device=device or self.device)
+            block.attn.kv_cache = cache_cls(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
+                                            dtype=dtype or self.tok_emb.weight.dtype, device=device or self.device)
 
     def select_cache_rows(self, rows: torch.Tensor):
         """Reorder every layer's KV cache along the batch: row i becomes old row rows[i]."""
@@ -641,8 +643,9 @@ class Transformer(Backbone):
             attention_mask = torch.cat([attention_mask.new_ones(h.shape[0], 1), attention_mask], dim=1)
         return self.head(h, attention_mask)
 
-    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, *, dtype=None, device=None):
-        super().setup_cache(batch_size, max_len, dtype=dtype, device=device)
+    def setup_cache(self, batch_size: int, max_len: Optional[int] = None, *, dtype=None, device=None,
+                    cache_cls: type = KVCache):
+        super().setup_cache(batch_size, max_len, dtype=dtype, device=device, cache_cls=cache_cls)
         self._seen = None
 
     def clear_cache(self):

@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-TASKS = ("lm", "classification", "regression")
+HIGHER_IS_BETTER = ("accuracy", "macro_f1")   # every other metric is better lower
 
 
 def pad_sequences(seqs: Sequence[torch.Tensor], *, pad_value=0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,11 +58,10 @@ def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> floa
 class Task:
     """The interface: collate items into a batch dict (input, target, attention_mask, on the
     device via `to`), the mean loss of a batch, and metrics over many batches. `monitor` is
-    the metric that picks the best checkpoint and drives early stopping; `mode` says whether
-    lower or higher is better."""
+    the metric that picks the best checkpoint and drives early stopping (see HIGHER_IS_BETTER)."""
 
     name = "task"
-    monitor, mode = "loss", "min"
+    monitor = "loss"
 
     def collate(self, items: list) -> dict:
         raise NotImplementedError
@@ -142,7 +141,7 @@ class ClassificationTask(_SequenceTask):
     """One label per sequence, ints in [0, num_classes); labels: optional names, in order."""
 
     name = "classification"
-    monitor, mode = "accuracy", "max"
+    monitor = "accuracy"
 
     def __init__(self, num_classes: int, *, labels: Optional[list[str]] = None):
         if labels is not None and len(labels) != num_classes:
@@ -232,11 +231,6 @@ def task_for(model, **kwargs) -> Task:
         return ClassificationTask(cfg.num_classes, **kwargs)
     return RegressionTask() if cfg.head == "regression" else LanguageModelTask()
 
-
-def task_from_state(state: dict) -> Task:
-    if state["name"] == "classification":
-        return ClassificationTask(state["num_classes"], labels=state.get("labels"))
-    return RegressionTask() if state["name"] == "regression" else LanguageModelTask()
 
 # -----------------------------------------------------------------------------
 # Batch streams: what a training step draws from

@@ -43,7 +43,7 @@ from config import ALIASES, PRESETS, SECTIONS, TrainConfig, config_file, config_
 from data import TokenDataset, prepared_dataset, tokenizer_from_state
 from model import (Int4Linear, Int8Linear, Transformer, TransformerConfig, apply_lora, closest, load_lora_state_dict,
                    lora_state_dict)
-from tasks import EpochBatches, LanguageModelTask, Task, WindowBatches, dataset_batches, split_loss, task_for
+from tasks import HIGHER_IS_BETTER, EpochBatches, LanguageModelTask, Task, WindowBatches, dataset_batches, split_loss, task_for
 from utils import (CheckpointError, JsonlLogger, base_reference, check_base, device_peak_flops, flops_per_token,
                    load_checkpoint, model_from_checkpoint, pick_device, plot_run, save_checkpoint,
                    tune_cpu_allocator, warn_compile_failed)
@@ -306,15 +306,13 @@ class TransformerTrainer:
         self.monitor = cfg.monitor or self.task.monitor
         self.step, self.elapsed, self.evals_since_best, self.history = 0, 0.0, 0, []
         self.best: Optional[float] = None            # the best value of the monitored metric so far
+        self.best_metric = self.monitor              # which metric that is ("loss" without validation data)
         self.best_val_loss, self.extra_payload, self._resume = math.inf, {}, None
         autocast(self.device, cfg.precision)             # an impossible precision fails before any work
         model.set_gradient_checkpointing(cfg.gradient_checkpointing)
         self.wrapped = self.fwd = wrap_distributed(self.model, cfg, self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)  # after sharding: FSDP replaced the parameters
         self.scaler = torch.amp.GradScaler(self.device.split(":")[0], enabled=cfg.precision == "fp16")
-
-    def _lower_is_better(self) -> bool:
-        return self.monitor == "loss" or self.task.mode == "min" or self.monitor in ("mse", "mae", "perplexity")
 
     def resume(self, path):
         """Continue from a last.pt this trainer's run wrote: the model's weights, then load_state."""
@@ -331,7 +329,8 @@ class TransformerTrainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.elapsed = ckpt["step"], ckpt["elapsed"]
         self.best_val_loss = ckpt["best_val_loss"]
-        self.best = ckpt.get("best", {}).get("value", self.best_val_loss)   # version 1: the val loss
+        best = ckpt.get("best", {"metric": "loss", "value": self.best_val_loss})   # version 1: the val loss
+        self.best, self.best_metric = best["value"], best["metric"]
         self.evals_since_best = ckpt.get("evals_since_best", 0)
         self._resume = ckpt
 
@@ -377,8 +376,9 @@ class TransformerTrainer:
         record.close_bar()
         if last_eval != self.step:
             stop = self._evaluate(record, stream, val_dataset, losses, lr_at(self.step, spent(), cfg)) or stop
-        record.finish(self._final(train_dataset, val_dataset), stopped_early=stop)
+        self.final_val_loss = self._final(train_dataset, val_dataset)
         self.stopped_early = stop
+        record.finish(self.final_val_loss)
         return self.history
 
     def _stream(self, dataset):
@@ -469,10 +469,10 @@ class TransformerTrainer:
             raise ValueError(f"training.monitor={monitor!r} is not a metric of the {self.task.name} task; "
                              f"{closest(monitor, judged)}")
         value = judged[monitor]
-        lower = self._lower_is_better() or not val
-        improved = self.best is None or (value < self.best if lower else value > self.best)
+        better = (lambda a, b: a > b) if monitor in HIGHER_IS_BETTER else (lambda a, b: a < b)
+        improved = self.best is None or better(value, self.best)
         if improved:
-            self.best = value
+            self.best, self.best_metric = value, monitor
         self.best_val_loss = min(self.best_val_loss, judged.get("loss", math.inf))
         self.evals_since_best = 0 if improved else self.evals_since_best + 1
         patience = self.cfg.early_stopping_patience
@@ -490,11 +490,10 @@ class TransformerTrainer:
 
     def _final(self, train_dataset, val_dataset) -> Optional[float]:
         """The final validation loss: every validation token (a corpus) or item (a dataset) once."""
-        if isinstance(train_dataset, TokenDataset):   # eager: the last batch is shorter, it would recompile
-            with autocast(self.device, self.cfg.precision):
-                return split_loss(self.model, train_dataset, "val", block_size=self.model.config.block_size,
-                                  batch_size=self.cfg.batch_size, device=self.device)
-        return self._dataset_metrics(val_dataset, model=self.model)["loss"] if val_dataset is not None else None
+        # evaluate() runs the model eagerly: the last batch is shorter, and would recompile it
+        if isinstance(train_dataset, TokenDataset):
+            return self.evaluate(train_dataset)["loss"]
+        return self.evaluate(val_dataset)["loss"] if val_dataset is not None else None
 
     def evaluate(self, dataset) -> dict:
         """The task's metrics over every item of a dataset (or validation token of a corpus)."""
@@ -533,7 +532,7 @@ class TransformerTrainer:
                 "tokenizer": self.tokenizer.state() if self.tokenizer is not None else None,
                 "config": config_to_dict(self.run_config), "optimizer": gather_full(self.optimizer.state_dict()),
                 "scaler": self.scaler.state_dict(), "step": self.step, "elapsed": self.elapsed,
-                "best_val_loss": self.best_val_loss, "best": {"metric": self.monitor, "value": self.best},
+                "best_val_loss": self.best_val_loss, "best": {"metric": self.best_metric, "value": self.best},
                 "val_loss": val_loss, "evals_since_best": self.evals_since_best, "stream": stream.state(),
                 "rng": {**_rng_state(self.device), **({"batches": stream.generator.get_state()}
                                                        if isinstance(stream, WindowBatches) else {})},
@@ -617,14 +616,13 @@ class Record:
             for name in (["best.pt", "last.pt"] if improved else ["last.pt"]):
                 save_checkpoint(self.out_dir / name, ckpt)
         if stop:
-            self.log(event="early_stop", step=t.step, best=t.best, monitor=t.monitor,
+            self.log(event="early_stop", step=t.step, best=t.best, monitor=t.best_metric,
                      best_val_loss=t.best_val_loss, patience=patience)
-            self.say(f"early stopping: no new best {t.monitor} in {patience} evaluations")
+            self.say(f"early stopping: no new best {t.best_metric} in {patience} evaluations")
         self.eval_speed.reset()
 
-    def finish(self, final: Optional[float], *, stopped_early: bool):
+    def finish(self, final: Optional[float]):
         t = self.t
-        t.final_val_loss = final
         if not self.main:
             return
         if final is not None:
