@@ -50,9 +50,19 @@ def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> floa
         0.6666666666666666
     """
     conf = torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
-    tp = conf.diag().double()
-    denom = conf.sum(0).double() + conf.sum(1).double()                       # 2 TP + FP + FN
+    return f1_from_confusion(conf)
+
+
+def f1_from_confusion(conf: torch.Tensor) -> float:
+    """Macro-F1 of a (num_classes, num_classes) confusion matrix, rows the targets."""
+    conf = conf.double()
+    tp = conf.diag()
+    denom = conf.sum(0) + conf.sum(1)                                         # 2 TP + FP + FN
     return torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.ones_like(tp)).mean().item()
+
+
+def _zeros(*shape) -> torch.Tensor:
+    return torch.zeros(shape, dtype=torch.float64)
 
 
 class Task:
@@ -70,8 +80,16 @@ class Task:
         raise NotImplementedError
 
     @torch.no_grad()
-    def metrics(self, model, batches) -> dict:
+    def statistics(self, model, batches) -> dict:
+        """Sums over the batches (float64 tensors) that the metrics follow from: summed over
+        ranks, they give the metrics of the whole dataset exactly."""
         raise NotImplementedError
+
+    def summarize(self, stats: dict) -> dict:
+        raise NotImplementedError
+
+    def metrics(self, model, batches) -> dict:
+        return self.summarize(self.statistics(model, batches))
 
     @torch.no_grad()
     def predict(self, model, batch: dict) -> torch.Tensor:
@@ -107,14 +125,16 @@ class LanguageModelTask(Task):
         return lm_loss(model, batch["input"], batch["target"])
 
     @torch.no_grad()
-    def metrics(self, model, batches) -> dict:
-        total, count = 0.0, 0
+    def statistics(self, model, batches) -> dict:
+        total, count = _zeros(), _zeros()
         for batch in batches:
             logits = model(batch["input"])
-            total += F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].flatten(),
-                                     reduction="sum").item()
+            total += F.cross_entropy(logits.flatten(0, 1).float(), batch["target"].flatten(), reduction="sum").cpu()
             count += batch["target"].numel()
-        loss = total / max(count, 1)
+        return {"loss_sum": total, "count": count}
+
+    def summarize(self, stats: dict) -> dict:
+        loss = (stats["loss_sum"] / stats["count"].clamp(min=1)).item()
         return {"loss": loss, "perplexity": math.exp(min(loss, 700))}
 
     @torch.no_grad()
@@ -160,16 +180,21 @@ class ClassificationTask(_SequenceTask):
         return F.cross_entropy(self._outputs(model, batch).float(), batch["target"])
 
     @torch.no_grad()
-    def metrics(self, model, batches) -> dict:
-        losses, preds, targets = [], [], []
+    def statistics(self, model, batches) -> dict:
+        k = self.num_classes
+        loss, confusion = _zeros(), _zeros(k, k)            # confusion[target, prediction]
         for batch in batches:
             logits = self._outputs(model, batch).float()
-            losses.append(F.cross_entropy(logits, batch["target"], reduction="sum").item())
-            preds.append(logits.argmax(-1).cpu())
-            targets.append(batch["target"].cpu())
-        pred, target = torch.cat(preds), torch.cat(targets)
-        return {"loss": sum(losses) / len(target), "accuracy": (pred == target).double().mean().item(),
-                "macro_f1": macro_f1(pred, target, self.num_classes)}
+            loss += F.cross_entropy(logits, batch["target"], reduction="sum").cpu()
+            pairs = batch["target"].cpu() * k + logits.argmax(-1).cpu()
+            confusion += torch.bincount(pairs, minlength=k * k).view(k, k)
+        return {"loss_sum": loss, "confusion": confusion}
+
+    def summarize(self, stats: dict) -> dict:
+        conf = stats["confusion"]
+        n = conf.sum().clamp(min=1)
+        return {"loss": (stats["loss_sum"] / n).item(), "accuracy": (conf.diag().sum() / n).item(),
+                "macro_f1": f1_from_confusion(conf)}
 
     @torch.no_grad()
     def predict(self, model, batch: dict) -> torch.Tensor:
@@ -207,12 +232,19 @@ class RegressionTask(_SequenceTask):
         return err.pow(2).sum() / n
 
     @torch.no_grad()
-    def metrics(self, model, batches) -> dict:
-        sq = ab = n = 0.0
+    def statistics(self, model, batches) -> dict:
+        sq, ab, n = _zeros(), _zeros(), _zeros()
         for batch in batches:
             err, count = self._errors(model, batch)
-            sq, ab, n = sq + err.pow(2).sum().item(), ab + err.abs().sum().item(), n + float(count)
-        return {"loss": sq / n, "mse": sq / n, "mae": ab / n}
+            sq += err.double().pow(2).sum().cpu()
+            ab += err.double().abs().sum().cpu()
+            n += float(count)
+        return {"squared": sq, "absolute": ab, "count": n}
+
+    def summarize(self, stats: dict) -> dict:
+        n = stats["count"].clamp(min=1)
+        mse = (stats["squared"] / n).item()
+        return {"loss": mse, "mse": mse, "mae": (stats["absolute"] / n).item()}
 
     @torch.no_grad()
     def predict(self, model, batch: dict) -> torch.Tensor:

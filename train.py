@@ -143,6 +143,15 @@ def mean_over_ranks(value: float, device: str) -> float:
     return t.item() / dist.get_world_size()
 
 
+def sum_over_ranks(t: torch.Tensor, device: str) -> torch.Tensor:
+    """A tensor summed over all ranks (itself outside torchrun)."""
+    if rank_and_world()[1] == 1:
+        return t
+    total = t.to(device)
+    dist.all_reduce(total)
+    return total.cpu()
+
+
 def wrap_distributed(model: Transformer, tcfg: TrainConfig, device: str) -> torch.nn.Module:
     """DDP(model), or model sharded in place by FSDP2's fully_shard (each block, then the rest:
     a block's full weights exist only while it runs); the model itself outside torchrun."""
@@ -434,10 +443,10 @@ class TransformerTrainer:
         model.eval()
         try:
             with autocast(self.device, self.cfg.precision):
-                out = self.task.metrics(model, batches)
+                stats = self.task.statistics(model, batches)
         finally:
             model.train(was_training)
-        return {k: mean_over_ranks(v, self.device) for k, v in out.items()}
+        return self.task.summarize({k: sum_over_ranks(v, self.device) for k, v in stats.items()})
 
     def _val_metrics(self, stream, val_dataset, losses: list) -> tuple[dict, dict]:
         """(train metrics, val metrics): a corpus is sampled in eval_iters random batches of each

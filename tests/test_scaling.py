@@ -163,6 +163,48 @@ def test_fsdp_resumes_a_1_process_checkpoint_and_continues_its_curve(run_config,
     model_from_checkpoint(sharded)                            # generate.py can load it
 
 
+CLASSIFIER_RUN = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[2])
+from model import Transformer
+from train import TransformerTrainer, rank_and_world
+g = torch.Generator().manual_seed(1)
+items = [(torch.randint(1, 20, (int(n),), generator=g), 0) for n in torch.randint(3, 12, (64,), generator=g)]
+items = [(x, int(x[0]) % 3) for x, _ in items]     # learnable: the class is the first token mod 3
+torch.manual_seed(0)
+model = Transformer(vocab_size=20, d_model=16, n_heads=2, n_layers=1, block_size=16, dropout=0.0,
+                    head="classification", num_classes=3, pooling="mean")
+trainer = TransformerTrainer(model, batch_size=int(sys.argv[1]), learning_rate=1e-2, warmup_iters=0)
+history = trainer.train(items, epochs=3, val_dataset=items[:37])
+result = {"history": history, "eval": trainer.evaluate(items[:37]), "step": trainer.step}
+if rank_and_world()[0] == 0:
+    print(json.dumps(result))
+"""
+
+
+@needs_gloo
+def test_ddp_trains_a_classifier_on_a_map_style_dataset_like_1_process(tmp_path):
+    """TransformerTrainer on (tokens, label) pairs under torchrun: the same history as 1 process
+    with the same global batch, and metrics over a validation set of 37 items (uneven over the
+    ranks) equal to those of the whole set in one process (macro-F1 is not a mean of shards)."""
+    import json
+    script = tmp_path / "classify.py"
+    script.write_text(CLASSIFIER_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], capture_output=True, text=True,  # noqa: E731
+                                      timeout=300, env=env, cwd=tmp_path)
+    single = run(str(script), "8", str(REPO))
+    two = run("-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script), "4", str(REPO))
+    assert single.returncode == 0 and two.returncode == 0, single.stderr[-3000:] + two.stderr[-3000:]
+    one, both = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (single, two))
+    assert both["step"] == one["step"] == 24
+    assert len(both["history"]) == len(one["history"]) == 3
+    for a, b in zip(both["history"], one["history"]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert both["eval"] == pytest.approx(one["eval"], rel=1e-5, abs=1e-6)
+    assert one["eval"]["accuracy"] > 0.5                       # it learned something to compare
+
+
 @needs_gloo
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
 def test_qlora_fine_tune_on_2_processes_matches_1_process(run_config, tmp_path, distributed):

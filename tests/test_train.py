@@ -620,10 +620,10 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_new_be
 
     splits = iter(["train", "val"] * 10)
 
-    def scripted(task, model, batches):                      # the task's metrics, train then val
+    def scripted(task, stats):                               # the task's metrics, train then val
         return {"loss": 2.0 if next(splits) == "train" else next(vals)}
 
-    monkeypatch.setattr(tasks.LanguageModelTask, "metrics", scripted)
+    monkeypatch.setattr(tasks.LanguageModelTask, "summarize", scripted)
     cfg = run_config("--training.eval_interval=5", "--training.max_iters=100", "--training.early_stopping_patience=3")
     summary = train_mod.train(cfg)
     out = Path(cfg["training"].out_dir)
@@ -637,7 +637,7 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_new_be
 
 
 def test_no_early_stopping_without_patience(run_config, monkeypatch):
-    monkeypatch.setattr(tasks.LanguageModelTask, "metrics", lambda *args: {"loss": 2.0})
+    monkeypatch.setattr(tasks.LanguageModelTask, "summarize", lambda *args: {"loss": 2.0})
     summary = train_mod.train(run_config("--training.eval_interval=5", "--training.max_iters=30"))
     assert not summary["stopped_early"] and summary["step"] == 30
 
