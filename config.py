@@ -51,6 +51,7 @@ class DataConfig:
                                  f"{closest(self.bpe, ['train', *names])}")
 
 
+TASKS = ("lm", "classification", "regression")   # tasks.py: what each one trains
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -65,6 +66,7 @@ class TrainConfig:
     batch_size * grad_accum_steps * world_size sequences.
     """
 
+    task: str = "lm"                # lm | classification | regression (data.path: text<TAB>target lines)
     out_dir: Optional[str] = "out"  # checkpoints, log.jsonl, plot.png; None (the Python API's default): none
     init_from: Optional[str] = None  # start from this checkpoint's weights and tokenizer (fine-tuning)
     device: str = "auto"            # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
@@ -104,7 +106,7 @@ class TrainConfig:
                 raise ValueError(f"training.{name}={getattr(self, name)} must be positive")
         if self.max_time is not None and self.max_time <= 0:
             raise ValueError(f"training.max_time={self.max_time} must be positive seconds")
-        for name, valid in (("lr_schedule", SCHEDULES), ("precision", PRECISIONS),
+        for name, valid in (("task", TASKS), ("lr_schedule", SCHEDULES), ("precision", PRECISIONS),
                             ("distributed", DISTRIBUTED), ("dropout_schedule", DROPOUT_SCHEDULES)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"training.{name}={getattr(self, name)!r}; {closest(getattr(self, name), valid)}")
@@ -137,7 +139,7 @@ RUN_PRESETS = {
     },
 }
 PRESETS = {**{name: {"model": p} for name, p in MODEL_PRESETS.items()}, **RUN_PRESETS}
-ALIASES = {"data": "data.path", "device": "training.device", "init_from": "training.init_from", "epochs": "training.epochs",
+ALIASES = {"task": "training.task", "data": "data.path", "device": "training.device", "init_from": "training.init_from", "epochs": "training.epochs",
            "quantize": "quantize.mode", "group_size": "quantize.group_size"}
 
 # =============================================================================

@@ -105,8 +105,9 @@ def shakespeare_genres(*, chars: int = 256, test_fraction: float = 0.25, seed: i
 
 
 class EncodedTexts(torch.utils.data.Dataset):
-    """A map-style dataset of (token ids, target) from (text, target) pairs: what
-    TransformerTrainer takes for text classification or regression.
+    """A map-style dataset of (token ids, target) from (text, target) pairs, encoded once (the
+    first max_len tokens of each): what TransformerTrainer takes for text classification or
+    regression. `truncated` counts the texts that were cut.
 
         >>> ds = EncodedTexts([("to be", 1)], CharTokenizer.train(["to be"]))
         >>> ds[0]
@@ -114,15 +115,68 @@ class EncodedTexts(torch.utils.data.Dataset):
     """
 
     def __init__(self, pairs, tokenizer, *, max_len: Optional[int] = None):
-        self.pairs, self.tokenizer, self.max_len = list(pairs), tokenizer, max_len
+        self.pairs, self.items, self.truncated = list(pairs), [], 0
+        for n, (text, target) in enumerate(self.pairs):
+            try:
+                ids = tokenizer.encode(text)
+            except ValueError as e:
+                raise ValueError(f"text {n + 1} ({text[:30]!r}...): {e}") from None
+            self.truncated += max_len is not None and len(ids) > max_len
+            self.items.append((torch.tensor(ids[:max_len], dtype=torch.long), target))
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.items)
 
     def __getitem__(self, i):
-        text, target = self.pairs[i]
-        ids = self.tokenizer.encode(text)[:self.max_len]
-        return torch.tensor(ids, dtype=torch.long), target
+        return self.items[i]
+
+
+def read_labelled(path) -> list[tuple[str, list[str]]]:
+    """The (text, targets) rows of a tab-separated file: `text<TAB>target` per line (a label
+    for classification, one or more numbers for regression). Every line has the same number
+    of columns; a first line `text<TAB>label...` is a header and skipped; blank lines are skipped.
+
+        >>> Path("/tmp/reviews.tsv").write_text("good film\\tpos\\nawful\\tneg\\n")   # doctest: +SKIP
+        >>> read_labelled("/tmp/reviews.tsv")                                         # doctest: +SKIP
+        [('good film', ['pos']), ('awful', ['neg'])]
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"data.path '{path}' is not a file (a task other than lm reads one "
+                                f"tab-separated file: text<TAB>target per line)")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    rows, width = [], None
+    for n, line in enumerate(lines, 1):
+        cols = line.split("\t")
+        if not line.strip() or (n == 1 and cols[0].strip().lower() == "text"):
+            continue
+        width = width or len(cols)
+        if len(cols) < 2 or len(cols) != width:
+            raise ValueError(f"{path}, line {n}: {len(cols)} tab-separated columns where "
+                             f"{max(width, 2)} are expected (text<TAB>target)")
+        if not cols[0].strip():
+            raise ValueError(f"{path}, line {n}: the text is empty")
+        rows.append((cols[0], cols[1:]))
+    if not rows:
+        raise ValueError(f"'{path}' holds no rows (text<TAB>target per line)")
+    return rows
+
+
+def split_rows(rows: list, val_fraction: float, *, seed: int) -> tuple[list, list]:
+    """(train, val): a seeded random val_fraction of the rows (at least one) is held out, so a
+    file sorted by label still gives a fair validation split.
+
+        >>> split_rows(list(range(10)), 0.2, seed=0)[1]
+        [4, 6]
+    """
+    if len(rows) < 2:
+        raise ValueError(f"{len(rows)} row: a training and a validation split need at least 2")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_val = min(max(1, round(len(rows) * val_fraction)), len(rows) - 1)
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
 
 
 _ITALIC = re.compile(r"(?<![\w*])_[^_]+_(?!\w)|(?<![*\w])\*[^*]+\*(?![*\w])", re.S)  # stage directions

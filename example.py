@@ -2,7 +2,7 @@
 
 Each check below is a small, readable use of the public API that also verifies a
 property (shapes, causality, the KV cache, tokenizers, training, checkpoints,
-generation). The last line reads `N passed, N failed`; the exit code is non-zero
+a classifier, generation). The last line reads `N passed, N failed`; the exit code is non-zero
 if anything failed. The full suite lives in tests/ (pytest).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from config import SECTIONS, load_config
 from data import ByteTokenizer, CharTokenizer, DataConfig, TokenDataset, load_dataset
 from generate import SampleConfig, generate_text, generate_tokens, sample_next
 from model import Transformer, TransformerConfig
-from train import train
+from train import TransformerTrainer, train
 from utils import load_checkpoint, model_from_checkpoint
 
 CHECKS = []
@@ -128,6 +128,21 @@ def training_lowers_loss_and_checkpoints_round_trip():
             assert torch.equal(model(x), again(x))
         greedy = generate_text(model, tok, "the quick ", SampleConfig(max_new_tokens=20, temperature=0))
         assert greedy.startswith("the quick ") and len(greedy) == 30
+
+
+@check
+def a_classifier_learns_through_the_trainer():
+    """A head on the backbone, trained by TransformerTrainer on (tokens, label) pairs: the
+    label is whether token 7 occurs; padded batches carry an attention mask."""
+    g = torch.Generator().manual_seed(0)
+    items = [torch.randint(1, 20, (int(n),), generator=g) for n in torch.randint(4, 16, (256,), generator=g)]
+    items = [(x, int((x == 7).any())) for x in items]
+    model = tiny_model(vocab_size=20, causal=False, head="classification", num_classes=2, pooling="mean")
+    trainer = TransformerTrainer(model, learning_rate=1e-2, batch_size=32, warmup_iters=10)
+    trainer.train(items[:192], epochs=8)
+    metrics = trainer.evaluate(items[192:])              # {'loss', 'accuracy', 'macro_f1'}
+    assert metrics["accuracy"] > 0.9, metrics
+    assert trainer.predict(items[192:]).shape == (64, 2)  # class probabilities
 
 
 @check

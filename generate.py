@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from config import SECTIONS as RUN_SECTIONS, coerce, config_file, field_types, load_config
 from model import closest
-from utils import PRECISION_DTYPES, CheckpointError, load_model, pick_device
+from tasks import predict_all, task_for
+from utils import PRECISION_DTYPES, CheckpointError, load_checkpoint, load_model, pick_device
 
 
 @dataclass
@@ -620,6 +621,69 @@ def prompt_file_main(model, tokenizer, cfg: SampleConfig, generator):
             print(("\n" + "-" * 40 + "\n" if i else "") + prompt + text)
 
 # -----------------------------------------------------------------------------
+# Classifiers and regressors: a row of outputs per text
+# -----------------------------------------------------------------------------
+
+
+def predict_texts(model, tokenizer, texts: list[str], *, labels: Optional[list[str]] = None,
+                  batch_size: int = 32) -> list[torch.Tensor]:
+    """The head's outputs for each text, cut to its first block_size tokens as in training:
+    class probabilities (num_classes,), or regression values ((output_dim,) or per position)."""
+    task = task_for(model, labels=labels) if model.config.head == "classification" else task_for(model)
+    max_len = model.config.block_size - (model.config.pooling == "cls")
+    items = [(torch.tensor(encode_prompt(tokenizer, text)[:max_len]), 0) for text in texts]
+    return list(predict_all(model, task, items, batch_size=batch_size, device=model.device))
+
+
+def prediction_table(outputs: list[torch.Tensor], labels: Optional[list[str]]) -> list[str]:
+    """Tab-separated lines, a header first: the label and every class's probability, or the
+    values (a row of outputs per position, rows of one text joined by ' | ').
+
+        >>> prediction_table([torch.tensor([0.2, 0.8])], ["neg", "pos"])
+        ['label\tneg\tpos', 'pos\t0.2000\t0.8000']
+    """
+    if labels is not None:
+        return ["\t".join(["label", *labels])] + [
+            "\t".join([labels[int(p.argmax())], *(f"{v:.4f}" for v in p.tolist())]) for p in outputs]
+    width = outputs[0].shape[-1]
+    rows = [" | ".join("\t".join(f"{v:.6g}" for v in row) for row in o.reshape(-1, width).tolist())
+            for o in outputs]
+    return ["\t".join(f"output_{i}" for i in range(width))] + rows
+
+
+def typed_lines(read=input) -> Iterator[str]:
+    """The lines typed at a `>>> ` prompt, until Ctrl-D, Ctrl-C, `quit` or `exit`."""
+    while True:
+        try:
+            line = read(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() in ("quit", "exit"):
+            return
+        yield line
+
+
+def predict_main(model, tokenizer, task: dict, cfg: SampleConfig, *, read=input):
+    """generate.py with a classifier or regressor: --prompt, --prompt_file (a text per line) or
+    --interactive, printed as prediction_table's tab-separated lines."""
+    labels = task.get("labels") if model.config.head == "classification" else None
+    if model.config.head == "classification" and labels is None:
+        labels = [str(i) for i in range(model.config.num_classes)]
+    if not cfg.interactive:
+        texts = read_prompts(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
+        outputs = predict_texts(model, tokenizer, texts, labels=labels, batch_size=cfg.batch_size or 32)
+        print("\n".join(prediction_table(outputs, labels)))
+        return
+    print(f"Interactive {model.config.head} ({tokenizer.kind} tokenizer): a text per line. Ctrl-D or 'quit' exits.")
+    for text in typed_lines(read):
+        try:
+            if text:
+                print("\n".join(prediction_table(predict_texts(model, tokenizer, [text], labels=labels), labels)))
+        except ValueError as e:
+            print(f"error: {e}")
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -641,6 +705,8 @@ def main(argv=None):
         device = pick_device(scfg.device)
         model, tokenizer = load_model(path, lora=scfg.lora, quantize=cfg["quantize"], device=device)
         model = set_precision(model, scfg.precision, device)
+        if model.config.head != "lm":        # a classifier or regressor: outputs, not text
+            return predict_main(model, tokenizer, load_checkpoint(scfg.lora or path)["task"], scfg)
         generator = torch.Generator(device=device)
         if scfg.seed is not None:
             generator.manual_seed(scfg.seed)
@@ -728,14 +794,7 @@ def interactive(model, tokenizer, cfg: SampleConfig, generator, *, read=input):
     print(f"Interactive generation ({tokenizer.kind} tokenizer, {cfg.max_new_tokens} new tokens, "
           f"temperature {cfg.temperature}). Ctrl-D or 'quit' exits; /settings lists the settings.")
     history = ""
-    while True:
-        try:
-            prompt = read(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if prompt.strip() in ("quit", "exit"):
-            return
+    for prompt in typed_lines(read):
         if not prompt:
             continue
         try:

@@ -45,6 +45,7 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
 GATED = ("swiglu", "geglu")
 HEADS = ("lm", "classification", "regression")
 POOLINGS = ("last", "mean", "cls", "none")   # none: an output per position
+HEAD_FIELDS = ("head", "num_classes", "output_dim", "pooling", "causal")   # what Transformer.set_head may change
 
 
 def closest(name: str, valid) -> str:
@@ -409,26 +410,29 @@ class PooledHead(nn.Module):
     """Classification logits or regression values from hidden states: pool, then a linear layer.
     (B, T, C) -> (B, out), or (B, T, out) with pooling=none (an output per position)."""
 
-    def __init__(self, d_model: int, out_dim: int, pooling: str):
+    def __init__(self, d_model: int, out_dim: int, pooling: str, **factory):
         super().__init__()
         self.pooling = pooling
-        self.proj = nn.Linear(d_model, out_dim)
+        self.proj = nn.Linear(d_model, out_dim, **factory)
 
     def forward(self, h, attention_mask=None):
         return self.proj(pool(h, self.pooling, attention_mask))
+
+
+def init_module(module: nn.Module, std: float):
+    """N(0, std) for the weights of linear and embedding layers, zero biases (apply it with
+    module.apply)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 def init_weights(model: nn.Module):
     """GPT-2's initialization: N(0, init_std) for linear and embedding weights, zero biases, and
     the residual projections scaled down with depth so the stream's variance stays O(1)."""
     cfg = model.config
-
-    def init(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=cfg.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-    model.apply(init)
+    model.apply(lambda m: init_module(m, cfg.init_std))
     for name, p in model.named_parameters():
         if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
             nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
@@ -591,16 +595,45 @@ class Transformer(Backbone):
         elif kwargs:
             config = TransformerConfig.from_dict({**config.to_dict(), **kwargs})
         super().__init__(config)
-        cfg = config
-        self.lm_head = self.head = None
-        if cfg.head == "lm":
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        else:
-            out = cfg.num_classes if cfg.head == "classification" else cfg.output_dim
-            self.head = PooledHead(cfg.d_model, out, cfg.pooling)
+        self._make_head(config)
         self._seen: Optional[torch.Tensor] = None   # tokens behind the cache, for use_cache=True
         init_weights(self)
         self.tie_weights()
+
+    def _make_head(self, cfg: TransformerConfig, **factory):
+        self.lm_head = self.head = None
+        if cfg.head == "lm":
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, **factory)
+        else:
+            out = cfg.num_classes if cfg.head == "classification" else cfg.output_dim
+            self.head = PooledHead(cfg.d_model, out, cfg.pooling, **factory)
+
+    def set_head(self, **head) -> "Transformer":
+        """Put a new head on this model's trained backbone, in place (HEAD_FIELDS: head,
+        num_classes, output_dim, pooling, causal): e.g. fine-tune a language model as a
+        classifier. The new head starts as a fresh model's would; the backbone keeps its weights.
+
+            >>> lm = Transformer(vocab_size=65, d_model=64, n_heads=4, n_layers=2)
+            >>> clf = lm.set_head(head="classification", num_classes=3, pooling="mean")
+            >>> clf(torch.tensor([[1, 2, 3]])).shape
+            torch.Size([1, 3])
+        """
+        other = sorted(set(head) - set(HEAD_FIELDS))
+        if other:
+            raise ValueError(f"set_head changes only {', '.join(HEAD_FIELDS)}; not {', '.join(other)}")
+        cfg = TransformerConfig.from_dict({**self.config.to_dict(), **head})
+        ref = self.tok_emb.weight
+        factory = dict(device=ref.device, dtype=ref.dtype)
+        self.config = cfg
+        for block in self.blocks:
+            block.attn.causal = cfg.causal
+        self.cls_emb = nn.Parameter(torch.zeros(cfg.d_model, **factory)) if cfg.pooling == "cls" else None
+        self._make_head(cfg, **factory)
+        for module in (self.lm_head, self.head):
+            if module is not None:
+                module.apply(lambda m: init_module(m, cfg.init_std))
+        self.tie_weights()
+        return self
 
     def tie_weights(self):
         """Share the LM head's weight with the token embedding (tie_weights=True), again after
@@ -816,14 +849,19 @@ def apply_lora(model: "Transformer", cfg: LoRAConfig) -> int:
         return None
 
     _swap(model, make)
-    if getattr(model, "head", None) is not None:
-        model.head.requires_grad_(True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(_task_owned(name) or p.requires_grad)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _task_owned(name: str) -> bool:
+    """A task head's weights and the [CLS] vector: new to the task, trained in full beside adapters."""
+    return name.startswith("head.") or name == "cls_emb"
 
 
 def lora_state_dict(model: nn.Module) -> dict:
     """Only the adapter weights (and a task head's): what an adapter checkpoint stores."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.startswith("head.")}
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or _task_owned(k)}
 
 
 def load_lora_state_dict(model: nn.Module, state: dict) -> None:

@@ -347,6 +347,24 @@ def dataset_batches(dataset, task: Task, *, batch_size: int, device, rank: int =
         yield to(task.collate([dataset[j] for j in idx[start:start + batch_size]]), device)
 
 
+@torch.no_grad()
+def predict_all(model, task: Task, dataset, *, batch_size: int, device):
+    """The task's predictions for every item of a dataset, in order (targets are ignored): a
+    (N, ...) tensor, or, for outputs per position of sequences of different lengths, a list
+    of (T_i, ...) tensors without the padding. Under autocast if the caller enters one."""
+    model.eval()
+    out = []
+    for batch in dataset_batches(dataset, task, batch_size=batch_size, device=device):
+        pred = task.predict(model, batch).cpu()
+        mask = batch.get("attention_mask")
+        if pred.dim() >= 3 and mask is not None:                  # per position: drop the padding
+            out += [p[m] for p, m in zip(pred, mask.cpu())]
+        else:
+            out += list(pred)
+    ragged = len({o.shape for o in out}) > 1
+    return out if ragged else torch.stack(out)
+
+
 def split_batches(data, split: str, *, batch_size: int, block_size: int, device) -> Iterator[dict]:
     """Every token of a corpus split once (data.TokenDataset.iter_split), as LM batches."""
     for x, y in data.iter_split(split, batch_size, block_size, device=device):

@@ -40,10 +40,12 @@ import torch.distributed as dist
 import yaml
 
 from config import ALIASES, PRESETS, SECTIONS, TrainConfig, config_file, config_to_dict, load_config
-from data import TokenDataset, prepared_dataset, tokenizer_from_state
-from model import (Int4Linear, Int8Linear, Transformer, TransformerConfig, apply_lora, closest, load_lora_state_dict,
-                   lora_state_dict)
-from tasks import HIGHER_IS_BETTER, EpochBatches, LanguageModelTask, Task, WindowBatches, dataset_batches, split_loss, task_for
+from data import (Document, EncodedTexts, TokenDataset, build_tokenizer, prepared_dataset, read_labelled, split_rows,
+                  tokenizer_from_state)
+from model import (HEAD_FIELDS, Int4Linear, Int8Linear, Transformer, TransformerConfig, apply_lora, closest,
+                   load_lora_state_dict, lora_state_dict)
+from tasks import (HIGHER_IS_BETTER, ClassificationTask, EpochBatches, LanguageModelTask, RegressionTask, Task,
+                   WindowBatches, dataset_batches, predict_all, split_loss, task_for)
 from utils import (CheckpointError, JsonlLogger, base_reference, check_base, device_peak_flops, flops_per_token,
                    load_checkpoint, model_from_checkpoint, pick_device, plot_run, save_checkpoint,
                    tune_cpu_allocator, warn_compile_failed)
@@ -385,9 +387,9 @@ class TransformerTrainer:
         record.close_bar()
         if last_eval != self.step:
             stop = self._evaluate(record, stream, val_dataset, losses, lr_at(self.step, spent(), cfg)) or stop
-        self.final_val_loss = self._final(train_dataset, val_dataset)
-        self.stopped_early = stop
-        record.finish(self.final_val_loss)
+        self.final = self._final(train_dataset, val_dataset)
+        self.final_val_loss, self.stopped_early = self.final.get("loss"), stop
+        record.finish(self.final)
         return self.history
 
     def _stream(self, dataset):
@@ -497,12 +499,13 @@ class TransformerTrainer:
         per = stream.steps_per_epoch / self.cfg.grad_accum_steps
         return round(self.step / per, 3)
 
-    def _final(self, train_dataset, val_dataset) -> Optional[float]:
-        """The final validation loss: every validation token (a corpus) or item (a dataset) once."""
+    def _final(self, train_dataset, val_dataset) -> dict:
+        """The final validation metrics: every validation token (a corpus) or item (a dataset)
+        once; none without validation data."""
         # evaluate() runs the model eagerly: the last batch is shorter, and would recompile it
         if isinstance(train_dataset, TokenDataset):
-            return self.evaluate(train_dataset)["loss"]
-        return self.evaluate(val_dataset)["loss"] if val_dataset is not None else None
+            return self.evaluate(train_dataset)
+        return self.evaluate(val_dataset) if val_dataset is not None else {}
 
     def evaluate(self, dataset) -> dict:
         """The task's metrics over every item of a dataset (or validation token of a corpus)."""
@@ -510,27 +513,16 @@ class TransformerTrainer:
             with autocast(self.device, self.cfg.precision):
                 loss = split_loss(self.model, dataset, "val", block_size=self.model.config.block_size,
                                   batch_size=self.cfg.batch_size, device=self.device)
-            return {"loss": loss, "perplexity": math.exp(loss)}
+            return {"loss": loss, "perplexity": math.exp(min(loss, 700))}
         return self._dataset_metrics(dataset, model=self.model)
 
-    @torch.no_grad()
     def predict(self, dataset):
         """The task's predictions for every item, in order: class probabilities (N, num_classes),
         regression values (N, output_dim), or a language model's most likely next tokens. Outputs
         per position of sequences of different lengths come as a list, one (T_i, ...) tensor per
         item. Targets are ignored."""
-        self.model.eval()
-        out = []
-        for batch in dataset_batches(dataset, self.task, batch_size=self.cfg.batch_size, device=self.device):
-            with autocast(self.device, self.cfg.precision):
-                pred = self.task.predict(self.model, batch).cpu()
-            mask = batch.get("attention_mask")
-            if pred.dim() >= 3 and mask is not None:                  # per position: drop the padding
-                out += [p[m] for p, m in zip(pred, mask.cpu())]
-            else:
-                out += list(pred)
-        ragged = len({o.shape for o in out}) > 1
-        return out if ragged else torch.stack(out)
+        with autocast(self.device, self.cfg.precision):
+            return predict_all(self.model, self.task, dataset, batch_size=self.cfg.batch_size, device=self.device)
 
     def checkpoint(self, stream, val_loss) -> dict:
         """Everything --resume needs, as plain full tensors, and what the model is (kind, task,
@@ -630,19 +622,24 @@ class Record:
             self.say(f"early stopping: no new best {t.best_metric} in {patience} evaluations")
         self.eval_speed.reset()
 
-    def finish(self, final: Optional[float]):
+    def finish(self, final: dict):
         t = self.t
         if not self.main:
             return
-        if final is not None:
-            ppl = {"perplexity": math.exp(min(final, 700))} if t.task.name == "lm" else {}
-            self.log(event="final", step=t.step, final_val_loss=final, **ppl, elapsed=round(t.elapsed, 2))
+        if final:
+            self.log(event="final", step=t.step, final_val_loss=final["loss"],
+                     **{k if k == "perplexity" else f"final_val_{k}": v for k, v in final.items() if k != "loss"},
+                     elapsed=round(t.elapsed, 2))
         if self.logger:
             self.logger.close()
-        if final is not None and t.task.name == "lm":
-            print(f"final_val_loss {final:.4f} (perplexity {math.exp(final):.2f}, every validation token once) "
-                  f"after {t.step} steps, {t.elapsed:.1f}s" + (f"; best checkpoint: {self.out_dir / 'best.pt'}"
-                                                                if self.out_dir else ""))
+        best = f"; best checkpoint: {self.out_dir / 'best.pt'}" if self.out_dir else ""
+        if final and t.task.name == "lm":
+            print(f"final_val_loss {final['loss']:.4f} (perplexity {final['perplexity']:.2f}, every validation token "
+                  f"once) after {t.step} steps, {t.elapsed:.1f}s{best}")
+        elif final:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+            print(f"final validation: {shown} (every validation item once) after {t.step} steps, "
+                  f"{t.elapsed:.1f}s{best}")
         if self.cfg.plot and self.out_dir:
             draw_plot(self.out_dir)
 
@@ -677,7 +674,7 @@ def base_checkpoint(cfg: dict, resume_from: Optional[dict]) -> tuple[Optional[di
 
 def build_model(cfg: dict, tokenizer, device: str, base: Optional[dict]) -> Transformer:
     """The model to train: fresh, or the base's weights (quantized, with LoRA adapters
-    trained on top, when asked)."""
+    trained on top, when asked) under this run's head."""
     lcfg, qcfg = cfg["lora"], cfg["quantize"]
     if base is None:
         return Transformer(dataclasses.replace(cfg["model"], vocab_size=tokenizer.vocab_size)).to(device)
@@ -688,6 +685,9 @@ def build_model(cfg: dict, tokenizer, device: str, base: Optional[dict]) -> Tran
     # the base's architecture, with this run's dropout; int4 kernels have no backward
     model, _ = model_from_checkpoint(base, device=device, quantize=qcfg, kernels=False,
                                      dropout=cfg["model"].dropout)
+    head = {k: getattr(cfg["model"], k) for k in HEAD_FIELDS}
+    if any(getattr(model.config, k) != v for k, v in head.items()):   # e.g. a language model -> a classifier
+        model.set_head(**head)
     if lcfg.r:
         trainable = apply_lora(model, lcfg)
         # quantized weights are buffers, not parameters: count them as the weights they stand for
@@ -696,6 +696,52 @@ def build_model(cfg: dict, tokenizer, device: str, base: Optional[dict]) -> Tran
         print(f"LoRA r={lcfg.r} on {','.join(lcfg.targets)}: {trainable:,} trainable parameters "
               f"({100 * trainable / total:.2f}% of {total:,})")
     return model.train()
+
+
+def labelled_data(cfg: dict, tokenizer, known_task: Optional[dict]):
+    """(train dataset, val dataset, task, tokenizer, head fields) of a classification or
+    regression run: the text<TAB>target rows of data.path, a seeded data.val_fraction of them
+    held out. Labels are sorted names (those of a resumed or fine-tuned classifier are kept);
+    texts longer than block_size are cut to it."""
+    dcfg, tcfg, mcfg = cfg["data"], cfg["training"], cfg["model"]
+    if dcfg.path is None:
+        raise ValueError(f"training.task={tcfg.task} reads data.path: a file of text<TAB>target lines "
+                         f"(the built-in corpus has no labels)")
+    rows = read_labelled(dcfg.path)
+    if tokenizer is None:   # from every text, so that no validation character is unknown
+        tokenizer = build_tokenizer(dcfg, [Document("texts", 0, text="\n".join(t for t, _ in rows))])
+    if tcfg.task == "classification":
+        names = sorted({target[0] for _, target in rows})
+        kept = (known_task or {}).get("labels") if (known_task or {}).get("name") == "classification" else None
+        unknown = sorted(set(names) - set(kept or names))
+        if unknown:
+            raise ValueError(f"label {unknown[0]!r} of {dcfg.path} is not one the checkpoint was trained on "
+                             f"({', '.join(kept)})")
+        labels = kept or names
+        if len(labels) < 2:
+            raise ValueError(f"{dcfg.path} has one label ({labels[0]!r}); classification needs at least 2")
+        task, head = ClassificationTask(len(labels), labels=labels), dict(num_classes=len(labels))
+        rows = [(text, labels.index(target[0])) for text, target in rows]
+    else:
+        rows = [(text, _numbers(target, f"{dcfg.path}, row {n}")) for n, (text, target) in enumerate(rows, 1)]
+        task, head = RegressionTask(), dict(output_dim=len(rows[0][1]))
+    max_len = mcfg.block_size - (mcfg.pooling == "cls")
+    try:
+        encoded = EncodedTexts(rows, tokenizer, max_len=max_len)
+    except ValueError as e:
+        raise ValueError(f"{dcfg.path}: {e}") from None
+    if encoded.truncated and rank_and_world()[0] == 0:
+        print(f"note: {encoded.truncated} of {len(rows)} texts are longer than {max_len} tokens and are cut to "
+              f"their first {max_len} (model.block_size)")
+    train, val = split_rows(encoded.items, dcfg.val_fraction, seed=tcfg.seed)
+    return train, val, task, tokenizer, dict(head=tcfg.task, **head)
+
+
+def _numbers(values: list[str], where: str) -> list[float]:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise ValueError(f"{where}: regression targets are numbers, got {values}") from None
 
 
 def shared_dataset(cfg: dict, tokenizer) -> TokenDataset:
@@ -755,30 +801,41 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
     np.random.seed(tcfg.seed)
     random.seed(tcfg.seed)
     autocast(device, tcfg.precision)                 # an impossible precision fails before any work
+    if cfg["model"].head not in ("lm", tcfg.task):
+        raise ValueError(f"model.head={cfg['model'].head} contradicts training.task={tcfg.task}; the task "
+                         f"sets the head (--task {cfg['model'].head})")
     base, base_ref = base_checkpoint(cfg, resume_from)
-    if base:   # a fine-tune keeps the base's architecture and tokenizer
-        cfg = {**cfg, "model": TransformerConfig.from_dict({**base["model_config"], "dropout": cfg["model"].dropout})}
+    if base:   # a fine-tune keeps the base's architecture and tokenizer, under this run's head
+        head = {k: getattr(cfg["model"], k) for k in HEAD_FIELDS}
+        cfg = {**cfg, "model": TransformerConfig.from_dict({**base["model_config"], **head,
+                                                            "dropout": cfg["model"].dropout})}
     known = resume_from or base
     tokenizer = tokenizer_from_state(known["tokenizer"]) if known else None
-    # a fine-tune's model (and its LoRA/quantize settings) is checked before any data is prepared
-    model = build_model(cfg, tokenizer, device, base) if base else None
-    data = shared_dataset(cfg, tokenizer)
+    val = None
+    if tcfg.task == "lm":
+        # a fine-tune's model (and its LoRA/quantize settings) is checked before any data is prepared
+        model = build_model(cfg, tokenizer, device, base) if base else None
+        data = shared_dataset(cfg, tokenizer)
+        task, tokenizer = LanguageModelTask(), data.tokenizer
+    else:
+        data, val, task, tokenizer, head = labelled_data(cfg, tokenizer, known and known.get("task"))
+        cfg, model = {**cfg, "model": dataclasses.replace(cfg["model"], **head)}, None
     if model is None:    # the same seed: the same weights on every rank
-        model = build_model(cfg, data.tokenizer, device, None)
+        model = build_model(cfg, tokenizer, device, base)
     cfg = {**cfg, "model": model.config}           # the vocabulary belongs to the tokenizer
     if resume_from:      # before sharding: fully_shard keeps each rank's part
         (load_lora_state_dict if cfg["lora"].r else type(model).load_state_dict)(model, resume_from["model"])
-    trainer = TransformerTrainer(model, task=LanguageModelTask(), config=tcfg, device=device,
-                                 tokenizer=data.tokenizer, run_config=cfg)
+    trainer = TransformerTrainer(model, task=task, config=tcfg, device=device, tokenizer=tokenizer, run_config=cfg)
     if cfg["lora"].r:     # an adapter: only its weights, and which base they belong to
         trainer.extra_payload["lora"] = {"config": dataclasses.asdict(cfg["lora"]), "base": base_ref}
     if cfg["quantize"].mode:
         trainer.extra_payload["quantize"] = cfg["quantize"].stored()
     if resume_from:
         trainer.load_state(resume_from)
-    trainer.train(data)
+    trainer.train(data, val_dataset=val)
     return {"step": trainer.step, "best_val_loss": trainer.best_val_loss, "final_val_loss": trainer.final_val_loss,
-            "elapsed": trainer.elapsed, "stopped_early": trainer.stopped_early, "out_dir": str(tcfg.out_dir)}
+            "final": trainer.final, "elapsed": trainer.elapsed, "stopped_early": trainer.stopped_early,
+            "out_dir": str(tcfg.out_dir)}
 
 
 def draw_plot(out_dir: Path):

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from model import (GATED, QUANT_MODES, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer,
+from model import (GATED, HEAD_FIELDS, QUANT_MODES, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer,
                    TransformerConfig, apply_lora, closest, dequantize_model, load_lora_state_dict, merge_lora,
                    quantize_model, use_kernels)
 from data import tokenizer_from_state
@@ -176,6 +176,9 @@ def load_model(path, *, lora=None, quantize: Optional[QuantConfig] = None, devic
     if quantize is None or quantize.mode is None:
         quantize = QuantConfig(**adapter["quantize"]) if adapter.get("quantize") else quantize
     model, tokenizer = model_from_checkpoint(ckpt, device=device, quantize=quantize, kernels=kernels)
+    head = {k: adapter["model_config"][k] for k in HEAD_FIELDS if k in adapter["model_config"]}
+    if any(getattr(model.config, k) != v for k, v in head.items()):   # e.g. a classifier fine-tuned from an LM
+        model.set_head(**head)
     apply_lora(model, LoRAConfig(**adapter["lora"]["config"]))
     load_lora_state_dict(model, {k: v.to(device) for k, v in adapter["model"].items()})
     return model.eval(), tokenizer

@@ -1,6 +1,8 @@
 """The backbone with heads, and TransformerTrainer on every task: classification and regression
 on real text (Shakespeare's plays), exact resume, LoRA on a classifier, old checkpoints."""
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ from model import Transformer, TransformerConfig, apply_lora, LoRAConfig, lora_s
 from tasks import ClassificationTask, RegressionTask, macro_f1
 import train as train_mod
 from train import TransformerTrainer
-from utils import CHECKPOINT_FORMAT, load_model, save_checkpoint
+from utils import CHECKPOINT_FORMAT, load_checkpoint, load_model, read_jsonl, save_checkpoint
+import generate
+from conftest import REPO
 
 
 def tiny(**kw):
@@ -197,10 +201,167 @@ def test_a_version_1_checkpoint_still_loads(tmp_path):
 
 
 def test_lora_on_a_classifier_trains_the_new_head_too():
-    model = tiny(head="classification", num_classes=4)
+    model = tiny(head="classification", num_classes=4).eval()
+    x = torch.randint(0, 40, (2, 5))
+    before = model(x)
     trainable = apply_lora(model, LoRAConfig(r=2, targets=["q", "v"]))
     head = sum(p.numel() for p in model.head.parameters())
     assert all(p.requires_grad for p in model.head.parameters()) and trainable > head
+    assert not model.tok_emb.weight.requires_grad
     assert {"head.proj.weight", "head.proj.bias"} <= set(lora_state_dict(model))
-    x = torch.randint(0, 40, (2, 5))
-    torch.testing.assert_close(model(x), model(x))
+    torch.testing.assert_close(model(x), before)                  # a fresh adapter changes nothing
+
+
+def test_set_head_puts_a_fresh_head_on_the_trained_backbone():
+    lm = tiny().eval()
+    x = torch.randint(1, 40, (2, 9))
+    h = lm.hidden_states(x)
+    clf = lm.set_head(head="classification", num_classes=3, pooling="mean")
+    assert clf.lm_head is None and clf(x).shape == (2, 3)
+    torch.testing.assert_close(clf.hidden_states(x), h)                       # the backbone is untouched
+    fresh = tiny(head="classification", num_classes=3, pooling="mean")
+    assert set(clf.state_dict()) == set(fresh.state_dict())                   # a classifier's checkpoint keys
+    bidirectional = clf.set_head(causal=False, pooling="cls")
+    assert bidirectional.hidden_states(x).shape == (2, 10, 32)                 # the [CLS] slot first
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 1) % 40
+    assert (bidirectional.hidden_states(x)[:, 1] - bidirectional.hidden_states(y)[:, 1]).abs().max() > 1e-6
+    back = bidirectional.set_head(head="lm", causal=True, pooling="last")
+    assert back.lm_head.weight is back.tok_emb.weight                          # tied again
+    with pytest.raises(ValueError, match="set_head changes only head, num_classes.*not d_model"):
+        back.set_head(d_model=64)
+
+# -----------------------------------------------------------------------------
+# The command line on a labelled file: python train.py --task classification|regression
+# -----------------------------------------------------------------------------
+
+WORDS = "apple river stone cloud lamp tiger honey window garden silver".split()
+
+
+def labelled_file(tmp_path, n=240, *, regression=False, header=True) -> Path:
+    """Rows of random words; the target follows the first word (learnable in a few dozen steps):
+    its label (classification) or its index among the first five words, or 0 (regression)."""
+    rng = np.random.default_rng(0)
+    lines = ["text\tlabel"] if header else []
+    for _ in range(n):
+        words = [WORDS[i] for i in rng.integers(0, len(WORDS), rng.integers(2, 7))]
+        first = WORDS.index(words[0])
+        target = f"{first if first < 5 else 0:.1f}" if regression else ("early" if first < 5 else "late")
+        lines.append(" ".join(words) + "\t" + target)
+    path = tmp_path / "rows.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+TASK_CLI = ["--model.n_layers=1", "--model.d_model=32", "--model.n_heads=2", "--model.block_size=48",
+            "--model.pooling=mean", "--training.batch_size=16", "--training.learning_rate=1e-2",
+            "--training.warmup_iters=5", "--training.eval_interval=null", "--training.progress=false",
+            "--training.plot=false", "--device", "cpu"]
+
+
+def cli(module, *args):
+    """Run a script's main in this process; its stdout, or SystemExit's one-line message."""
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            module.main([str(a) for a in args])
+        except SystemExit as e:
+            return str(e.code)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classify")
+    data = labelled_file(root)
+    printed = cli(train_mod, "--config", REPO / "config.yaml", "--task", "classification", "--data", data,
+                  "--epochs", 6, f"--training.out_dir={root / 'out'}", *TASK_CLI)
+    return root, data, printed
+
+
+def test_train_py_trains_a_classifier_on_a_labelled_file(classifier_run):
+    root, data, printed = classifier_run
+    final = read_jsonl(root / "out" / "log.jsonl")[-1]
+    assert final["event"] == "final" and final["final_val_accuracy"] >= 0.9, printed
+    assert "final validation: loss" in printed
+    ckpt = load_checkpoint(root / "out" / "best.pt")
+    assert ckpt["task"] == {"name": "classification", "num_classes": 2, "labels": ["early", "late"]}
+    assert ckpt["model_config"]["head"] == "classification" and ckpt["config"]["training"]["task"] == "classification"
+
+
+def test_generate_py_prints_labels_and_probabilities(classifier_run, tmp_path):
+    root, data, _ = classifier_run
+    texts = ["apple tiger lamp", "silver river", "cloud"]
+    prompts = tmp_path / "texts.txt"
+    prompts.write_text("\n".join(texts) + "\n")
+    printed = cli(generate, "--checkpoint", root / "out" / "best.pt", "--prompt_file", prompts).splitlines()
+    assert printed[0] == "label\tearly\tlate" and len(printed) == 4
+    rows = [line.split("\t") for line in printed[1:]]
+    assert [r[0] for r in rows] == ["early", "late", "early"]                   # the rule it learned
+    model, tok = load_model(root / "out" / "best.pt")
+    probs = torch.softmax(model(torch.tensor([tok.encode(texts[1])])), -1)[0]
+    assert [float(v) for v in rows[1][1:]] == pytest.approx(probs.tolist(), abs=1e-4)
+    one = cli(generate, "--checkpoint", root / "out" / "best.pt", "--prompt", texts[1]).splitlines()
+    assert one == [printed[0], printed[2]]
+
+
+def test_an_lm_checkpoint_fine_tunes_as_a_classifier_with_lora(classifier_run, tmp_path):
+    """--init_from an LM and --task classification: the LM's backbone under a new head, and with
+    --lora.r an adapter that generate.py loads onto its LM base."""
+    root, data, _ = classifier_run
+    lm_dir, clf_dir = tmp_path / "lm", tmp_path / "clf"
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(l.split("\t")[0] for l in data.read_text().splitlines()[1:]) * 3)
+    cli(train_mod, "--data", text, "--training.max_iters=20", f"--training.out_dir={lm_dir}", *TASK_CLI)
+    lm = load_checkpoint(lm_dir / "best.pt")
+    printed = cli(train_mod, "--task", "classification", "--data", data, "--init_from", lm_dir / "best.pt",
+                  "--lora.r=4", "--epochs", 6, f"--training.out_dir={clf_dir}", *TASK_CLI)
+    adapter = load_checkpoint(clf_dir / "best.pt")
+    assert adapter["lora"]["base"]["path"] == str((lm_dir / "best.pt").resolve()), printed
+    assert {k for k in adapter["model"] if "lora_" not in k} == {"head.proj.weight", "head.proj.bias"}
+    model, tok = load_model(clf_dir / "best.pt")                # finds its LM base, puts the head on
+    assert model.config.head == "classification" and tok.state() == lm["tokenizer"]
+    torch.testing.assert_close(model.tok_emb.weight, lm["model"]["tok_emb.weight"])   # the frozen backbone
+    rows = cli(generate, "--checkpoint", clf_dir / "best.pt", "--prompt", "tiger apple").splitlines()
+    assert rows[0] == "label\tearly\tlate" and rows[1].split("\t")[0] in ("early", "late")
+    assert read_jsonl(clf_dir / "log.jsonl")[-1]["final_val_accuracy"] >= 0.9
+
+
+def test_train_py_trains_a_regressor_and_generate_py_prints_its_values(tmp_path):
+    data = labelled_file(tmp_path, regression=True, header=False)
+    cli(train_mod, "--task", "regression", "--data", data, "--epochs", 8, f"--training.out_dir={tmp_path / 'out'}",
+        *TASK_CLI)
+    rows = read_jsonl(tmp_path / "out" / "log.jsonl")
+    targets = np.array([float(l.split("\t")[1]) for l in data.read_text().splitlines()])
+    assert rows[-1]["final_val_mse"] < 0.5 * targets.var()                   # beats predicting the mean
+    printed = cli(generate, "--checkpoint", tmp_path / "out" / "best.pt", "--prompt", "stone apple").splitlines()
+    assert printed[0] == "output_0" and abs(float(printed[1]) - 2.0) < 1.0
+
+
+@pytest.mark.parametrize("lines,args,match", [
+    (None, ["--data.path=null"], "training.task=classification reads data.path"),
+    (["a b\tx", "c\ty\tz"], [], r"line 2: 3 tab-separated columns where 2 are expected"),
+    (["a b\tx", "\ty"], [], "line 2: the text is empty"),
+    (["a b\tx", "c d\tx"], [], r"one label \('x'\); classification needs at least 2"),
+    (["a b\t1.5", "c d\tmany"], ["--task", "regression"], r"row 2: regression targets are numbers, got \['many'\]"),
+    (["a b\tx", "c d\ty"], ["--model.head=regression"], "model.head=regression contradicts training.task"),
+    ([], [], "holds no rows"),
+])
+def test_labelled_file_errors_are_one_line(tmp_path, lines, args, match):
+    data = tmp_path / "rows.tsv"
+    data.write_text("\n".join(lines or []) + "\n" if lines else "")
+    argv = ["--task", "classification", "--data", data, f"--training.out_dir={tmp_path / 'out'}", *TASK_CLI, *args]
+    message = cli(train_mod, *argv)
+    assert message.startswith("error: ") and "\n" not in message.strip()
+    assert re.search(match, message), message
+
+
+def test_fine_tuning_a_classifier_on_labels_it_never_saw_is_an_error(classifier_run, tmp_path):
+    root, data, _ = classifier_run
+    other = tmp_path / "other.tsv"
+    other.write_text("apple river\tearly\ntiger lamp\tmiddle\n")
+    message = cli(train_mod, "--task", "classification", "--data", other, "--init_from", root / "out" / "best.pt",
+                  f"--training.out_dir={tmp_path / 'out'}", *TASK_CLI)
+    assert message == "error: label 'middle' of {} is not one the checkpoint was trained on (early, late)".format(other)
