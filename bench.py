@@ -22,6 +22,7 @@ actually deliver here"; FLOPs per token are counted as nanoGPT and PaLM do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -39,7 +40,8 @@ import torch
 from model import Transformer, TransformerConfig
 from config import RUN_PRESETS
 from tasks import lm_loss
-from train import autocast
+from config import TrainConfig
+from train import autocast, make_optimizer
 from utils import flops_per_token, measure_matmul_peak, pick_device, synchronize, tune_cpu_allocator
 
 # The comparison configuration of the foundation issue: nanoGPT's model shape, GPT-2 style.
@@ -54,22 +56,24 @@ TRAIN_CONFIGS = {
 }
 
 
-def time_steps(step, steps: int, device: str) -> list[float]:
-    """Seconds per call of step(), after two warm-up calls."""
-    for _ in range(2):
-        step()
-    times = []
+def time_steps(steps_fns: list, steps: int, device: str) -> list[list[float]]:
+    """Seconds per call of each function, after two warm-up calls each; the functions take
+    their turns call by call, so a slower spell of the machine falls on all of them alike."""
+    for step in steps_fns:
+        step(), step()
+    times = [[] for _ in steps_fns]
     for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        for step, t in zip(steps_fns, times):
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            t.append(time.perf_counter() - start)
     return times
 
 
-def train_step_fn(model, loss_fn, batch_size: int, block_size: int, vocab: int, device: str):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def train_step_fn(model, loss_fn, batch_size: int, block_size: int, vocab: int, device: str, *, optimizer=None):
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, vocab, (batch_size, block_size), device=device)
     y = torch.randint(0, vocab, (batch_size, block_size), device=device)
 
@@ -81,83 +85,115 @@ def train_step_fn(model, loss_fn, batch_size: int, block_size: int, vocab: int, 
     return step
 
 
-def load_nanogpt(path: str):
-    """nanoGPT's model.py from a checkout (imported as a module under another name)."""
-    file = Path(path).expanduser() / "model.py"
-    if not file.exists():
-        raise FileNotFoundError(f"--nanogpt {path}: no model.py there")
-    spec = importlib.util.spec_from_file_location("nanogpt_model", file)
+def load_module(file, name: str):
+    """A Python file imported as a module under another name (nanoGPT's model.py, or another
+    revision of ours)."""
+    file = Path(file).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"no file {file}")
+    spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module             # dataclasses look their module up while it runs
     spec.loader.exec_module(module)
     return module
 
 
+def load_nanogpt(path: str):
+    """nanoGPT's model.py from a checkout."""
+    return load_module(Path(path).expanduser() / "model.py", "nanogpt_model")
+
+
 def bench_train(args):
-    """One fresh process per row, so allocator state never carries over between rows."""
+    """Each row group in a fresh process, so allocator state never carries over. With --nanogpt
+    or --baseline, the gpt2-style models take their steps in turns in one process (the
+    machine's speed drifts over seconds; turns share the drift), once with train.py's tuned
+    allocator and once with the default, and the ratios compare steps taken in turns."""
     device = pick_device(args.device)
     peak = measure_matmul_peak(device=device, seconds=2.0)
     print(f"device {device}, {torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s "
           f"(2048x2048 matmul)\n")
-    rows = []
+    rows, ratios = [], {}
     for name in args.configs.split(","):
         if name not in TRAIN_CONFIGS:
             sys.exit(f"unknown config '{name}'; valid: {', '.join(TRAIN_CONFIGS)}")
-        variants = [("ours", True)]
-        if name == "gpt2-style":
-            variants.append(("ours", False))
-            if args.nanogpt:
-                variants.append(("nanoGPT", False))
-        for impl, tuned in variants:
-            cmd = [sys.executable, __file__, "train-row", name, "--impl", impl, "--steps", str(args.steps),
-                   "--device", device, "--precision", args.precision] + (["--tuned"] if tuned else []) + \
-                  (["--compile"] if args.compile else [])
-            cmd += ["--nanogpt", args.nanogpt] if impl == "nanoGPT" else []
-            cmd += ["--batch_size", str(args.batch_size)] if args.batch_size else []
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            row["mfu"] = row["tps"] * row["flops_per_token"] / peak
-            rows.append(row)
+        if name != "gpt2-style":
+            rows += _train_rows(args, name, ["ours"], True, device, peak)
+            continue
+        others = ["nanoGPT"] * bool(args.nanogpt) + ["baseline"] * bool(args.baseline)
+        for tuned in (True, False):
+            group = _train_rows(args, name, ["ours", *others], tuned, device, peak)
+            rows += group
+            malloc = "tuned malloc, as train.py runs" if tuned else "default malloc"
+            for other in group[1:]:
+                ratios[f"ours / {other['impl']} ({malloc})"] = group[0]["tps"] / other["tps"]
     print(f"{'model':37s} {'params':>8s} {'B x T':>9s} {'ms/step':>9s} {'tokens/s':>9s} {'best tok/s':>10s} {'MFU':>6s}")
     for r in rows:
         print(f"{r['name']:37s} {r['params'] / 1e6:7.2f}M {r['bt']:>9s} {r['ms']:9.0f} {r['tps']:9.0f} "
               f"{r['best']:10.0f} {r['mfu']:6.1%}")
-    by_name = {r["name"]: r for r in rows}
-    ours, theirs = by_name.get("ours gpt2-style"), by_name.get("nanoGPT gpt2-style (default malloc)")
-    if ours and theirs:
-        same = by_name["ours gpt2-style (default malloc)"]
-        print(f"\nours (as train.py runs it) / nanoGPT (as shipped): {ours['tps'] / theirs['tps']:.3f}; "
-              f"like for like (both default malloc): {same['tps'] / theirs['tps']:.3f}")
+    if ratios:
+        print("\ntokens/s of steps taken in turns, medians:")
+        for pair, value in ratios.items():
+            print(f"  {pair}: {value:.3f}")
     return rows
 
 
+def _train_rows(args, name: str, impls: list[str], tuned: bool, device: str, peak: float) -> list[dict]:
+    cmd = [sys.executable, __file__, "train-row", name, "--impls", ",".join(impls), "--steps", str(args.steps),
+           "--device", device, "--precision", args.precision] + (["--tuned"] if tuned else []) + \
+          (["--compile"] if args.compile else [])
+    cmd += ["--nanogpt", args.nanogpt] if "nanoGPT" in impls else []
+    cmd += ["--baseline", args.baseline] if "baseline" in impls else []
+    cmd += ["--batch_size", str(args.batch_size)] if args.batch_size else []
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
+    rows = [json.loads(line) for line in out.stdout.strip().splitlines() if line.startswith("{")]
+    for row in rows:
+        row["mfu"] = row["tps"] * row["flops_per_token"] / peak
+    return rows
+
+
+def _train_step(impl: str, args, kw: dict, batch: int, device: str):
+    """(model, one training step) of an implementation, with the optimizer its own train.py
+    builds (nanoGPT's: unfused on a CPU; ours: fused)."""
+    cfg = TransformerConfig(**kw)
+    torch.manual_seed(0)
+    if impl == "nanoGPT":
+        ng = load_nanogpt(args.nanogpt)
+        model = ng.GPT(ng.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layers,
+                                    n_head=cfg.n_heads, n_embd=cfg.d_model, dropout=0.0, bias=cfg.bias)).to(device)
+        with contextlib.redirect_stdout(sys.stderr):               # it prints its parameter counts
+            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(device).type)
+        loss_fn = lambda x, y: model(x, y)[1]
+    else:                                 # ours, or another revision's model.py run as ours is
+        other = load_module(args.baseline, "baseline_model") if impl == "baseline" else None
+        build, config = (other.Transformer, other.TransformerConfig) if other else (Transformer, TransformerConfig)
+        model = build(config(**kw)).to(device)
+        optimizer = make_optimizer(model, TrainConfig(learning_rate=1e-4), device)
+        fwd = torch.compile(model) if args.compile else model
+        loss_fn = lambda x, y: _loss(fwd, x, y, device, args.precision)  # noqa: E731
+    return model, train_step_fn(model, loss_fn, batch, cfg.block_size, cfg.vocab_size, device, optimizer=optimizer)
+
+
 def bench_train_row(args):
-    """Time one configuration in this process and print one JSON line (used by bench_train)."""
+    """Time implementations of one configuration in this process, their steps taken in turns,
+    and print a JSON line each (used by bench_train)."""
     device = pick_device(args.device)
     if args.tuned:
         tune_cpu_allocator()
     kw, batch = TRAIN_CONFIGS[args.config]
     batch = args.batch_size or batch
-    cfg = TransformerConfig(**kw)
-    torch.manual_seed(0)
-    if args.impl == "nanoGPT":
-        ng = load_nanogpt(args.nanogpt)
-        model = ng.GPT(ng.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layers,
-                                    n_head=cfg.n_heads, n_embd=cfg.d_model, dropout=0.0, bias=cfg.bias)).to(device)
-        loss_fn = lambda x, y: model(x, y)[1]
-    else:
-        model = Transformer(cfg).to(device)
-        fwd = torch.compile(model) if args.compile else model
-        loss_fn = lambda x, y: _loss(fwd, x, y, device, args.precision)  # noqa: E731
-    step = train_step_fn(model, loss_fn, batch, cfg.block_size, cfg.vocab_size, device)
-    times = time_steps(step, args.steps, device)
-    med, tokens = statistics.median(times), batch * cfg.block_size
-    name = f"{args.impl} {args.config}" + (" (compiled)" if args.compile else "") + \
-        ("" if args.precision == "fp32" else f" {args.precision}") + ("" if args.tuned else " (default malloc)")
-    print(json.dumps({"name": name, "params": sum(p.numel() for p in model.parameters()),
-                      "bt": f"{batch}x{cfg.block_size}", "ms": med * 1e3, "tps": tokens / med,
-                      "best": tokens / min(times), "flops_per_token": flops_per_token(cfg)}))
+    impls = args.impls.split(",")
+    built = [_train_step(impl, args, kw, batch, device) for impl in impls]
+    times = time_steps([step for _, step in built], args.steps, device)
+    tokens = batch * kw["block_size"]
+    for impl, (model, _), t in zip(impls, built, times):
+        med = statistics.median(t)
+        name = f"{impl} {args.config}" + (" (compiled)" if args.compile else "") + \
+            ("" if args.precision == "fp32" else f" {args.precision}") + ("" if args.tuned else " (default malloc)")
+        print(json.dumps({"name": name, "impl": impl, "params": sum(p.numel() for p in model.parameters()),
+                          "bt": f"{batch}x{kw['block_size']}", "ms": med * 1e3, "tps": tokens / med,
+                          "best": tokens / min(t), "flops_per_token": flops_per_token(TransformerConfig(**kw))}))
 
 
 def _loss(fwd, x, y, device: str, precision: str):
@@ -214,7 +250,7 @@ def bench_memory_row(args):
     before = _memory_mark(device)
     step(batch)
     peak_mb = (_memory_peak(device) - before) / 2 ** 20
-    ms = statistics.median(time_steps(lambda: step(batch), args.steps, device)) * 1e3 if args.steps else float("nan")
+    ms = statistics.median(time_steps([lambda: step(batch)], args.steps, device)[0]) * 1e3 if args.steps else float("nan")
     print(json.dumps({"params": model.num_params(), "bt": f"{batch}x{cfg.block_size}", "peak_mb": peak_mb,
                       "ms": ms}))
 
@@ -545,9 +581,9 @@ def ngram_features(texts: list[str], *, orders=(1, 2, 3, 4), dim: int = 1 << 18)
         return x.coalesce().float().to_sparse_csr()
 
 
-def ngram_baseline(train, test, num_classes: int, *, steps: int = 300, lr: float = 0.05) -> float:
-    """Test accuracy of a linear classifier (multinomial logistic regression, full-batch Adam) on
-    hashed character 1-4-gram frequencies. The gradient is computed by hand, X^T (softmax - Y) / N,
+def ngram_baseline(train, test, num_classes: int, *, steps: int = 300, lr: float = 0.05) -> np.ndarray:
+    """The test labels a linear classifier (multinomial logistic regression, full-batch Adam) on
+    hashed character 1-4-gram frequencies predicts. The gradient is computed by hand, X^T (softmax - Y) / N,
     as two sparse products."""
     x, x_test = ngram_features([t for t, _ in train]), ngram_features([t for t, _ in test])
     with warnings.catch_warnings():
@@ -560,42 +596,58 @@ def ngram_baseline(train, test, num_classes: int, *, steps: int = 300, lr: float
         g = (torch.softmax(x @ w + b, -1) - y) / len(train)       # d(mean cross-entropy)/d(logits)
         w.grad, b.grad = xt @ g, g.sum(0)
         opt.step()
-    pred = (x_test @ w + b).argmax(-1)
-    return (pred == torch.tensor([label for _, label in test])).double().mean().item()
+    return (x_test @ w + b).argmax(-1).numpy()
 
 
 def bench_classify(args):
-    """Shakespeare's plays by genre (comedy, history, tragedy), split by play: a transformer
-    classifier trained through TransformerTrainer against the majority class and a linear
-    bag-of-character-n-grams baseline, on the same split in the same run."""
-    from data import BPETokenizer, EncodedTexts, shakespeare_genres
+    """Shakespeare's plays by genre (comedy, history, tragedy), in grouped cross-validation over
+    plays: a transformer classifier trained through TransformerTrainer against the majority
+    class and a linear bag-of-character-n-grams baseline, on the same folds in the same run.
+    Every passage is tested once, by models that never saw its play."""
+    from data import shakespeare_genres
+    from tasks import macro_f1
+    folds = range(args.folds) if args.fold is None else [args.fold]
+    names = ["majority class (of the training passages)", "linear, hashed char 1-4-grams (logistic regression)",
+             f"transformer ({args.n_layers} layers x {args.d_model}, BPE {args.vocab_size}, {args.epochs:g} epochs)"]
+    preds, seconds, truth = {n: [] for n in names}, {n: 0.0 for n in names}, []
+    for k in folds:
+        split = shakespeare_genres(chars=args.chars, folds=args.folds, fold=k, seed=args.seed)
+        train, test, labels = split["train"], split["test"], split["labels"]
+        print(f"fold {k + 1}/{args.folds}: {len(train):,} train / {len(test):,} test passages of {args.chars} "
+              f"characters; test plays: {', '.join(split['test_plays'])}", flush=True)
+        majority = np.bincount([label for _, label in train]).argmax()
+        runs = [lambda: np.full(len(test), majority), lambda: ngram_baseline(train, test, len(labels)),
+                lambda: genre_transformer(train, test, labels, args)]
+        truth.append(np.array([label for _, label in test]))
+        for name, run in zip(names, runs):
+            start = time.perf_counter()
+            preds[name].append(run())
+            seconds[name] += time.perf_counter() - start
+    every = torch.from_numpy(np.concatenate(truth))
+    print(f"\n| model | {' | '.join(f'fold {k + 1}' for k in folds)} | all test passages | macro-F1 | seconds |")
+    print("|---|" + "---|" * (len(folds) + 3))
+    for name in names:
+        per_fold = " | ".join(f"{(p == t).mean():.3f}" for p, t in zip(preds[name], truth))
+        pred = torch.from_numpy(np.concatenate(preds[name]))
+        print(f"| {name} | {per_fold} | **{(pred == every).double().mean():.3f}** | "
+              f"{macro_f1(pred, every, 3):.3f} | {seconds[name]:.0f} |")
+
+
+def genre_transformer(train, test, labels, args) -> np.ndarray:
+    """The labels a transformer classifier, trained through TransformerTrainer, predicts for the test passages."""
+    from data import BPETokenizer, EncodedTexts
     from tasks import ClassificationTask
     from train import TransformerTrainer
-    split = shakespeare_genres(chars=args.chars, seed=args.seed)
-    train, test, labels = split["train"], split["test"], split["labels"]
-    print(f"{len(train):,} train / {len(test):,} test passages of {args.chars} characters; "
-          f"test plays: {', '.join(split['test_plays'])}")
-    majority = np.bincount([y for _, y in train]).argmax()
-    rows = [("majority class (of the training passages)", np.mean([y == majority for _, y in test]), 0.0)]
-    start = time.perf_counter()
-    rows.append(("linear, hashed char 1-4-grams", ngram_baseline(train, test, len(labels)), time.perf_counter() - start))
-    start = time.perf_counter()
     torch.manual_seed(args.seed)
     tok = BPETokenizer.train([t for t, _ in train], vocab_size=args.vocab_size)
-    train_ds, test_ds = EncodedTexts(train, tok), EncodedTexts(test, tok)
     model = Transformer(vocab_size=tok.vocab_size, d_model=args.d_model, n_heads=4, n_layers=args.n_layers,
                         block_size=args.chars, causal=False, head="classification", num_classes=len(labels),
                         pooling="mean", dropout=args.dropout)
     trainer = TransformerTrainer(model, task=ClassificationTask(len(labels), labels=labels),
                                  learning_rate=args.lr, batch_size=32, warmup_iters=50)
-    trainer.train(train_ds, epochs=args.epochs)
-    metrics = trainer.evaluate(test_ds)
-    rows.append((f"transformer (BPE {args.vocab_size}, {args.n_layers}x{args.d_model}, {args.epochs} epochs)",
-                 metrics["accuracy"], time.perf_counter() - start))
-    print("\n| model | test accuracy | seconds |\n|---|---|---|")
-    for name, acc, secs in rows:
-        print(f"| {name} | {acc:.3f} | {secs:.0f} |")
-    print(f"transformer macro-F1 {metrics['macro_f1']:.3f}")
+    trainer.train(EncodedTexts(train, tok), epochs=args.epochs)
+    return trainer.predict(EncodedTexts(test, tok)).argmax(-1).numpy()
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -609,6 +661,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
     p.add_argument("--nanogpt", help="path to a nanoGPT checkout: time its model.py on gpt2-style too")
+    p.add_argument("--baseline", metavar="FILE", help="another revision's model.py (git show REV:model.py > FILE): "
+                   "time it on gpt2-style too, as ours runs")
     p.set_defaults(func=bench_train)
     d = sub.add_parser("decode", help="batch-1 decode tokens/s vs the bandwidth roofline and Hugging Face")
     d.add_argument("--sizes", default="15M,110M", help=f"comma-separated: {', '.join(DECODE_CONFIGS)}")
@@ -642,6 +696,8 @@ def main(argv=None):
     t.set_defaults(func=bench_tokenize)
     c = sub.add_parser("classify", help="genre classification of Shakespeare passages vs majority and n-gram baselines")
     c.add_argument("--chars", type=int, default=256)
+    c.add_argument("--folds", type=int, default=4, help="grouped cross-validation over plays")
+    c.add_argument("--fold", type=int, default=None, help="run only this fold (0-based)")
     c.add_argument("--epochs", type=float, default=4)
     c.add_argument("--vocab_size", type=int, default=2048)
     c.add_argument("--d_model", type=int, default=64)
@@ -652,7 +708,7 @@ def main(argv=None):
     c.set_defaults(func=bench_classify)
     row = sub.add_parser("train-row", help=argparse.SUPPRESS)   # one row of `train`, in its own process
     row.add_argument("config", choices=list(TRAIN_CONFIGS))
-    row.add_argument("--impl", choices=["ours", "nanoGPT"], default="ours")
+    row.add_argument("--impls", default="ours", help="comma-separated: ours, nanoGPT, baseline")
     row.add_argument("--steps", type=int, default=8)
     row.add_argument("--batch_size", type=int, default=None)
     row.add_argument("--device", default="auto")
@@ -660,6 +716,7 @@ def main(argv=None):
     row.add_argument("--compile", action="store_true")
     row.add_argument("--precision", default="fp32")
     row.add_argument("--nanogpt")
+    row.add_argument("--baseline")
     row.set_defaults(func=bench_train_row)
     m = sub.add_parser("memory", help="peak memory of a training step with and without gradient checkpointing")
     m.add_argument("--configs", default="gpt2-style,small", help=f"comma-separated: {', '.join(TRAIN_CONFIGS)}")

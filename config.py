@@ -127,9 +127,8 @@ SECTIONS = {"model": TransformerConfig, "data": DataConfig, "training": TrainCon
 
 # Run presets set model and training keys together; every model preset is a run preset too.
 RUN_PRESETS = {
-    # Beats nanoGPT's CPU "baby GPT" on tinyshakespeare in the same wall-clock (see readme).
-    # Found by search on a 2-core CPU: within 75 s, a small, fast model that sees more
-    # tokens wins over a larger one that sees fewer.
+    # A 75-second budget on a CPU: a small, fast model that sees more tokens learns more than a
+    # larger one that sees fewer (readme: cpu-fast on tinyshakespeare).
     "cpu-fast": {
         "model": dict(n_layers=2, d_model=128, n_heads=4, n_kv_heads=4, block_size=64, dropout=0.0,
                       norm="rmsnorm", pos_encoding="rope", activation="swiglu", bias=False),

@@ -76,16 +76,19 @@ GENRES = {"comedies": "comedy", "problems": "comedy", "romances": "comedy", "his
           "tragedies": "tragedy", "roman": "tragedy"}
 
 
-def shakespeare_genres(*, chars: int = 256, test_fraction: float = 0.25, seed: int = 0) -> dict:
+def shakespeare_genres(*, chars: int = 256, folds: int = 4, fold: int = 0, seed: int = 0) -> dict:
     """Passages of `chars` characters of spoken verse (speaker names dropped), labelled comedy,
-    history or tragedy, split by play: a seeded test_fraction of each genre's plays is held
-    out whole, so no test passage comes from a play seen in training.
+    history or tragedy, split by play for grouped cross-validation: each genre's plays are put
+    in a seeded order, and fold k holds out those at ranks k, k + folds, ..., so no test passage
+    comes from a play seen in training and over folds 0..folds-1 every play is tested once.
 
     Returns {"train": [(text, label id)], "test": [...], "labels": [...], "test_plays": [...]}.
-        >>> split = shakespeare_genres()                                     # doctest: +SKIP
+        >>> split = shakespeare_genres(fold=0)                               # doctest: +SKIP
         >>> split["labels"], len(split["train"]) > len(split["test"])
         (['comedy', 'history', 'tragedy'], True)
     """
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold={fold} is not in 0..{folds - 1}")
     labels = sorted(set(GENRES.values()))
     by_genre: dict[str, list[Path]] = defaultdict(list)
     for play in builtin_plays():
@@ -93,14 +96,13 @@ def shakespeare_genres(*, chars: int = 256, test_fraction: float = 0.25, seed: i
     rng, out = np.random.default_rng(seed), {"train": [], "test": [], "labels": labels, "test_plays": []}
     for genre in labels:
         plays = sorted(by_genre[genre])
-        held = set(rng.permutation(len(plays))[:max(1, round(test_fraction * len(plays)))].tolist())
-        for i, play in enumerate(plays):
-            verse = "\n".join(line for line in play_to_text(play.read_text(encoding="utf-8")).splitlines()
+        for rank, i in enumerate(rng.permutation(len(plays))):
+            verse = "\n".join(line for line in play_to_text(plays[i].read_text(encoding="utf-8")).splitlines()
                               if line and not line.endswith(":"))
-            split = "test" if i in held else "train"
+            split = "test" if rank % folds == fold else "train"
             out[split] += [(verse[j:j + chars], labels.index(genre)) for j in range(0, len(verse) - chars + 1, chars)]
             if split == "test":
-                out["test_plays"].append(play.stem)
+                out["test_plays"].append(plays[i].stem)
     return out
 
 

@@ -1,9 +1,12 @@
 """bench.py runs and prints its table (speed goals are printed by bench.py, never asserted here)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,7 +18,7 @@ def test_train_row_reports_a_consistent_measurement():
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["name"] == "ours cpu-fast (default malloc)"
     assert row["bt"] == "16x64"
-    assert row["tps"] == 16 * 64 / (row["ms"] / 1e3)       # tokens/s and ms/step agree
+    assert row["tps"] == pytest.approx(16 * 64 / (row["ms"] / 1e3), rel=1e-9)   # tokens/s and ms/step agree
     assert row["best"] >= row["tps"] > 0 and row["flops_per_token"] > 6 * row["params"] * 0.5
 
 
@@ -26,6 +29,50 @@ def test_train_prints_a_table():
     assert "fp32 matmul peak" in out.stdout
     line = next(l for l in out.stdout.splitlines() if l.startswith("ours cpu-fast"))
     assert line.split()[-1].endswith("%")
+
+
+# Stands in for nanoGPT's model.py: its GPT / GPTConfig / configure_optimizers interface.
+FAKE_NANOGPT = """
+import torch
+import torch.nn.functional as F
+from model import Transformer
+
+class GPTConfig:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+class GPT(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.m = Transformer(vocab_size=c.vocab_size, d_model=c.n_embd, n_heads=c.n_head, n_layers=c.n_layer,
+                             block_size=c.block_size)
+
+    def forward(self, x, y):
+        logits = self.m(x)
+        return logits, F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        print("num decayed parameter tensors: ...")
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas)
+"""
+
+
+def test_train_times_nanogpt_and_a_baseline_in_turns_with_ours(tmp_path):
+    (tmp_path / "model.py").write_text(FAKE_NANOGPT)
+    out = subprocess.run([sys.executable, "bench.py", "train", "--configs", "gpt2-style", "--steps", "1",
+                          "--batch_size", "1", "--nanogpt", str(tmp_path), "--baseline", str(ROOT / "model.py"),
+                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    names = [l.split("  ")[0] for l in out.stdout.splitlines() if l.startswith(("ours", "nanoGPT", "baseline"))]
+    assert names == ["ours gpt2-style", "nanoGPT gpt2-style", "baseline gpt2-style", "ours gpt2-style (default malloc)",
+                     "nanoGPT gpt2-style (default malloc)", "baseline gpt2-style (default malloc)"]
+    ratios = dict(re.findall(r"^  ours / (.+?): (\d+\.\d{3})$", out.stdout, re.M))
+    assert set(ratios) == {f"{impl} ({malloc})" for impl in ("nanoGPT", "baseline")
+                           for malloc in ("tuned malloc, as train.py runs", "default malloc")}
+    rows = {l.split("  ")[0]: l.split() for l in out.stdout.splitlines() if l.startswith(("ours", "nanoGPT"))}
+    tps = lambda name: float(rows[name][-3])                                        # noqa: E731
+    assert float(ratios["nanoGPT (default malloc)"]) == pytest.approx(
+        tps("ours gpt2-style (default malloc)") / tps("nanoGPT gpt2-style (default malloc)"), abs=2e-3)
 
 
 def test_decode_prints_a_row_per_size():
@@ -125,3 +172,16 @@ def test_quant_prints_a_row_per_weight_format():
     assert memory_mb["int4"] < memory_mb["int8"] < 0.9 * memory_mb["fp32"]
     assert all(peak > memory_mb[mode] for mode, peak in peak_mb.items())      # a real peak, of the row's process
     assert float(rows["fp32"][7]) == 0 and 0 < float(rows["int8"][7]) < float(rows["int4"][7]) < 1
+
+
+def test_classify_prints_a_row_per_model_over_the_folds_it_ran():
+    out = subprocess.run([sys.executable, "bench.py", "classify", "--fold", "1", "--epochs", "0.02",
+                          "--vocab_size", "300", "--d_model", "16", "--n_layers", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("fold 2/4: ") and "| model | fold 2 | all test passages | macro-F1 | seconds |" in out.stdout
+    rows = [l.split(" | ") for l in out.stdout.splitlines() if l.startswith(("| majority", "| linear", "| transformer"))]
+    assert len(rows) == 3
+    for row in rows:
+        assert row[1] == row[2].strip("*") and 0 < float(row[1]) < 1     # one fold: it is every test passage
+    assert float(rows[1][1]) > float(rows[0][1])                       # the n-gram model beats the majority
