@@ -62,7 +62,7 @@ class SampleConfig:
     speculative_k: int = 4             # tokens the draft proposes per target forward
     eos: str = "stop"                  # stop | ignore: at the end-of-text token (BPE), end the output or go on
     device: str = "auto"
-    precision: str = "fp32"            # fp32 | bf16 | fp16: the weights' dtype while generating
+    dtype: str = "fp32"                # fp32 | bf16 | fp16: the weights' dtype while generating
     compile: bool = False              # torch.compile the decode steps (fastpath.py; see LMDecoder)
 
     def __post_init__(self):
@@ -77,8 +77,8 @@ class SampleConfig:
                              f"(got {self.beam_size}, {self.num_return_sequences})")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1 (or null: all prompts at once)")
-        if self.precision not in PRECISION_DTYPES:
-            raise ValueError(f"precision={self.precision!r}; {closest(self.precision, PRECISION_DTYPES)}")
+        if self.dtype not in PRECISION_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; {closest(self.dtype, PRECISION_DTYPES)}")
         if self.eos not in EOS_MODES:
             raise ValueError(f"eos={self.eos!r}; {closest(self.eos, EOS_MODES)}")
 
@@ -578,12 +578,12 @@ def _continue_batch(model, tokenizer, ids: list[list[int]], cfg: SampleConfig, g
     return [stream.text() for stream in streams]
 
 
-def set_precision(model, precision: str, device: str):
-    """The model with its floating-point weights in the precision's dtype (bf16 halves the
+def set_dtype(model, dtype: str, device: str):
+    """The model with its floating-point weights in this dtype (bf16 halves the
     bytes a decode step reads); fp16 needs a GPU (CPUs emulate it slowly)."""
-    if precision == "fp16" and device.split(":")[0] == "cpu":
-        raise ValueError("precision=fp16 needs a GPU; on a CPU use bf16 (or fp32)")
-    return model if precision == "fp32" else model.to(PRECISION_DTYPES[precision])
+    if dtype == "fp16" and device.split(":")[0] == "cpu":
+        raise ValueError("dtype=fp16 needs a GPU; on a CPU use bf16 (or fp32)")
+    return model if dtype == "fp32" else model.to(PRECISION_DTYPES[dtype])
 
 
 def read_prompts(path: str) -> list[str]:
@@ -704,7 +704,7 @@ def main(argv=None):
         path = scfg.checkpoint or str(Path(cfg["training"].out_dir) / "best.pt")
         device = pick_device(scfg.device)
         model, tokenizer = load_model(path, lora=scfg.lora, quantize=cfg["quantize"], device=device)
-        model = set_precision(model, scfg.precision, device)
+        model = set_dtype(model, scfg.dtype, device)
         if model.config.head != "lm":        # a classifier or regressor: outputs, not text
             return predict_main(model, tokenizer, load_checkpoint(scfg.lora or path)["task"], scfg)
         generator = torch.Generator(device=device)
@@ -755,7 +755,7 @@ def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
     """generate.py --draft_checkpoint: print each sample, then the acceptance rate and the
     speed-up over decoding with the target alone (measured on the same prompt and length)."""
     draft, draft_tok = load_model(cfg.draft_checkpoint, device=device)
-    draft = set_precision(draft, cfg.precision, device)
+    draft = set_dtype(draft, cfg.dtype, device)
     if draft_tok.state() != tokenizer.state():
         raise ValueError(f"the draft checkpoint '{cfg.draft_checkpoint}' has another tokenizer than the target")
     ids = encode_prompt(tokenizer, cfg.prompt)

@@ -864,25 +864,25 @@ def test_without_fastpath_compile_decodes_eagerly_after_one_note(trained_run, tm
     assert out.stdout == text + "\n" + "\n" + "-" * 40 + "\n" + text + "\n"
 
 
-# --- precision ---------------------------------------------------------------------------------------
+# --- dtype -------------------------------------------------------------------------------------------
 
-def test_precision_for_generation(trained_run, capsys):
+def test_dtype_for_generation(trained_run, capsys):
     ckpt = str(trained_run.out_dir / "best.pt")
     base = ["--config", str(REPO / "config.yaml"), "--checkpoint", ckpt, "--max_new_tokens", "20",
             "--temperature", "0", "--prompt", "the "]
     generate.main(base)
     fp32 = capsys.readouterr().out
-    generate.main([*base, "--precision", "bf16"])
+    generate.main([*base, "--dtype", "bf16"])
     bf16 = capsys.readouterr().out
     assert bf16.startswith("the ") and len(bf16) == len(fp32)       # 20 characters, bf16 weights
     model, tok = model_from_checkpoint(load_checkpoint(ckpt))
-    half = generate.set_precision(model, "bf16", "cpu")
+    half = generate.set_dtype(model, "bf16", "cpu")
     assert half.tok_emb.weight.dtype == torch.bfloat16
     prompt = torch.tensor([tok.encode("the ")])
     first = next(generate_tokens(half, prompt, 1, temperature=0))        # sampled from float logits
     with torch.no_grad():
         assert first.item() == half(prompt)[0, -1].float().argmax().item()
-    with pytest.raises(SystemExit, match=r"precision=fp16 needs a GPU; on a CPU use bf16"):
-        generate.main([*base, "--precision", "fp16", "--device", "cpu"])
-    with pytest.raises(SystemExit, match=r"precision='bf61'; did you mean 'bf16'\?"):
-        generate.main([*base, "--precision", "bf61"])
+    with pytest.raises(SystemExit, match=r"dtype=fp16 needs a GPU; on a CPU use bf16"):
+        generate.main([*base, "--dtype", "fp16", "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"dtype='bf61'; did you mean 'bf16'\?"):
+        generate.main([*base, "--dtype", "bf61"])
