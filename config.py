@@ -13,6 +13,7 @@ imports only model.py, so every script can read the configuration without a loop
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,20 +153,29 @@ def field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+class Quoted(str):
+    """A command-line value written in quotes ("null", 'none'): always the string itself."""
+
+
 def coerce(value: Any, typ, where: str) -> Any:
-    """Convert a YAML or command-line value to the field's type, or say what is wrong.
-    A list field (list[str]) takes a YAML list or a single value."""
+    """Convert a YAML or command-line value to the field's type, or say what is wrong. Null is
+    YAML's null or the word `null`, and only an Optional field takes it; a string field keeps
+    any string ("none" too). A list field (list[str]) takes a YAML list or a single value.
+
+        >>> coerce("none", str, "model.pos_encoding"), coerce("null", Optional[int], "model.d_ff")
+        ('none', None)
+    """
     if typing.get_origin(typ) is list:
         (item,) = typing.get_args(typ)
         items = value if isinstance(value, list) else [value]
         return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(items)]
     optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
     base = next(t for t in typing.get_args(typ) if t is not type(None)) if optional else typ
-    text = value.strip().lower() if isinstance(value, str) else None
-    if value is None or text in ("none", "null", "~") or value == "" or (text == "" and base is not str):
+    text = value.strip().lower() if isinstance(value, str) and not isinstance(value, Quoted) else None
+    if value is None or (text == "null" and (optional or base is not str)):
         if optional:
             return None
-        raise ValueError(f"{where} cannot be empty/null")
+        raise ValueError(f"{where} cannot be null")
     bad = ValueError(f"{where} expects {getattr(base, '__name__', base)}, got {value!r}")
     if base is str:
         return str(value)
@@ -205,6 +215,19 @@ def _apply(values: dict, section_cls, section: str, updates: dict, source: str):
         values[key] = coerce(value, types[key], f"{section}.{key} ({source})")
 
 
+def _undotted_hint(name: str, sections: dict[str, type], aliases: dict[str, str]) -> str:
+    """For an option without a section: the keys (in any section) or aliases it looks like,
+    else how options are written."""
+    keys = {k: [f"{s}.{k}" for s, c in sections.items() if k in field_types(c)]
+            for c in sections.values() for k in field_types(c)}
+    match = difflib.get_close_matches(name, [*aliases, *keys], n=1, cutoff=0.6)
+    if match:
+        return "did you mean " + " or ".join(f"'{m}'" for m in (
+            [f"--{match[0]}"] if match[0] in aliases else keys[match[0]])) + "?"
+    return (f"options look like --section.key=value (sections: {', '.join(sections)}; "
+            f"--help lists the keys) or an alias: {', '.join('--' + a for a in aliases)}")
+
+
 def parse_overrides(argv: list[str], *, sections: dict[str, type], aliases: dict[str, str] = None):
     """`--section.key=value`, `--section.key value` or an alias (`--device cuda`), typed.
 
@@ -222,14 +245,12 @@ def parse_overrides(argv: list[str], *, sections: dict[str, type], aliases: dict
         dotted = aliases.get(name, name)
         section, dot, key = dotted.partition(".")
         if not dot:
-            valid = list(aliases) + [f"{s}.{k}" for s, c in sections.items() for k in field_types(c)]
-            raise ValueError(f"unknown option '--{name}'; {closest(name, valid)}")
+            raise ValueError(f"unknown option '--{name}'; {_undotted_hint(name, sections, aliases)}")
         if section not in sections:
             raise ValueError(f"unknown config section '{section}' in '--{name}'; {closest(section, sections)}")
         types = field_types(sections[section])
         if key not in types:
-            valid = [f"{section}.{k}" for k in types]
-            raise ValueError(f"unknown option '--{name}'; {closest(dotted, valid)}")
+            raise ValueError(f"unknown option '--{name}'; {closest(key, types, prefix=section + '.')}")
         if not eq:
             is_bool = types[key] in (bool, Optional[bool])
             if i + 1 < len(argv) and not argv[i + 1].startswith("--") and not (
@@ -239,6 +260,8 @@ def parse_overrides(argv: list[str], *, sections: dict[str, type], aliases: dict
                 value = "true"
             else:
                 raise ValueError(f"option '--{name}' needs a value")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = Quoted(value[1:-1])                  # quoted: the string itself, never null
         if typing.get_origin(types[key]) is list:        # repeated flags accumulate
             out.setdefault(section, {}).setdefault(key, []).append(value)
         else:

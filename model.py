@@ -48,12 +48,18 @@ POOLINGS = ("last", "mean", "cls", "none")   # none: an output per position
 HEAD_FIELDS = ("head", "num_classes", "output_dim", "pooling", "causal")   # what Transformer.set_head may change
 
 
-def closest(name: str, valid) -> str:
-    """A hint naming the valid choice closest to `name` (for error messages)."""
+def closest(name: str, valid, *, prefix: str = "") -> str:
+    """A hint for error messages: the valid choices, after the one `name` looks like, if any
+    is close (difflib's similarity of at least 0.6: a typo, not a different word); each is
+    shown after `prefix` (e.g. "model.").
+
+        >>> closest("rmsnrom", NORMS), closest("batchnorm", NORMS)
+        ("did you mean 'rmsnorm'? valid: rmsnorm, layernorm", 'valid: rmsnorm, layernorm')
+    """
     valid = list(valid)
-    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.0)
-    hint = f"did you mean '{match[0]}'? " if match else ""
-    return f"{hint}valid: {', '.join(valid)}"
+    match = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
+    hint = f"did you mean '{prefix}{match[0]}'? " if match else ""
+    return f"{hint}valid: {', '.join(prefix + v for v in valid)}"
 
 
 @dataclass

@@ -57,11 +57,14 @@ def test_parse_overrides_returns_raw_values_by_section():
     (["--training.compile", "--model.n_layers=2"], "training", "compile", True),
     (["--training.compile=yes"], "training", "compile", True),
     (["--training.max_time=null"], "training", "max_time", None),
-    (["--training.max_time=None"], "training", "max_time", None),
     (["--training.max_time=90"], "training", "max_time", 90.0),
-    (["--model.n_kv_heads", "none"], "model", "n_kv_heads", 8),     # None: resolved to n_heads
+    (["--model.n_kv_heads", "null"], "model", "n_kv_heads", 8),     # None: resolved to n_heads
     (["--model.n_kv_heads=2"], "model", "n_kv_heads", 2),
-    (["--data.path=~"], "data", "path", None),
+    (["--data.path=~"], "data", "path", "~"),                      # a string, not YAML's null
+    (["--data.path=none"], "data", "path", "none"),
+    (["--data.path='null'"], "data", "path", "null"),              # quoted: the string itself
+    (["--model.pos_encoding=none"], "model", "pos_encoding", "none"),
+    (['--model.pos_encoding="none"'], "model", "pos_encoding", "none"),
     (["--data.path=my file.txt"], "data", "path", "my file.txt"),
     (["--model.d_ff=null"], "model", "d_ff", 704),
 ])
@@ -75,7 +78,8 @@ def test_typed_values(argv, section, key, value):
     (["--model.n_layers=2.5"], r"model\.n_layers \(the command line\) expects int, got '2\.5'"),
     (["--training.learning_rate=fast"], r"training\.learning_rate \(the command line\) expects float, got 'fast'"),
     (["--training.progress=maybe"], r"training\.progress \(the command line\) expects bool, got 'maybe'"),
-    (["--model.n_layers=null"], r"model\.n_layers \(the command line\) cannot be empty/null"),
+    (["--model.n_layers=null"], r"model\.n_layers \(the command line\) cannot be null"),
+    (["--training.max_time=None"], r"training\.max_time \(the command line\) expects float, got 'None'"),
     (["--model.n_layers"], r"option '--model\.n_layers' needs a value"),
     (["--model.n_layers", "--training.seed=1"], r"option '--model\.n_layers' needs a value"),
     (["--training.progress", "maybe"], r"unexpected argument 'maybe'"),
@@ -99,6 +103,29 @@ def test_unknown_section_and_undotted_option():
         cfg_of("--modle.n_layers=3")
     with pytest.raises(ValueError, match=r"unknown option '--n_layers'; did you mean 'model\.n_layers'"):
         cfg_of("--n_layers=3")
+    with pytest.raises(ValueError, match=r"unknown option '--dropout'; did you mean 'model\.dropout' or 'lora\.dropout'\?"):
+        cfg_of("--dropout=0.1")
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--max_seq_len=64"], "options look like --section.key=value (sections: model, data, training, lora, "
+                           "quantize; --help lists the keys) or an alias: --task, --data,"),
+    (["--model.max_seq_len=64"], "valid: model.vocab_size, model.block_size, "),        # the section's keys
+    (["--epoch=2"], "did you mean '--epochs'?"),
+    (["--training.epoch=2"], "did you mean 'training.epochs'? valid: training.task, "),
+])
+def test_a_name_is_suggested_only_when_it_is_close(argv, hint):
+    with pytest.raises(ValueError) as e:
+        cfg_of(*argv, aliases=train.ALIASES)
+    message = str(e.value)
+    assert hint in message and ("did you mean" in hint) == ("did you mean" in message), message
+
+
+def test_a_string_value_is_never_null():
+    g = load_config(None, ["--prompt", "None"], sections=generate.SECTIONS, aliases=generate.ALIASES)
+    assert g["sample"].prompt == "None"
+    assert load_config(None, ["--checkpoint", "null"], sections=generate.SECTIONS,
+                       aliases=generate.ALIASES)["sample"].checkpoint is None       # Optional: null is None
 
 
 # --- the YAML file ----------------------------------------------------------------------
@@ -194,7 +221,7 @@ def test_aliases():
     cfg = cfg_of("--data", "my.txt", "--device=cpu", aliases=train.ALIASES)
     assert cfg["data"].path == "my.txt" and cfg["training"].device == "cpu"
     assert cfg_of("--data=x.txt", aliases=train.ALIASES)["data"].path == "x.txt"
-    with pytest.raises(ValueError, match=r"unknown option '--dat'; did you mean 'data'"):
+    with pytest.raises(ValueError, match=r"unknown option '--dat'; did you mean '--data'"):
         cfg_of("--dat=x.txt", aliases=train.ALIASES)
     g = load_config(None, ["--prompt", "ROMEO:", "--temperature", "0", "--stream", "--top_k=null"],
                     sections=generate.SECTIONS, aliases=generate.ALIASES)["sample"]
