@@ -29,7 +29,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -46,7 +48,7 @@ from model import (HEAD_FIELDS, Int4Linear, Int8Linear, Transformer, Transformer
                    load_lora_state_dict, lora_state_dict)
 from tasks import (HIGHER_IS_BETTER, ClassificationTask, EpochBatches, LanguageModelTask, RegressionTask, Task,
                    WindowBatches, dataset_batches, predict_all, split_loss, task_for)
-from utils import (CheckpointError, JsonlLogger, base_reference, check_base, device_peak_flops, flops_per_token,
+from utils import (CheckpointError, JsonlLogger, RunLock, base_reference, check_base, device_peak_flops, flops_per_token,
                    load_checkpoint, model_from_checkpoint, pick_device, plot_run, save_checkpoint,
                    tune_cpu_allocator, warn_compile_failed)
 
@@ -258,6 +260,44 @@ def compile_model(wrapped: torch.nn.Module, trial) -> torch.nn.Module:
         wrapped.zero_grad(set_to_none=True)
 
 
+class SignalStop:
+    """While in use (in the main thread), SIGINT and SIGTERM ask the loop to stop after its
+    current step instead of killing it; a second signal acts as usual.
+    `received(device)`: the signal, once every rank has heard of it (one reduction a step)."""
+
+    def __enter__(self):
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        self.__exit__()
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def received(self, device: str) -> Optional[int]:
+        if rank_and_world()[1] > 1:                     # all ranks stop at the same step
+            heard = torch.tensor(self.signum or 0, device=device)
+            dist.all_reduce(heard, op=dist.ReduceOp.MAX)
+            self.signum = int(heard.item()) or None
+        return self.signum
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after a whole step, with last.pt written there."""
+
+    def __init__(self, signum: int, step: int, out_dir: Optional[Path]):
+        self.signum = signum
+        where = (f"{out_dir / 'last.pt'} holds it; resume with --resume" if out_dir
+                 else "no out_dir, so nothing was saved")
+        super().__init__(f"{signal.Signals(signum).name}: stopped after step {step}; {where}")
+
+
 class Throughput:
     """Tokens/s and MFU over the training steps added since the last reset (evaluations excluded)."""
 
@@ -362,34 +402,38 @@ class TransformerTrainer:
             torch.manual_seed(cfg.seed + rank)          # each rank its own dropout masks
         if cfg.compile and self.fwd is self.wrapped:
             self.fwd = compile_model(self.wrapped, lambda fwd: self._trial(fwd, stream))
-        record = Record(self, resumed=self._resume is not None, total=cfg.max_time or total_steps)
-        record.start(train_dataset)
         spent = lambda: self.elapsed / cfg.max_time if cfg.max_time else self.step / total_steps  # noqa: E731
-        self.model.train()
-        last_eval, stop, losses = -1, False, []
-        while spent() < 1.0 and not stop:
-            t0 = time.perf_counter()
-            lr = lr_at(self.step, spent(), cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            dropout = dropout_at(spent(), self.model.config.dropout, cfg)
-            if cfg.dropout_schedule != "constant":
-                self.model.set_dropout(dropout)
-            loss, grad_norm, tokens = self._step(stream)
-            losses.append(loss)
-            record.step(time.perf_counter() - t0, tokens, loss=loss, lr=lr, grad_norm=grad_norm,
-                        **({"dropout": dropout} if cfg.dropout_schedule != "constant" else {}))
-            if self.step % eval_interval == 0:
-                stop, last_eval = self._evaluate(record, stream, val_dataset, losses, lr), self.step
-                losses = []
-            self.elapsed += time.perf_counter() - t0
-            record.update_bar()
-        record.close_bar()
-        if last_eval != self.step:
-            stop = self._evaluate(record, stream, val_dataset, losses, lr_at(self.step, spent(), cfg)) or stop
-        self.final = self._final(train_dataset, val_dataset)
-        self.final_val_loss, self.stopped_early = self.final.get("loss"), stop
-        record.finish(self.final)
+        last_eval, stop, losses = -1, False, list((self._resume or {}).get("losses", []))
+        with Record(self, resumed=self._resume is not None, total=cfg.max_time or total_steps) as record, \
+                SignalStop() as signals:
+            record.start(train_dataset)
+            self.model.train()
+            while spent() < 1.0 and not stop:
+                t0 = time.perf_counter()
+                lr = lr_at(self.step, spent(), cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                dropout = dropout_at(spent(), self.model.config.dropout, cfg)
+                if cfg.dropout_schedule != "constant":
+                    self.model.set_dropout(dropout)
+                loss, grad_norm, tokens = self._step(stream)
+                losses.append(loss)
+                record.step(time.perf_counter() - t0, tokens, loss=loss, lr=lr, grad_norm=grad_norm,
+                            **({"dropout": dropout} if cfg.dropout_schedule != "constant" else {}))
+                if self.step % eval_interval == 0:
+                    stop, last_eval = self._evaluate(record, stream, val_dataset, losses, lr), self.step
+                    losses = []
+                self.elapsed += time.perf_counter() - t0
+                record.update_bar()
+                if signals.received(self.device):
+                    record.interrupted(signals.signum, lambda: self.checkpoint(stream, None, losses=losses))
+                    raise Interrupted(signals.signum, self.step, record.out_dir)
+            record.close_bar()
+            if last_eval != self.step:
+                stop = self._evaluate(record, stream, val_dataset, losses, lr_at(self.step, spent(), cfg)) or stop
+            self.final = self._final(train_dataset, val_dataset)
+            self.final_val_loss, self.stopped_early = self.final.get("loss"), stop
+            record.finish(self.final)
         return self.history
 
     def _stream(self, dataset):
@@ -524,9 +568,10 @@ class TransformerTrainer:
         with autocast(self.device, self.cfg.precision):
             return predict_all(self.model, self.task, dataset, batch_size=self.cfg.batch_size, device=self.device)
 
-    def checkpoint(self, stream, val_loss) -> dict:
+    def checkpoint(self, stream, val_loss, *, losses=()) -> dict:
         """Everything --resume needs, as plain full tensors, and what the model is (kind, task,
-        tokenizer). Collective under torchrun: every rank calls it; rank 0 writes the result."""
+        tokenizer); losses: the training losses since the last evaluation (a run stopped between
+        evaluations). Collective under torchrun: every rank calls it; rank 0 writes the result."""
         state = self.model.state_dict() if not self.extra_payload.get("lora") else lora_state_dict(self.model)
         return {"kind": "transformer", "task": self.task.state(), "model": gather_full(state),
                 "model_config": self.model.config.to_dict(),
@@ -535,6 +580,7 @@ class TransformerTrainer:
                 "scaler": self.scaler.state_dict(), "step": self.step, "elapsed": self.elapsed,
                 "best_val_loss": self.best_val_loss, "best": {"metric": self.best_metric, "value": self.best},
                 "val_loss": val_loss, "evals_since_best": self.evals_since_best, "stream": stream.state(),
+                "losses": list(losses),
                 "rng": {**_rng_state(self.device), **({"batches": stream.generator.get_state()}
                                                        if isinstance(stream, WindowBatches) else {})},
                 **self.extra_payload}
@@ -548,7 +594,8 @@ class Record:
         cfg = trainer.cfg
         self.t, self.cfg, self.main = trainer, cfg, rank_and_world()[0] == 0
         self.out_dir = Path(cfg.out_dir) if cfg.out_dir else None
-        self.logger = open_record(self.out_dir, trainer.run_config, resumed=resumed) if self.main and self.out_dir else None
+        self.lock = RunLock(self.out_dir).__enter__() if self.main and self.out_dir else None
+        self.logger = open_record(self.out_dir, trainer.run_config, resumed=resumed) if self.lock else None
         self.bar = None
         if cfg.progress and self.main:
             from tqdm import tqdm
@@ -597,6 +644,25 @@ class Record:
     def close_bar(self):
         if self.bar:
             self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close_bar()
+        if self.logger:
+            self.logger.close()
+        if self.lock:
+            self.lock.__exit__()
+
+    def interrupted(self, signum: int, payload):
+        """last.pt at this step (every rank builds the payload: it gathers), and the log's event."""
+        ckpt = payload() if self.out_dir else None
+        if self.main and ckpt is not None:
+            save_checkpoint(self.out_dir / "last.pt", ckpt)
+        self.log(event="interrupted", step=self.t.step, signal=signal.Signals(signum).name,
+                 elapsed=round(self.t.elapsed, 2))
 
     def evaluation(self, entry: dict, train: dict, val: dict, *, improved, stop, patience, lr, payload):
         t = self.t
@@ -630,8 +696,6 @@ class Record:
             self.log(event="final", step=t.step, final_val_loss=final["loss"],
                      **{k if k == "perplexity" else f"final_val_{k}": v for k, v in final.items() if k != "loss"},
                      elapsed=round(t.elapsed, 2))
-        if self.logger:
-            self.logger.close()
         best = f"; best checkpoint: {self.out_dir / 'best.pt'}" if self.out_dir else ""
         if final and t.task.name == "lm":
             print(f"final_val_loss {final['loss']:.4f} (perplexity {final['perplexity']:.2f}, every validation token "
@@ -788,8 +852,10 @@ def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
     (steps, best and final validation loss, whether it stopped early, the output folder).
     """
     device = init_distributed(cfg["training"].device)
-    try:
-        return _train(cfg, device, resume_from)
+    out_dir = cfg["training"].out_dir
+    try:     # the lock first: data preparation writes in out_dir too
+        with RunLock(out_dir) if out_dir and rank_and_world()[0] == 0 else contextlib.nullcontext():
+            return _train(cfg, device, resume_from)
     finally:
         if rank_and_world()[1] > 1:
             dist.destroy_process_group()
@@ -883,6 +949,9 @@ def main(argv=None):
         train(cfg, resume_from=ckpt)
     except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         sys.exit("interrupted; resume with --resume (the last checkpoint is complete)")
 

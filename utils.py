@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -67,9 +68,73 @@ def save_checkpoint(path, payload: dict) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)          # mkstemp creates 0600; checkpoints are ordinary files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):       # disk full, quota, permissions: the old file is untouched
+            kept = f"; the previous {path.name} is intact" if path.exists() else ""
+            raise CheckpointError(f"could not write {path}: {e.strerror or e}{kept}") from None
         raise
+
+
+class RunLock:
+    """`out_dir/.lock` while a run writes there, holding "host pid". A second run that is
+    still going is refused; the lock of a run that was killed is taken over. Re-entrant
+    within one process.
+
+        >>> with RunLock("out"):                                  # doctest: +SKIP
+        ...     ...                                               # train, write checkpoints
+    """
+
+    def __init__(self, out_dir):
+        self.path, self.me, self.held = Path(out_dir) / ".lock", f"{socket.gethostname()} {os.getpid()}", False
+
+    def __enter__(self):
+        self.made = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while not self.held:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner == self.me:                              # this process holds it already
+                    return self
+                if owner is not None and _alive(owner):
+                    raise ValueError(f"{self.path.parent} is in use by another run ({owner.split()[0]}, pid "
+                                     f"{owner.split()[-1]}); wait for it or choose another training.out_dir "
+                                     f"(delete {self.path} if no run uses it)")
+                self.path.unlink(missing_ok=True)                 # its run is gone: take the lock over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.me)
+            self.held = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.held and self._owner() == self.me:
+            self.path.unlink(missing_ok=True)
+            if self.made and not any(self.path.parent.iterdir()):   # a run that failed before writing
+                self.path.parent.rmdir()
+        self.held = False
+
+    def _owner(self) -> Optional[str]:
+        try:
+            return self.path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+
+def _alive(owner: str) -> bool:
+    """Whether a lock's "host pid" names a running process (another host's: assumed running)."""
+    host, _, pid = owner.rpartition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                # someone else's process
+        return True
+    return True
 
 
 def load_checkpoint(path, *, map_location="cpu") -> dict:

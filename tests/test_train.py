@@ -1,6 +1,9 @@
 """train.py: the schedule, the optimizer groups, training runs, resuming, checkpoints, the CLI."""
+import errno
 import math
 import os
+import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -301,10 +304,11 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     def half_then_fail(obj, f, *a, **kw):
         f.write(b"PK\x03\x04 partial checkpoint bytes")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"could not write .*ckpt\.pt: No space left on device; "
+                                              r"the previous ckpt\.pt is intact"):
         save_checkpoint(path, _payload(2.0))
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before
@@ -664,7 +668,7 @@ def test_dropout_schedule_anneals_every_dropout_of_the_model(run_config, monkeyp
 
 @pytest.mark.parametrize("args, match", [
     (["--training.early_stopping_patience=0"], r"early_stopping_patience=0 must be positive"),
-    (["--training.dropout_schedule=cosine"], r"dropout_schedule='cosine'; did you mean .* valid: constant, linear"),
+    (["--training.dropout_schedule=cosine"], r"dropout_schedule='cosine'; valid: constant, linear"),
     (["--training.dropout_final=1"], r"dropout_final=1.0 must be in \[0, 1\)"),
     (["--training.dropout_schedule=linear", "--training.compile"], r"recompiles for every new value"),
     (["--training.distributed=fdsp"], r"distributed='fdsp'; did you mean 'fsdp'"),
@@ -742,3 +746,110 @@ def test_measuring_the_peak_leaves_the_global_random_state_alone():
     torch.manual_seed(0)
     utils.measure_matmul_peak(n=32, seconds=0.01)
     assert torch.equal(torch.rand(3), expected)          # a seeded run is the same with or without MFU
+
+
+# --- faults: signals, two runs in one folder, a full disk ------------------------------------------
+
+def _wait_for(path: Path, proc, ready, timeout=120):
+    deadline = time.time() + timeout
+    while not ready(_read_if_there(path)):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_writes_last_pt_at_that_step_and_resume_continues_bit_exactly(run_config, tmp_path, sig):
+    """The loop finishes its step, writes last.pt there (between evaluations) and exits with
+    128 + the signal; resumed, the run is the straight run's, step for step."""
+    args = ("--training.lr_schedule=constant", "--training.eval_interval=10", "--training.log_interval=1",
+            "--model.dropout=0.1")
+    cfg = run_config(*args)
+    Path(cfg["training"].out_dir).mkdir(parents=True)
+    (Path(cfg["training"].out_dir) / "config.yaml").write_text(yaml.safe_dump(train_mod.config_to_dict(cfg)))
+    out = tmp_path / "signalled"
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(Path(cfg["training"].out_dir) / "config.yaml"),
+                             f"--training.out_dir={out}", "--training.max_iters=1000000"], cwd=REPO,
+                            env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "log.jsonl", proc, lambda rows: any(r["event"] == "train" and r["step"] >= 13 for r in rows))
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig and "Traceback" not in stderr, stderr
+    ckpt = load_checkpoint(out / "last.pt")
+    stopped = ckpt["step"]
+    assert f"{sig.name}: stopped after step {stopped}; {out / 'last.pt'} holds it" in stderr
+    assert read_jsonl(out / "log.jsonl")[-1] == {**read_jsonl(out / "log.jsonl")[-1], "event": "interrupted",
+                                                  "step": stopped, "signal": sig.name}
+    assert not (out / ".lock").exists()
+    end = stopped + 12                                       # past the next evaluation
+    resumed = train_mod.train(run_config(*args, f"--training.max_iters={end}", out_dir=out), resume_from=ckpt)
+    straight = train_mod.train(run_config(*args, f"--training.max_iters={end}", out_dir=tmp_path / "straight"))
+    assert resumed["final_val_loss"] == straight["final_val_loss"]
+    assert _train_rows(out, stopped, end) == _train_rows(tmp_path / "straight", stopped)
+    assert state_dicts_equal(load_checkpoint(out / "last.pt")["model"],
+                             load_checkpoint(tmp_path / "straight" / "last.pt")["model"])
+
+
+def test_a_second_run_in_a_busy_out_dir_is_refused_and_a_killed_runs_lock_is_taken_over(run_config, tmp_path):
+    cfg = run_config("--training.max_iters=1000000")
+    out = Path(cfg["training"].out_dir)
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", str(tmp_path / "text.txt"), *TINY_CLI,
+                             f"--training.out_dir={out}", "--training.max_iters=1000000"], cwd=REPO,
+                            env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out / "log.jsonl", proc, lambda rows: any(r["event"] == "train" for r in rows))
+        with pytest.raises(SystemExit) as e:
+            train_mod.main(["--data", str(tmp_path / "text.txt"), *TINY_CLI, f"--training.out_dir={out}"])
+        assert str(e.value.code).startswith(f"error: {out} is in use by another run (") and str(proc.pid) in str(e.value.code)
+        assert any(r["event"] == "train" for r in read_jsonl(out / "log.jsonl"))      # its log was left alone
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (out / ".lock").exists()                                   # kill -9 leaves it behind
+    summary = train_mod.train(run_config("--training.max_iters=40", out_dir=out))    # and it is taken over
+    assert summary["step"] == 40 and not (out / ".lock").exists()
+
+
+def test_a_full_disk_during_a_run_keeps_last_and_best_pt_and_says_so(run_config, monkeypatch, capsys):
+    cfg = run_config("--training.eval_interval=10", "--training.max_iters=40")
+    out = Path(cfg["training"].out_dir)
+    real_save, saved = torch.save, {}
+
+    def fill_the_disk_at_step_30(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 30:
+            saved.update({name: (out / name).read_bytes() for name in ("last.pt", "best.pt")})
+            f.write(b"PK\x03\x04 the first bytes")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", fill_the_disk_at_step_30)
+    with pytest.raises(SystemExit) as e:
+        train_mod.main(["--config", str(REPO / "config.yaml"), "--data", str(Path(cfg["data"].path)),
+                        *TINY_CLI, f"--training.out_dir={out}", "--training.eval_interval=10",
+                        "--training.max_iters=40"])
+    message = str(e.value.code)
+    assert re.fullmatch(rf"error: could not write {re.escape(str(out))}/(best|last)\.pt: No space left on device; "
+                        r"the previous \1\.pt is intact", message), message
+    assert {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")} == saved
+    assert load_checkpoint(out / "last.pt")["step"] == 20 and not list(out.glob(".*.tmp"))
+    assert not (out / ".lock").exists()
+
+
+def test_a_really_full_disk_keeps_the_checkpoints_loadable(run_config, tmp_path):
+    """The same on a small tmpfs (where this process may mount one): room for best.pt, last.pt
+    and a little more, so the second evaluation's write runs out of space."""
+    probe = train_mod.train(run_config("--training.max_iters=10", "--training.eval_interval=10",
+                                       out_dir=tmp_path / "probe"))
+    size = (Path(probe["out_dir"]) / "last.pt").stat().st_size
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(2.6 * size) + 65536}", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        cfg = run_config("--training.eval_interval=10", "--training.max_iters=40",
+                         f"--data.cache_dir={tmp_path / 'cache'}", out_dir=disk / "out")
+        with pytest.raises(utils.CheckpointError, match=r"No space left on device; the previous (best|last)\.pt is intact"):
+            train_mod.train(cfg)
+        assert load_checkpoint(disk / "out" / "last.pt")["step"] == 10
+        assert load_checkpoint(disk / "out" / "best.pt")["step"] == 10 and not list((disk / "out").glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
