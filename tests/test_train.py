@@ -570,35 +570,39 @@ def test_kill_9_during_a_checkpoint_write_resumes_the_same_trajectory(run_config
 
 
 def test_kill_9_at_any_moment_resumes_from_the_last_complete_checkpoint(run_config, tmp_path):
-    # a constant schedule makes the trajectory independent of max_iters, so the killed run
-    # can be long and the comparison short
-    args = ("--training.lr_schedule=constant", "--training.eval_interval=10", "--training.log_interval=1",
-            "--model.dropout=0.1")
-    cfg = run_config(*args)
-    Path(cfg["training"].out_dir).mkdir(parents=True)
-    (Path(cfg["training"].out_dir) / "config.yaml").write_text(yaml.safe_dump(train_mod.config_to_dict(cfg)))
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(Path(cfg["training"].out_dir) / "config.yaml"),
-                             f"--training.out_dir={out}", "--training.max_iters=1000000"], cwd=REPO,
-                            env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _endless_run(run_config, out)
     try:
-        deadline = time.time() + 120
-        while not any(r["event"] == "eval" and r["step"] >= 30 for r in _read_if_there(out / "log.jsonl")):
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "slow"
-            time.sleep(0.05)
+        _wait_for(out / "log.jsonl", proc, lambda rows: any(r["event"] == "eval" and r["step"] >= 30 for r in rows))
     finally:
         proc.kill()                                                 # SIGKILL, wherever it is
         proc.wait()
     ckpt = load_checkpoint(out / "last.pt")                         # complete, whatever was being written
     resume_at = ckpt["step"]                # 20 if step 30's checkpoint was still being written
     assert resume_at >= 20 and resume_at % 10 == 0
-    more = run_config(*args, f"--training.max_iters={resume_at + 10}", out_dir=out)
+    more = run_config(*ENDLESS_ARGS, f"--training.max_iters={resume_at + 10}", out_dir=out)
     resumed = train_mod.train(more, resume_from=ckpt)
-    straight = train_mod.train(run_config(*args, f"--training.max_iters={resume_at + 10}",
+    straight = train_mod.train(run_config(*ENDLESS_ARGS, f"--training.max_iters={resume_at + 10}",
                                           out_dir=tmp_path / "straight"))
     assert resumed["final_val_loss"] == straight["final_val_loss"]
     # (the killed run may have logged steps past resume_at + 10 before the kill arrived)
     assert _train_rows(out, resume_at, resume_at + 10) == _train_rows(tmp_path / "straight", resume_at)
+
+
+# a constant schedule makes the trajectory independent of max_iters, so a run can go on until it
+# is stopped and be compared with a short straight run
+ENDLESS_ARGS = ("--training.lr_schedule=constant", "--training.eval_interval=10", "--training.log_interval=1",
+                "--model.dropout=0.1")
+
+
+def _endless_run(run_config, out: Path) -> subprocess.Popen:
+    """train.py with ENDLESS_ARGS and no end in sight, writing to out."""
+    cfg = run_config(*ENDLESS_ARGS)
+    Path(cfg["training"].out_dir).mkdir(parents=True)
+    (Path(cfg["training"].out_dir) / "config.yaml").write_text(yaml.safe_dump(train_mod.config_to_dict(cfg)))
+    return subprocess.Popen([sys.executable, "train.py", "--config", str(Path(cfg["training"].out_dir) / "config.yaml"),
+                             f"--training.out_dir={out}", "--training.max_iters=1000000"], cwd=REPO,
+                            env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _read_if_there(path: Path) -> list:
@@ -761,15 +765,8 @@ def _wait_for(path: Path, proc, ready, timeout=120):
 def test_a_signal_writes_last_pt_at_that_step_and_resume_continues_bit_exactly(run_config, tmp_path, sig):
     """The loop finishes its step, writes last.pt there (between evaluations) and exits with
     128 + the signal; resumed, the run is the straight run's, step for step."""
-    args = ("--training.lr_schedule=constant", "--training.eval_interval=10", "--training.log_interval=1",
-            "--model.dropout=0.1")
-    cfg = run_config(*args)
-    Path(cfg["training"].out_dir).mkdir(parents=True)
-    (Path(cfg["training"].out_dir) / "config.yaml").write_text(yaml.safe_dump(train_mod.config_to_dict(cfg)))
-    out = tmp_path / "signalled"
-    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(Path(cfg["training"].out_dir) / "config.yaml"),
-                             f"--training.out_dir={out}", "--training.max_iters=1000000"], cwd=REPO,
-                            env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args, out = ENDLESS_ARGS, tmp_path / "signalled"
+    proc = _endless_run(run_config, out)
     _wait_for(out / "log.jsonl", proc, lambda rows: any(r["event"] == "train" and r["step"] >= 13 for r in rows))
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
