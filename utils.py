@@ -19,6 +19,8 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import re
 import socket
 import sys
 import tempfile
@@ -142,8 +144,16 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist (train first: python train.py)")
+    if path.is_dir() or path.stat().st_size == 0:
+        raise CheckpointError(f"'{path}' is {'a directory' if path.is_dir() else 'empty'}, not a checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        code = re.search(r"GLOBAL (\S+)", str(e))   # what unpickling would have imported and called
+        if code:
+            raise CheckpointError(f"'{path}' holds Python objects besides tensors and plain data ({code[1]}); "
+                                  f"refused, since loading them could run code") from None
+        raise CheckpointError(f"'{path}' is not a loadable checkpoint (not a torch.save file of tensors)") from None
     except Exception as e:
         reason = (str(e).splitlines() or [""])[0][:200]
         raise CheckpointError(f"'{path}' is not a loadable checkpoint: {type(e).__name__}: {reason}") from None
