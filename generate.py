@@ -212,6 +212,8 @@ class LMDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self._fits(tokens):
             self.seq = torch.cat([self.seq, tokens], dim=1)
+            if tokens.shape[1] > 1 and self.seq.shape[1] > self.max_len:
+                return self._encode_windows(tokens.shape[1])
             return self._encode_window(tokens.shape[1])
         if self.fast and tokens.shape[1] in (1, self.chunk_len):
             logits = self.fast.decode_step(self.model)(tokens, self.pos, self.pad)
@@ -277,6 +279,21 @@ class LMDecoder:
         logits = self.model(window, start_pos=0, pad=pad)[:, -n:]
         self.pos = None if cropped else W
         return logits.float()
+
+
+    def _encode_windows(self, n: int) -> torch.Tensor:
+        """Past max_len, the logits after each of the last n tokens, each from the max_len tokens
+        that end there (what n one-token steps give), as one batch of windows without the cache."""
+        B, L, W = self.seq.shape[0], self.seq.shape[1], self.max_len
+        short = max(0, W + n - 1 - L)                      # the first windows reach before the sequence
+        seq = torch.cat([self.seq[:, :1].expand(B, short), self.seq], dim=1)
+        windows = seq.unfold(1, W, 1)[:, -n:]                                  # (B, n, W)
+        starts = torch.arange(seq.shape[1] - W - n + 1, seq.shape[1] - W + 1, device=seq.device)   # (n,)
+        own = short + (torch.zeros(B, dtype=torch.long, device=seq.device) if self.pad is None else self.pad)
+        pad = (own[:, None] - starts).clamp(0, W)                              # (B, n) slots before real tokens
+        logits = self.model(windows.reshape(B * n, W), pad=pad.reshape(B * n))[:, -1]
+        self.pos = None                                    # the cache holds no window now
+        return logits.view(B, n, -1).float()
 
 
 _fastpath_noted = False
@@ -423,10 +440,6 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
         raise ValueError("the draft and target models have different vocabularies")
     checker = make_decoder(target, compile=compile, chunk_len=k + 1)
     proposer = make_decoder(draft, compile=compile)
-    limit = min(checker.max_len, proposer.max_len)
-    if len(prompt) + max_new_tokens + k > limit:
-        raise ValueError(f"speculative decoding needs prompt + max_new_tokens + k <= block_size "
-                         f"({len(prompt)} + {max_new_tokens} + {k} > {limit})")
     device = checker.device
 
     def ids(tokens: list[int]) -> torch.Tensor:

@@ -533,10 +533,22 @@ def test_sampled_speculative_follows_the_target_distribution(compile):
     assert chi2 < 37.7          # chi-square, 15 degrees of freedom, p = 0.001
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_greedy_speculative_equals_target_greedy_past_block_size(compile):
+    """The same window policy as plain decoding: past block_size (32) every checked position is
+    predicted from the 32 tokens that end there; a long prompt is cropped the same way."""
+    target, draft = _pair(3)
+    for prompt, n in (([1, 2], 70), ([3, 1, 0, 2] * 10, 9)):
+        greedy = torch.cat(list(generate_tokens(target, torch.tensor([prompt]), n, temperature=0)), 1)[0].tolist()
+        for k in (1, 4):
+            out, _ = generate.speculative_generate(target, draft, prompt, n, k=k, temperature=0, compile=compile)
+            assert out == greedy, (prompt, k)
+
+
 def test_speculative_errors():
     target, draft = _pair()
-    with pytest.raises(ValueError, match="block_size"):
-        generate.speculative_generate(target, draft, [1] * 20, 10, k=4)
+    with pytest.raises(ValueError, match="speculative_k=0 must be >= 1"):
+        generate.speculative_generate(target, draft, [1] * 20, 10, k=0)
     other = Transformer(vocab_size=5, block_size=32, d_model=16, n_heads=2, n_layers=1)
     with pytest.raises(ValueError, match="different vocabularies"):
         generate.speculative_generate(target, other, [1], 3)
@@ -760,7 +772,27 @@ def test_a_decoder_steps_chunks_rewinds_and_slides_as_the_uncached_model():
         for n in range(15, 22):                                       # the window slides at 17
             close(decoder.step(seq[:, n - 1:n]), uncached(n, 1))
         assert torch.equal(decoder.greedy(seq[:, 21:22]), uncached(22, 1)[:, -1].argmax(-1, keepdim=True))
+        close(decoder.step(seq[:, 22:27]), uncached(27, 5))           # a chunk past the window
+        decoder.rewind(24)
+        close(decoder.step(seq[:, 24:30]), uncached(30, 6))
     assert model.blocks[0].attn.kv_cache is None                      # closed: the cache is freed
+
+
+def test_a_padded_batch_steps_chunks_past_the_window_as_each_row_alone():
+    model = _tiny(2).double()
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(0, 23, (n,), generator=g).tolist() for n in (14, 5)]
+    more = torch.randint(0, 23, (2, 9), generator=g)
+    ids, pad = generate.left_pad(rows)
+    with generate.make_decoder(model) as decoder:
+        decoder.prefill(ids, pad)
+        got = decoder.step(more)                                      # row 0 passes 16 tokens at 17
+    for b, row in enumerate(rows):
+        full = torch.tensor(row + more[b].tolist())
+        with torch.no_grad():
+            alone = torch.stack([model(full[max(0, t + 1 - 16):t + 1][None])[0, -1]
+                                 for t in range(len(row), len(full))])
+        torch.testing.assert_close(got[b], alone.float(), rtol=0, atol=1e-5)
 
 
 def _compiled_and_eager(model, prompt, n, **kw):
