@@ -925,17 +925,34 @@ def prepared_dataset(cfg: DataConfig, *, out_dir, block_size: int, tokenizer=Non
 # -----------------------------------------------------------------------------
 
 
+def write_genres(path, *, chars: int = 256) -> int:
+    """The built-in corpus as labelled rows for `train.py --task classification`: every passage
+    of shakespeare_genres (both splits), `text<TAB>label` per line, newlines shown as ' / '.
+    Returns the number of rows."""
+    split = shakespeare_genres(chars=chars)
+    rows = [(text, split["labels"][label]) for text, label in split["train"] + split["test"]]
+    Path(path).write_text("text\tlabel\n" + "".join(f"{text.replace(chr(10), ' / ')}\t{label}\n"
+                                                     for text, label in rows), encoding="utf-8")
+    return len(rows)
+
+
 def main(argv=None):
-    """python data.py prepare [--config config.yaml] [--data.path=...] [--data.tokenizer=bpe] ..."""
+    """python data.py prepare [--config config.yaml] [--data.path=...] [--data.tokenizer=bpe] ...
+    python data.py genres --out genres.tsv: the built-in corpus as rows labelled by genre."""
     parser = argparse.ArgumentParser(
-        description="Tokenize a corpus into train.bin / val.bin / meta.json (train.py does this when needed).",
+        description="prepare: tokenize a corpus into train.bin / val.bin / meta.json (train.py does this when "
+                    "needed). genres: write Shakespeare passages labelled comedy/history/tragedy as TSV.",
         epilog="Any key of config.yaml: --section.key=value, e.g. --data.path=corpus/ --data.tokenizer=bpe "
                "--data.vocab_size=4096; the files go to data.cache_dir, or <training.out_dir>/data.")
-    parser.add_argument("command", choices=["prepare"])
+    parser.add_argument("command", choices=["prepare", "genres"])
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
+    parser.add_argument("--out", default="genres.tsv", help="genres: the file to write")
     args, rest = parser.parse_known_args(argv)
     from config import ALIASES, SECTIONS, config_file, load_config
     try:
+        if args.command == "genres":
+            print(f"wrote {write_genres(args.out):,} passages labelled by genre to {args.out}")
+            return
         cfg = load_config(config_file(args.config), rest, sections=SECTIONS, aliases=ALIASES,
                           other_sections=("sample",))
         directory = prepared_dir(cfg["data"], out_dir=cfg["training"].out_dir)

@@ -365,3 +365,15 @@ def test_fine_tuning_a_classifier_on_labels_it_never_saw_is_an_error(classifier_
     message = cli(train_mod, "--task", "classification", "--data", other, "--init_from", root / "out" / "best.pt",
                   f"--training.out_dir={tmp_path / 'out'}", *TASK_CLI)
     assert message == "error: label 'middle' of {} is not one the checkpoint was trained on (early, late)".format(other)
+
+
+def test_data_py_genres_writes_the_built_in_plays_as_labelled_rows(tmp_path):
+    import data
+    out = tmp_path / "genres.tsv"
+    printed = cli(data, "genres", "--out", out)
+    rows = data.read_labelled(out)
+    split = shakespeare_genres()
+    assert printed.strip() == f"wrote {len(rows):,} passages labelled by genre to {out}"
+    assert len(rows) == len(split["train"]) + len(split["test"])
+    assert {label for _, (label,) in rows} == {"comedy", "history", "tragedy"}
+    assert rows[0][0] == split["train"][0][0].replace("\n", " / ")
