@@ -575,7 +575,8 @@ def ngram_features(texts: list[str], *, orders=(1, 2, 3, 4), dim: int = 1 << 18)
             rows.append(np.full(len(h), row))
     idx, rows = torch.from_numpy(np.concatenate(idx)), torch.from_numpy(np.concatenate(rows))
     per_text = torch.bincount(rows, minlength=len(texts)).double()
-    x = torch.sparse_coo_tensor(torch.stack([rows, idx]), 1.0 / per_text[rows], (len(texts), dim))
+    x = torch.sparse_coo_tensor(torch.stack([rows, idx]), 1.0 / per_text[rows], (len(texts), dim),
+                                check_invariants=False)     # built right above: the indices are in range
     with warnings.catch_warnings():                 # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         return x.coalesce().float().to_sparse_csr()
