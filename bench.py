@@ -609,7 +609,9 @@ def bench_classify(args):
     from tasks import macro_f1
     folds = range(args.folds) if args.fold is None else [args.fold]
     names = ["majority class (of the training passages)", "linear, hashed char 1-4-grams (logistic regression)",
-             f"transformer ({args.n_layers} layers x {args.d_model}, BPE {args.vocab_size}, {args.epochs:g} epochs)"]
+             f"transformer ({args.n_layers} layers x {args.d_model}, BPE {args.vocab_size}, "
+             + (f"{args.pretrain_epochs:g} epochs as an LM, then LoRA " if args.pretrain_epochs else "")
+             + f"{args.epochs:g} epochs)"]
     preds, seconds, truth = {n: [] for n in names}, {n: 0.0 for n in names}, []
     for k in folds:
         split = shakespeare_genres(chars=args.chars, folds=args.folds, fold=k, seed=args.seed)
@@ -635,15 +637,29 @@ def bench_classify(args):
 
 
 def genre_transformer(train, test, labels, args) -> np.ndarray:
-    """The labels a transformer classifier, trained through TransformerTrainer, predicts for the test passages."""
+    """The labels a transformer classifier, trained through TransformerTrainer, predicts for the
+    test passages. With --pretrain_epochs it first learns the training passages as a causal
+    language model (the text without its labels), then a classification head and LoRA adapters
+    are trained on top; otherwise a bidirectional encoder is trained from scratch."""
     from data import BPETokenizer, EncodedTexts
-    from tasks import ClassificationTask
+    from model import LoRAConfig, apply_lora
+    from tasks import ClassificationTask, LanguageModelTask
     from train import TransformerTrainer
     torch.manual_seed(args.seed)
     tok = BPETokenizer.train([t for t, _ in train], vocab_size=args.vocab_size)
     model = Transformer(vocab_size=tok.vocab_size, d_model=args.d_model, n_heads=4, n_layers=args.n_layers,
-                        block_size=args.chars, causal=False, head="classification", num_classes=len(labels),
-                        pooling="mean", dropout=args.dropout)
+                        block_size=args.chars, dropout=args.dropout)
+    head = dict(head="classification", num_classes=len(labels), pooling="mean")
+    if args.pretrain_epochs:
+        ids = torch.tensor(tok.encode("".join(t for t, _ in train)))    # the passages are consecutive slices
+        T = 128
+        windows = ids[:(len(ids) - 1) // T * T + 1].unfold(0, T + 1, T)               # (N, T + 1)
+        TransformerTrainer(model, task=LanguageModelTask(), learning_rate=args.lr, batch_size=32,
+                           warmup_iters=50).train(list(zip(windows[:, :-1], windows[:, 1:])),
+                                                  epochs=args.pretrain_epochs)
+        apply_lora(model.set_head(**head), LoRAConfig(r=8, alpha=16))                  # the head trains in full
+    else:
+        model.set_head(**head, causal=False)
     trainer = TransformerTrainer(model, task=ClassificationTask(len(labels), labels=labels),
                                  learning_rate=args.lr, batch_size=32, warmup_iters=50)
     trainer.train(EncodedTexts(train, tok), epochs=args.epochs)
@@ -706,6 +722,8 @@ def main(argv=None):
     c.add_argument("--dropout", type=float, default=0.1)
     c.add_argument("--lr", type=float, default=3e-3)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--pretrain_epochs", type=float, default=0,
+                   help="first train the backbone as a language model on the training passages, then LoRA")
     c.set_defaults(func=bench_classify)
     row = sub.add_parser("train-row", help=argparse.SUPPRESS)   # one row of `train`, in its own process
     row.add_argument("config", choices=list(TRAIN_CONFIGS))
