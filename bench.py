@@ -647,10 +647,11 @@ def genre_transformer(train, test, labels, args) -> np.ndarray:
     from train import TransformerTrainer
     torch.manual_seed(args.seed)
     tok = BPETokenizer.train([t for t, _ in train], vocab_size=args.vocab_size)
-    model = Transformer(vocab_size=tok.vocab_size, d_model=args.d_model, n_heads=4, n_layers=args.n_layers,
-                        block_size=args.chars, dropout=args.dropout)
+    shape = dict(vocab_size=tok.vocab_size, d_model=args.d_model, n_heads=4, n_layers=args.n_layers,
+                 block_size=args.chars, dropout=args.dropout)
     head = dict(head="classification", num_classes=len(labels), pooling="mean")
     if args.pretrain_epochs:
+        model = Transformer(**shape)
         ids = torch.tensor(tok.encode("".join(t for t, _ in train)))    # the passages are consecutive slices
         T = 128
         windows = ids[:(len(ids) - 1) // T * T + 1].unfold(0, T + 1, T)               # (N, T + 1)
@@ -659,7 +660,7 @@ def genre_transformer(train, test, labels, args) -> np.ndarray:
                                                   epochs=args.pretrain_epochs)
         apply_lora(model.set_head(**head), LoRAConfig(r=8, alpha=16))                  # the head trains in full
     else:
-        model.set_head(**head, causal=False)
+        model = Transformer(**shape, **head, causal=False)
     trainer = TransformerTrainer(model, task=ClassificationTask(len(labels), labels=labels),
                                  learning_rate=args.lr, batch_size=32, warmup_iters=50)
     trainer.train(EncodedTexts(train, tok), epochs=args.epochs)
