@@ -5,7 +5,8 @@ Sections, in reading order:
     2. Norms       -- RMSNorm, LayerNorm
     3. RoPE        -- rotary position embeddings, full or partial
     4. KV cache    -- a module holding keys/values for incremental decoding
-    5. Attention   -- causal or bidirectional self-attention, MHA, GQA and MQA via SDPA
+    5. Attention   -- causal or bidirectional self-attention, MHA, GQA and MQA via SDPA;
+                      attention weights on request
     6. FeedForward -- SwiGLU / GeGLU (gated) and GELU / ReLU / SiLU MLPs
     7. Block       -- pre-norm or post-norm residual block
     8. Model       -- Backbone (embeddings, blocks, final norm -> hidden states) and
@@ -281,8 +282,32 @@ class KVCache(nn.Module):
 # =============================================================================
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, *, causal: bool,
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) under the mask SDPA is given (True = attend), or the
+    causal mask, aligned to the last query, where it is given none: (B, H, T, S). Fewer key
+    heads (GQA, MQA) are repeated to the query heads.
+
+        >>> w = attention_weights(torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4), causal=True)
+        >>> w.shape, w[0, 0, 0].tolist()[1:]
+        (torch.Size([1, 2, 3, 3]), [0.0, 0.0])
+    """
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)      # (B, H, S, hd)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5       # (B, H, T, S)
+    T, S = scores.shape[-2:]
+    if mask is None and causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention, causal or bidirectional; n_kv_heads < n_heads gives GQA (1: MQA)."""
+    """Multi-head self-attention, causal or bidirectional; n_kv_heads < n_heads gives GQA (1: MQA).
+
+    `weights`: None, or a list that each forward appends its attention weights (B, H, T, S) to,
+    computed apart from SDPA (which never returns them): see Backbone.get_attention_weights.
+    """
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -292,6 +317,7 @@ class SelfAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout, self.causal = cfg.dropout, cfg.causal
         self.kv_cache: Optional[KVCache] = None
+        self.weights: Optional[list] = None
 
     def forward(self, x, rope=None, start_pos=None, mask=None):
         B, T, _ = x.shape
@@ -305,6 +331,8 @@ class SelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if start_pos is not None:
             k, v = self.kv_cache.update(start_pos, k, v)     # (B, Hkv, start+T, hd)
+        if self.weights is not None:
+            self.weights.append(attention_weights(q, k, causal=self.causal, mask=mask))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != H)
@@ -500,6 +528,28 @@ class Backbone(nn.Module):
         pos, mask = positions_and_mask(start, T + cls, causal=self.config.causal, pad=pad,
                                        attention_mask=attention_mask, device=idx.device)
         return self.encode(idx, pos, mask, start_pos=start_pos)
+
+    def get_attention_weights(self, idx: torch.Tensor, **options) -> list[torch.Tensor]:
+        """Every layer's attention weights, a list of (B, n_heads, T, S) tensors (S = T, or the
+        cached positions plus T with start_pos), for token ids idx and the options of
+        hidden_states (attention_mask, pad, start_pos). Rows sum to 1; masked keys (the future
+        of a causal model, padding) get exactly 0; GQA/MQA key heads are expanded to the query
+        heads; with pooling=cls slot 0 is [CLS]. Attention dropout is not applied. The model's
+        own forward stays on SDPA: the weights are computed only here.
+
+            >>> model = Transformer(vocab_size=10, d_model=16, n_heads=2, n_layers=3)
+            >>> [w.shape for w in model.get_attention_weights(torch.tensor([[1, 2, 3]]))][0]
+            torch.Size([1, 2, 3, 3])
+        """
+        layers = [block.attn for block in self.blocks]
+        for attn in layers:
+            attn.weights = []
+        try:
+            self.hidden_states(idx, **options)
+            return [attn.weights[0] for attn in layers]
+        finally:
+            for attn in layers:
+                attn.weights = None
 
     def encode(self, idx, pos, mask, *, start_pos=None) -> torch.Tensor:
         """The backbone at positions pos ((T,) or (B, T)) under an SDPA mask (or None)."""

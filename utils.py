@@ -508,7 +508,7 @@ def plot_run(run_dir, path=None) -> Path:
     """Draw a run's log.jsonl into a PNG (default run_dir/plot.png): train and validation
     loss, learning rate and gradient norm against the step. Returns the path.
 
-        >>> png = plot_run("out")                        # out/plot.png
+        >>> png = plot_run("out")                        # out/plot.png  # doctest: +SKIP
     """
     from matplotlib.figure import Figure     # no pyplot: no global backend, nothing shown (Agg)
 
@@ -536,6 +536,58 @@ def plot_run(run_dir, path=None) -> Path:
     path = Path(path) if path else run_dir / "plot.png"
     fig.savefig(path, dpi=100)
     return path
+
+
+def _check_index(what: str, i: int, n: int) -> None:
+    if not -n <= i < n:
+        raise ValueError(f"{what}={i} is out of range: the weights have {n} {what}s (0..{n - 1})")
+
+
+def plot_attention(weights, *, layer: int = 0, head: Optional[int] = 0, tokens=None, path=None, title=None):
+    """Draw attention weights as a heatmap: query positions down, key positions across, from
+    Transformer.get_attention_weights (a list over layers of (B, H, T, S); the first row of the
+    batch is drawn). head=None draws every head of the layer in a grid. tokens: labels of the
+    key positions (the last T label the queries). Returns the matplotlib Figure, saved as a PNG
+    when path is given.
+
+        >>> w = model.get_attention_weights(ids)                          # doctest: +SKIP
+        >>> plot_attention(w, layer=0, head=None, tokens=["To", " be", ","], path="attn.png")  # doctest: +SKIP
+    """
+    from matplotlib.figure import Figure     # no pyplot: no global backend, nothing shown (Agg)
+
+    if isinstance(weights, torch.Tensor):
+        weights = [weights]
+    _check_index("layer", layer, len(weights))
+    w = weights[layer].detach().float().cpu()
+    w = w[0] if w.dim() == 4 else w                                           # (H, T, S)
+    heads = range(w.shape[0]) if head is None else [head]
+    if head is not None:
+        _check_index("head", head, w.shape[0])
+    T, S = w.shape[-2:]
+    if tokens is not None and len(tokens) != S:
+        raise ValueError(f"{len(tokens)} token labels for {S} key positions")
+    cols = math.ceil(math.sqrt(len(heads)))
+    rows = -(-len(heads) // cols)
+    side = min(10.0 if len(heads) == 1 else 6.0, 2.0 + 0.2 * S)              # room for the labels
+    fig = Figure(figsize=(side * cols, side * rows * T / S + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, h in zip(axes, heads):
+        image = ax.imshow(w[h].numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"layer {layer % len(weights)}, head {h % w.shape[0]}")
+        if tokens is not None and S <= 64:                                   # past 64 labels overlap
+            labels = [repr(t)[1:-1].replace(" ", "\u2423") for t in tokens]      # spaces shown as ␣
+            ax.set_xticks(range(S), labels, rotation=90, fontsize=8)
+            ax.set_yticks(range(T), labels[S - T:], fontsize=8)
+        ax.set_xlabel("key (attended to)")
+        ax.set_ylabel("query")
+    for ax in axes[len(heads):]:
+        ax.set_axis_off()
+    fig.colorbar(image, ax=axes[:len(heads)].tolist(), shrink=0.8, label="attention weight")
+    if title:
+        fig.suptitle(title)
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
 
 
 def plot_main(argv: list[str]):

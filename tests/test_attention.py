@@ -1,0 +1,130 @@
+"""Attention weights on request: they are the weights the model really used (weights @ V is the
+layer's attention output), rows are distributions, and masks (causal, padding, the KV cache)
+give exact zeros."""
+import pytest
+import torch
+
+from model import Transformer
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    opts = dict(vocab_size=31, d_model=32, n_heads=4, n_kv_heads=2, n_layers=3, block_size=24, init_std=0.3)
+    return Transformer(**{**opts, **kw}).double().eval()
+
+
+def _attention_outputs(model, idx, **options):
+    """Each layer's values (B, n_kv_heads, S, hd) and attention output before the output
+    projection (B, T, H * hd), caught at the layer's linear maps."""
+    caught, hooks = [], []
+    cfg = model.config
+    for block in model.blocks:
+        record = {}
+        caught.append(record)
+        hooks.append(block.attn.wqkv.register_forward_hook(
+            lambda m, i, out, r=record: r.update(v=out[..., (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim:])))
+        hooks.append(block.attn.wo.register_forward_pre_hook(lambda m, i, r=record: r.update(y=i[0])))
+    try:
+        model.hidden_states(idx, **options)
+    finally:
+        for h in hooks:
+            h.remove()
+    return caught
+
+
+def _weighted_values(w, v, cfg):
+    B, T = w.shape[0], w.shape[2]
+    v = v.view(B, -1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)             # (B, Hkv, S, hd)
+    v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)               # (B, H, S, hd)
+    return (w @ v).transpose(1, 2).reshape(B, T, -1)                           # (B, T, H * hd)
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": False}, {"n_kv_heads": 1}, {"pos_encoding": "learned"},
+                                {"causal": False, "head": "classification", "num_classes": 3, "pooling": "cls"}],
+                         ids=["causal-gqa", "bidirectional", "mqa", "learned", "cls"])
+def test_weights_times_values_is_the_attention_output(kw):
+    model, idx = _model(**kw), torch.randint(0, 31, (2, 9))
+    weights = model.get_attention_weights(idx)
+    cls = model.config.pooling == "cls"
+    assert len(weights) == model.config.n_layers
+    for w, layer in zip(weights, _attention_outputs(model, idx)):
+        assert w.shape == (2, model.config.n_heads, 9 + cls, 9 + cls)
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1], dtype=w.dtype))
+        torch.testing.assert_close(_weighted_values(w, layer["v"], model.config), layer["y"], atol=1e-6, rtol=0)
+    if model.config.causal:
+        assert all((w.triu(diagonal=1) == 0).all() for w in weights)
+    else:
+        assert all((w > 0).all() for w in weights)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_gets_zero_weight_and_a_padded_row_attends_as_alone(causal):
+    model = _model(causal=causal)
+    row, other = torch.randint(0, 31, (5,)), torch.randint(0, 31, (8,))
+    batch = torch.stack([torch.cat([row, torch.zeros(3, dtype=torch.long)]), other])
+    mask = torch.tensor([[1] * 5 + [0] * 3, [1] * 8])
+    padded = model.get_attention_weights(batch, attention_mask=mask)
+    alone = model.get_attention_weights(row[None])
+    for w, w_alone in zip(padded, alone):
+        assert (w[0, :, :5, 5:] == 0).all()                     # real tokens never look at padding
+        torch.testing.assert_close(w[0, :, :5, :5], w_alone[0], atol=1e-12, rtol=0)
+    for w, layer in zip(padded, _attention_outputs(model, batch, attention_mask=mask)):
+        torch.testing.assert_close(_weighted_values(w, layer["v"], model.config), layer["y"], atol=1e-6, rtol=0)
+
+
+def test_with_the_kv_cache_a_step_attends_as_in_the_full_sequence():
+    model, idx = _model(), torch.randint(0, 31, (2, 12))
+    full = model.get_attention_weights(idx)
+    model.setup_cache(batch_size=2)
+    model.get_attention_weights(idx[:, :7], start_pos=0)                          # prefill
+    chunk = model.get_attention_weights(idx[:, 7:11], start_pos=7)                # 4 tokens after 7 cached
+    step = model.get_attention_weights(idx[:, 11:], start_pos=11)                 # 1 token after 11
+    for w_full, w_chunk, w_step in zip(full, chunk, step):
+        assert w_chunk.shape == (2, 4, 4, 11) and w_step.shape == (2, 4, 1, 12)
+        torch.testing.assert_close(w_chunk, w_full[:, :, 7:11, :11], atol=1e-12, rtol=0)
+        torch.testing.assert_close(w_step, w_full[:, :, 11:], atol=1e-12, rtol=0)
+
+
+def test_asking_for_weights_changes_nothing_else():
+    model, idx = _model(), torch.randint(0, 31, (2, 9))
+    before = model(idx)
+    model.get_attention_weights(idx)
+    torch.testing.assert_close(model(idx), before, atol=0, rtol=0)      # still SDPA, the same outputs
+
+
+def test_left_padded_generation_rows_attend_as_alone():
+    model = _model()
+    row = torch.randint(0, 31, (6,))
+    batch = torch.stack([torch.cat([torch.zeros(2, dtype=torch.long), row]), torch.randint(0, 31, (8,))])
+    model.setup_cache(batch_size=2)
+    padded = model.get_attention_weights(batch, start_pos=0, pad=torch.tensor([2, 0]))
+    alone = model.get_attention_weights(row[None].expand(2, -1), start_pos=0)      # a fresh prefill of the row
+    for w, w_alone in zip(padded, alone):
+        assert (w[0, :, 2:, :2] == 0).all()
+        torch.testing.assert_close(w[0, :, 2:, 2:], w_alone[0], atol=1e-12, rtol=0)
+
+
+def test_plot_attention_draws_one_head_or_every_head_and_saves_a_png(tmp_path):
+    from utils import plot_attention
+    model, idx = _model(n_heads=4), torch.randint(0, 31, (1, 6))
+    weights = model.get_attention_weights(idx)
+    tokens = list("to be!")
+    one = plot_attention(weights, layer=2, head=1, tokens=tokens, path=tmp_path / "one.png")
+    grid = plot_attention(weights, layer=0, head=None, tokens=tokens, path=tmp_path / "grid.png")
+    images = [ax for ax in one.axes if ax.images], [ax for ax in grid.axes if ax.images]
+    assert [len(a) for a in images] == [1, 4]
+    assert images[0][0].get_title() == "layer 2, head 1"
+    assert [t.get_text() for t in images[0][0].get_xticklabels()] == ["t", "o", "\u2423", "b", "e", "!"]
+    drawn = images[0][0].images[0].get_array()
+    torch.testing.assert_close(torch.as_tensor(drawn.data), weights[2][0, 1].float())
+    assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in ("one.png", "grid.png"))
+
+
+@pytest.mark.parametrize("kw, match", [({"layer": 3}, r"layer=3 is out of range: the weights have 3 layers \(0..2\)"),
+                                       ({"head": 4}, r"head=4 is out of range: the weights have 4 heads \(0..3\)"),
+                                       ({"tokens": ["a"]}, "1 token labels for 6 key positions")])
+def test_plot_attention_errors_name_the_valid_range(kw, match):
+    from utils import plot_attention
+    model = _model()
+    with pytest.raises(ValueError, match=match):
+        plot_attention(model.get_attention_weights(torch.randint(0, 31, (1, 6))), **kw)
