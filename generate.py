@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from config import SECTIONS as RUN_SECTIONS, coerce, config_file, field_types, load_config
 from model import closest
 from tasks import predict_all, task_for
-from utils import PRECISION_DTYPES, CheckpointError, load_checkpoint, load_model, pick_device
+from utils import PRECISION_DTYPES, CheckpointError, load_checkpoint, load_model, pick_device, plot_attention
 
 
 @dataclass
@@ -64,6 +64,7 @@ class SampleConfig:
     device: str = "auto"
     dtype: str = "fp32"                # fp32 | bf16 | fp16: the weights' dtype while generating
     compile: bool = False              # torch.compile the decode steps (fastpath.py; see LMDecoder)
+    save_attention: Optional[str] = None  # a PNG: every head of the last layer over the last sample's text
 
     def __post_init__(self):
         check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -81,6 +82,11 @@ class SampleConfig:
             raise ValueError(f"dtype={self.dtype!r}; {closest(self.dtype, PRECISION_DTYPES)}")
         if self.eos not in EOS_MODES:
             raise ValueError(f"eos={self.eos!r}; {closest(self.eos, EOS_MODES)}")
+        other = [name for name, on in (("prompt_file", self.prompt_file), ("interactive", self.interactive),
+                                       ("draft_checkpoint", self.draft_checkpoint),
+                                       ("beam_size", self.beam_size > 1)) if on]
+        if self.save_attention and other:
+            raise ValueError(f"save_attention draws one sampled text; it does not combine with {other[0]}")
 
     def eos_id(self, tokenizer) -> Optional[int]:
         """The token that ends the output: the tokenizer's end-of-text token with eos=stop, else None."""
@@ -559,6 +565,22 @@ def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, *, generator
     return prompt + stream.text()
 
 
+@torch.no_grad()
+def save_attention(model, tokenizer, text: str, path) -> str:
+    """Draw every head of the last layer's attention over text (its last block_size tokens)
+    into the PNG path; returns the path.
+
+        >>> save_attention(model, tokenizer, "ROMEO: But soft!", "attn.png")   # doctest: +SKIP
+        'attn.png'
+    """
+    ids = encode_prompt(tokenizer, text)[-model.config.block_size:]
+    weights = model.get_attention_weights(torch.tensor([ids], device=next(model.parameters()).device))
+    tokens = [tokenizer.decode([i]) for i in ids]
+    plot_attention(weights, layer=-1, head=None, tokens=tokens, path=path,
+                   title=f"attention of the last layer over {len(ids)} tokens")
+    return str(path)
+
+
 def generate_batch(model, tokenizer, prompts: list[str], cfg: SampleConfig, *, generator=None) -> list[str]:
     """Prompt + continuation for each prompt, decoded together as one left-padded batch.
     Greedy (temperature 0), each result is what generate_text gives for that prompt alone;
@@ -744,10 +766,13 @@ def main(argv=None):
                 print("\n" + "-" * 40)
             if scfg.stream:
                 sys.stdout.write(scfg.prompt)
-                generate_text(model, tokenizer, scfg.prompt, scfg, generator=generator, out=sys.stdout)
+                text = generate_text(model, tokenizer, scfg.prompt, scfg, generator=generator, out=sys.stdout)
                 print()
             else:
-                print(generate_text(model, tokenizer, scfg.prompt, scfg, generator=generator))
+                text = generate_text(model, tokenizer, scfg.prompt, scfg, generator=generator)
+                print(text)
+        if scfg.save_attention:
+            print(f"attention: {save_attention(model, tokenizer, text, scfg.save_attention)}", file=sys.stderr)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         sys.exit(f"error: {e}")
 

@@ -918,3 +918,24 @@ def test_dtype_for_generation(trained_run, capsys):
         generate.main([*base, "--dtype", "fp16", "--device", "cpu"])
     with pytest.raises(SystemExit, match=r"dtype='bf61'; did you mean 'bf16'\?"):
         generate.main([*base, "--dtype", "bf61"])
+
+
+# --- --save_attention ---------------------------------------------------------------------------
+
+def test_save_attention_draws_the_last_layer_over_the_generated_text(trained_run, tmp_path):
+    png = tmp_path / "attn.png"
+    proc = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(trained_run.out_dir / "best.pt"),
+                           "--prompt", "the ", "--max_new_tokens", "12", "--temperature", "0",
+                           "--save_attention", str(png)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=SUBPROCESS_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("the ") and f"attention: {png}" in proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_attention_with_another_mode_is_a_clear_error(trained_run, tmp_path):
+    proc = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(trained_run.out_dir / "best.pt"),
+                           "--beam_size", "2", "--save_attention", str(tmp_path / "a.png")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "error: save_attention draws one sampled text; it does not combine with beam_size"
