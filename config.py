@@ -99,6 +99,7 @@ class TrainConfig:
     progress: bool = True           # tqdm progress bar
     plot: bool = True               # draw plot.png at the end of the run
     tensorboard: bool = False       # also log to out_dir/tensorboard (needs the tensorboard package)
+    log_attention: bool = False     # at each evaluation: attention entropy per layer and head, block activations
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval",
@@ -118,6 +119,9 @@ class TrainConfig:
                              f"positive (or null: never stop early)")
         if not 0.0 <= self.dropout_final < 1.0:
             raise ValueError(f"training.dropout_final={self.dropout_final} must be in [0, 1)")
+        if self.log_attention and self.distributed == "fsdp":
+            raise ValueError("training.log_attention reads one unsharded forward of the model; "
+                             "use it with distributed=ddp (or one process)")
         if self.compile and self.dropout_schedule != "constant":
             raise ValueError("training.dropout_schedule=linear changes the dropout every step, and a compiled "
                              "model recompiles for every new value: use it without training.compile")

@@ -38,6 +38,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch.distributed as dist
 import yaml
 
@@ -326,6 +327,38 @@ class Throughput:
 # The Trainer: one loop for every task
 # -----------------------------------------------------------------------------
 
+
+def attention_diagnostics(model, idx: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None) -> dict:
+    """What the attention and the blocks do on a batch, as flat numbers for log.jsonl and
+    TensorBoard: `attn_entropy/L{l}/H{h}`, the mean entropy (nats) of each head's attention
+    rows (0: one key; log(S): uniform), and `act/L{l}/{mean,std,max_abs}` of each block's
+    output, over real (unpadded) positions.
+
+        >>> model = Transformer(vocab_size=10, d_model=16, n_heads=2, n_layers=1)
+        >>> sorted(attention_diagnostics(model, torch.tensor([[1, 2, 3]])))[:2]
+        ['act/L0/max_abs', 'act/L0/mean']
+    """
+    outputs = []
+    hooks = [block.register_forward_hook(lambda m, i, out: outputs.append(out)) for block in model.blocks]
+    try:
+        weights = model.get_attention_weights(idx, attention_mask=attention_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    real = (torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool())
+    out = {}
+    for layer, (w, x) in enumerate(zip(weights, outputs)):
+        rows = real if w.shape[-2] == real.shape[1] else F.pad(real, (1, 0), value=True)   # a [CLS] slot
+        entropy = torch.special.entr(w.float()).sum(-1)                     # (B, H, T)
+        per_head = (entropy * rows[:, None]).sum((0, 2)) / rows.sum()       # (H,)
+        out.update({f"attn_entropy/L{layer}/H{h}": round(v, 5) for h, v in enumerate(per_head.tolist())})
+        x = x.float()[rows]                                                 # (real positions, C)
+        out.update({f"act/L{layer}/mean": round(x.mean().item(), 5),
+                    f"act/L{layer}/std": round(x.std(correction=0).item(), 5),
+                    f"act/L{layer}/max_abs": round(x.abs().max().item(), 5)})
+    return out
+
+
 # where the Python API's defaults differ from the command line's: no files unless asked, and
 # an evaluation at the end of every epoch
 API_DEFAULTS = dict(out_dir=None, progress=False, plot=False, eval_interval=None)
@@ -494,6 +527,21 @@ class TransformerTrainer:
             model.train(was_training)
         return self.task.summarize({k: sum_over_ranks(v, self.device) for k, v in stats.items()})
 
+    def _diagnostics(self, stream, val_dataset) -> dict:
+        """attention_diagnostics of the first validation batch (of the training data without one)."""
+        if isinstance(stream, WindowBatches):
+            batch = next(stream.eval_batches("val", iters=1, seed=self.cfg.seed + 1, device=self.device))
+        else:
+            batch = next(dataset_batches(val_dataset if val_dataset is not None else stream.dataset, self.task,
+                                         batch_size=self.cfg.batch_size, device=self.device))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.cfg.precision):
+                return attention_diagnostics(self.model, batch["input"], attention_mask=batch.get("attention_mask"))
+        finally:
+            self.model.train(was_training)
+
     def _val_metrics(self, stream, val_dataset, losses: list) -> tuple[dict, dict]:
         """(train metrics, val metrics): a corpus is sampled in eval_iters random batches of each
         split; a dataset is read whole, and the training loss is the mean since the last evaluation."""
@@ -535,6 +583,8 @@ class TransformerTrainer:
         entry = {"step": self.step, "epoch": self._epoch(stream), "train_loss": train.get("loss"),
                  **{f"val_{k}": v for k, v in val.items()}}
         self.history.append(entry)
+        if self.cfg.log_attention:
+            record.log(event="diagnostics", step=self.step, **self._diagnostics(stream, val_dataset))
         record.evaluation(entry, train, val, improved=improved, stop=stop, patience=patience, lr=lr,
                           payload=lambda: self.checkpoint(stream, judged.get("loss")))
         return stop

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from model import (GATED, HEAD_FIELDS, QUANT_MODES, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer,
@@ -506,7 +507,8 @@ def _by_step(rows: list[dict], event: str) -> list[dict]:
 
 def plot_run(run_dir, path=None) -> Path:
     """Draw a run's log.jsonl into a PNG (default run_dir/plot.png): train and validation
-    loss, learning rate and gradient norm against the step. Returns the path.
+    loss, learning rate and gradient norm against the step, and with training.log_attention
+    each layer's attention entropy. Returns the path.
 
         >>> png = plot_run("out")                        # out/plot.png  # doctest: +SKIP
     """
@@ -519,15 +521,24 @@ def plot_run(run_dir, path=None) -> Path:
     train, evals = _by_step(rows, "train"), _by_step(rows, "eval")
     if not train and not evals:
         raise ValueError(f"{run_dir / 'log.jsonl'} has no train or eval records to plot yet")
-    fig = Figure(figsize=(13, 3.8), layout="constrained")
-    loss_ax, lr_ax, norm_ax = fig.subplots(1, 3)
+    diagnostics = _by_step(rows, "diagnostics")
+    fig = Figure(figsize=(17 if diagnostics else 13, 3.8), layout="constrained")
+    loss_ax, lr_ax, norm_ax, *entropy_ax = fig.subplots(1, 4 if diagnostics else 3)
+    if diagnostics:                     # training.log_attention: each layer's mean over its heads
+        layers = sorted({int(k.split("/")[1][1:]) for k in diagnostics[0] if k.startswith("attn_entropy/")})
+        for layer in layers:
+            means = [np.mean([v for k, v in r.items() if k.startswith(f"attn_entropy/L{layer}/")])
+                     for r in diagnostics]
+            entropy_ax[0].plot([r["step"] for r in diagnostics], means, "o-", label=f"layer {layer}")
+        entropy_ax[0].legend(fontsize=8)
     steps = [r["step"] for r in train]
     loss_ax.plot(steps, [r["train_loss"] for r in train], alpha=0.5, label="train (logged steps)")
     loss_ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
     loss_ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
     lr_ax.plot(steps, [r["lr"] for r in train])
     norm_ax.plot(steps, [r["grad_norm"] for r in train])
-    for ax, title in ((loss_ax, "loss"), (lr_ax, "learning rate"), (norm_ax, "gradient norm (before clipping)")):
+    titles = ["loss", "learning rate", "gradient norm (before clipping)", "attention entropy (nats, mean of heads)"]
+    for ax, title in zip([loss_ax, lr_ax, norm_ax, *entropy_ax], titles):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

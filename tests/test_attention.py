@@ -1,6 +1,8 @@
 """Attention weights on request: they are the weights the model really used (weights @ V is the
 layer's attention output), rows are distributions, and masks (causal, padding, the KV cache)
 give exact zeros."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -128,3 +130,66 @@ def test_plot_attention_errors_name_the_valid_range(kw, match):
     model = _model()
     with pytest.raises(ValueError, match=match):
         plot_attention(model.get_attention_weights(torch.randint(0, 31, (1, 6))), **kw)
+
+
+# --- training.log_attention: diagnostics -----------------------------------------------------------
+
+def test_uniform_attention_has_the_entropy_of_a_uniform_row():
+    from train import attention_diagnostics
+    model = _model(n_layers=2)
+    for block in model.blocks:
+        torch.nn.init.zeros_(block.attn.wqkv.weight)        # every score 0: each row is uniform
+    T = 7
+    stats = attention_diagnostics(model, torch.randint(0, 31, (3, T)))
+    expected = torch.log(torch.arange(1, T + 1, dtype=torch.float64)).mean().item()   # causal row t: t + 1 keys
+    heads = [v for k, v in stats.items() if k.startswith("attn_entropy/")]
+    assert len(heads) == 2 * 4 and all(v == pytest.approx(expected, abs=1e-4) for v in heads)
+    assert {"act/L0/mean", "act/L0/std", "act/L0/max_abs", "act/L1/max_abs"} <= set(stats)
+
+
+@pytest.mark.parametrize("kw", [{"causal": True}, {"causal": False, "head": "classification", "num_classes": 2,
+                                                   "pooling": "cls"}], ids=["causal", "cls"])
+def test_diagnostics_of_a_padded_batch_are_those_of_its_rows(kw):
+    from train import attention_diagnostics
+    model = _model(**kw)
+    row = torch.randint(0, 31, (5,))
+    padded_row = torch.cat([row, torch.zeros(3, dtype=torch.long)])
+    padded = attention_diagnostics(model, torch.stack([padded_row, padded_row]),
+                                   attention_mask=torch.tensor([[1] * 5 + [0] * 3] * 2))
+    alone = attention_diagnostics(model, row[None])
+    assert padded.keys() == alone.keys()
+    for k in alone:
+        assert padded[k] == pytest.approx(alone[k], abs=1e-4), k
+
+
+def test_a_run_with_log_attention_logs_diagnostics_at_each_evaluation_and_plots_them(run_config):
+    import train
+    from utils import read_jsonl
+    cfg = run_config("--training.max_iters=20", "--training.eval_interval=10", "--training.log_attention=true",
+                     "--training.plot=true")
+    train.train(cfg)
+    out = cfg["training"].out_dir
+    rows = read_jsonl(f"{out}/log.jsonl")
+    diagnostics = [r for r in rows if r["event"] == "diagnostics"]
+    evals = [r for r in rows if r["event"] == "eval"]
+    assert [r["step"] for r in diagnostics] == [r["step"] for r in evals] == [10, 20]
+    n_layers, n_heads = cfg["model"].n_layers, cfg["model"].n_heads
+    entropies = [k for k in diagnostics[0] if k.startswith("attn_entropy/")]
+    assert len(entropies) == n_layers * n_heads
+    T = cfg["model"].block_size
+    assert all(0 <= diagnostics[0][k] <= torch.log(torch.tensor(float(T))).item() for k in entropies)
+    assert (Path(out) / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_without_log_attention_logs_none(run_config):
+    import train
+    from utils import read_jsonl
+    cfg = run_config("--training.max_iters=10", "--training.eval_interval=10")
+    train.train(cfg)
+    assert not [r for r in read_jsonl(f"{cfg['training'].out_dir}/log.jsonl") if r["event"] == "diagnostics"]
+
+
+def test_log_attention_with_fsdp_is_a_clear_error():
+    from config import TrainConfig
+    with pytest.raises(ValueError, match="training.log_attention reads one unsharded forward"):
+        TrainConfig(log_attention=True, distributed="fsdp")
