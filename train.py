@@ -516,15 +516,20 @@ class TransformerTrainer:
         return train_loss, grad_norm, tokens * rank_and_world()[1]
 
     # -- evaluation ----------------------------------------------------------------------------
-    def _metrics(self, batches, *, model=None) -> dict:
-        model = model or self.fwd
+    @contextlib.contextmanager
+    def _evaluating(self, model):
+        """model in eval mode under the run's autocast, then back in the mode it was in."""
         was_training = model.training
         model.eval()
         try:
             with autocast(self.device, self.cfg.precision):
-                stats = self.task.statistics(model, batches)
+                yield model
         finally:
             model.train(was_training)
+
+    def _metrics(self, batches, *, model=None) -> dict:
+        with self._evaluating(model or self.fwd) as model:
+            stats = self.task.statistics(model, batches)
         return self.task.summarize({k: sum_over_ranks(v, self.device) for k, v in stats.items()})
 
     def _diagnostics(self, stream, val_dataset) -> dict:
@@ -534,13 +539,8 @@ class TransformerTrainer:
         else:
             batch = next(dataset_batches(val_dataset if val_dataset is not None else stream.dataset, self.task,
                                          batch_size=self.cfg.batch_size, device=self.device))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), autocast(self.device, self.cfg.precision):
-                return attention_diagnostics(self.model, batch["input"], attention_mask=batch.get("attention_mask"))
-        finally:
-            self.model.train(was_training)
+        with self._evaluating(self.model) as model, torch.no_grad():
+            return attention_diagnostics(model, batch["input"], attention_mask=batch.get("attention_mask"))
 
     def _val_metrics(self, stream, val_dataset, losses: list) -> tuple[dict, dict]:
         """(train metrics, val metrics): a corpus is sampled in eval_iters random batches of each
