@@ -7,9 +7,11 @@
     python bench.py memory                         # peak memory with and without gradient checkpointing
     python bench.py decode                         # batch-1 decode vs roofline and HF generate
     python bench.py decode --llama2c ~/llama2.c    # ... and llama2.c's run.c (built with make runomp)
+    python bench.py decode --sizes "" --long 8192  # only the long-generation rows: full vs sliding-window cache
     python bench.py quant                          # decode speed and memory: fp32, bf16, int8, int4
     python bench.py tokenize                       # encode tokens/s: char, byte, trained BPE, tiktoken
     python bench.py classify                       # Shakespeare genres: transformer vs n-gram and majority
+    python bench.py export --checkpoint out/best.pt  # every export format: size, read-back logits; llama.cpp
 
 `train` times each row in a fresh process. Our rows run as train.py does (glibc malloc
 tuned by utils.tune_cpu_allocator); nanoGPT runs as shipped; on gpt2-style, a third row
@@ -331,7 +333,7 @@ def bench_decode(args):
           f"{'no-cache':>8s} {'cache speed-up':>14s} {'HF':>5s} {'ours/HF':>7s} {'llama2.c':>8s} "
           f"{'% roofline':>10s} {'ours/llama2.c':>13s}  (tokens/s)")
     nan = float("nan")
-    for name in args.sizes.split(","):
+    for name in filter(None, args.sizes.split(",")):
         cfg = TransformerConfig(**DECODE_CONFIGS[name], tie_weights=True)   # as llama2.c's models
         model = Transformer(cfg).eval()
         prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len))
@@ -382,6 +384,32 @@ def bench_decode(args):
               f"{eager_tps:6.0f} {ours_tps if args.compile else nan:8.0f} {ours_roof:10.0%} {nocache_tps:8.0f} "
               f"{eager_tps / nocache_tps:13.1f}x {hf_tps:5.0f} {ours_tps / hf_tps:6.2f}x {l2c_tps:8.0f} "
               f"{l2c_roof:10.0%} {vs_l2c:12.0%}")
+    if args.long:
+        bench_decode_long(args)
+
+
+def bench_decode_long(args):
+    """Long generation: --long new tokens from one 15M model with a full KV cache (block_size =
+    --long) and from the same weights with a sliding window of --window positions (a ring
+    cache of that many slots): tokens/s over the whole generation, and the KV cache's size."""
+    from generate import make_decoder
+    print(f"\nlong generation: {args.long} new tokens, 15M model, fp32 greedy, eager")
+    print("| cache | block_size | attention_window | KV cache MB | tokens/s |")
+    print("|---|---|---|---|---|")
+    for name, window in (("full", None), ("ring (sliding window)", args.window)):
+        torch.manual_seed(0)                              # the same weights for both
+        model = Transformer(TransformerConfig(**{**DECODE_CONFIGS["15M"], "block_size": args.long},
+                                              tie_weights=True, attention_window=window)).eval()
+        tokens = torch.randint(0, model.config.vocab_size, (1, 1))
+        with torch.no_grad(), make_decoder(model, cache_len=args.long) as decoder:
+            nxt = decoder.prefill(tokens).argmax(-1, keepdim=True)
+            cache = sum(b.attn.kv_cache.k.nbytes + b.attn.kv_cache.v.nbytes for b in model.blocks)
+            start = time.perf_counter()
+            for _ in range(args.long - 1):
+                nxt = decoder.step(nxt)[:, -1].argmax(-1, keepdim=True)
+            seconds = time.perf_counter() - start
+        print(f"| {name} | {args.long} | {window or '-'} | {cache / 1e6:.1f} | {(args.long - 1) / seconds:.0f} |",
+              flush=True)
 
 
 def _llama2c_decode(directory: str, model: Transformer, tokens: int) -> float:
@@ -667,6 +695,71 @@ def genre_transformer(train, test, labels, args) -> np.ndarray:
     return trainer.predict(EncodedTexts(test, tok)).argmax(-1).numpy()
 
 
+def bench_export(args):
+    """A trained checkpoint through every export format: file size, and the largest logit
+    difference from our model when the file is read back by the reader that matters
+    (transformers for hf and gguf, load_model for weights-only files); then, if llama-cpp-python
+    is installed, one GGUF file through llama.cpp: its tokens, logits and greedy text against ours."""
+    import tempfile
+    from generate import SampleConfig, generate_text
+    from interop import export_gguf, export_hf
+    from utils import checkpoint_bytes, load_model, save_model_weights_only
+    model, tok = load_model(args.checkpoint)
+    ids = tok.encode(args.prompt)
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        ref = model(idx)
+    tmp = Path(tempfile.mkdtemp())
+    print(f"{args.checkpoint}: {model.num_params():,} parameters, {checkpoint_bytes(args.checkpoint) / 1e6:.2f} MB "
+          f"(weights, optimizer, RNG and data state)\n")
+    print("| format | file | MB | read back by | max |logit diff| |")
+    print("|---|---|---|---|---|")
+
+    def row(fmt, path, reader, other):
+        with torch.no_grad():
+            out = other(idx)
+        diff = (getattr(out, "logits", out).float() - ref).abs().max().item()
+        print(f"| {fmt} | {path.name} | {checkpoint_bytes(path) / 1e6:.2f} | {reader} | {diff:.2e} |", flush=True)
+
+    for dtype in ("fp32", "fp16"):
+        for suffix in (".pt", ".safetensors"):
+            path = save_model_weights_only(model, tmp / f"weights-{dtype}{suffix}", tokenizer=tok, dtype=dtype)
+            row(f"weights only, {dtype}", path, "utils.load_model", load_model(path)[0])
+    try:
+        import transformers
+    except ImportError:
+        print("(transformers is not installed: no hf or gguf rows)")
+        return
+    export_hf(model, tok, tmp / "hf")
+    row("hf, fp32", tmp / "hf", "transformers AutoModelForCausalLM",
+        transformers.AutoModelForCausalLM.from_pretrained(tmp / "hf").eval())
+    for dtype in ("fp32", "fp16", "q8_0"):
+        path = export_gguf(model, tok, tmp / f"model-{dtype}.gguf", dtype=dtype)
+        row(f"gguf, {dtype}", path, "transformers (gguf_file=)", transformers.AutoModelForCausalLM.from_pretrained(
+            tmp, gguf_file=path.name, dtype=torch.float32).eval())
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("\n(llama-cpp-python is not installed: no llama.cpp run)")
+        return
+    path = tmp / f"model-{args.llama_cpp_type}.gguf"
+    llm = Llama(str(path), n_ctx=model.config.block_size, logits_all=True, verbose=False, n_threads=os.cpu_count())
+    same_tokens = llm.tokenize(args.prompt.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    diff = np.abs(np.array(llm.scores[:len(ids)]) - ref[0].numpy()).max()
+    n = min(args.tokens, model.config.block_size - len(ids))    # llama.cpp stops at its context
+    llm.reset()
+    start = time.perf_counter()
+    theirs = llm.create_completion(args.prompt, max_tokens=n, temperature=0.0, top_k=1)["choices"][0]["text"]
+    seconds = time.perf_counter() - start
+    ours = generate_text(model, tok, args.prompt, SampleConfig(max_new_tokens=n, temperature=0.0))[len(args.prompt):]
+    print(f"\nllama.cpp (llama-cpp-python) on {path.name}: the same prompt tokens as ours: {same_tokens}; "
+          f"max |logit diff| over the prompt {diff:.2e}; {n} greedy tokens in {seconds:.2f}s")
+    print(f"llama.cpp: {args.prompt + theirs!r}")
+    print(f"ours:      {args.prompt + ours!r}")
+    print(f"identical greedy text: {theirs == ours}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -690,6 +783,8 @@ def main(argv=None):
     d.add_argument("--skip-nocache", action="store_true", help="skip the (slow) no-cache measurement")
     d.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled decode")
     d.add_argument("--llama2c", metavar="DIR", help="a llama2.c checkout with run built (make runomp)")
+    d.add_argument("--long", type=int, default=8192, help="new tokens of the long-generation rows (0: skip them)")
+    d.add_argument("--window", type=int, default=256, help="the sliding window of the long-generation row")
     d.set_defaults(func=bench_decode)
     q = sub.add_parser("quant", help="decode tokens/s and memory for fp32, bf16, int8 and int4 weights")
     q.add_argument("--size", default="110M", choices=list(DECODE_CONFIGS))
@@ -726,6 +821,12 @@ def main(argv=None):
     c.add_argument("--pretrain_epochs", type=float, default=0,
                    help="first train the backbone as a language model on the training passages, then LoRA")
     c.set_defaults(func=bench_classify)
+    e = sub.add_parser("export", help="file sizes and read-back logit differences of every export format; llama.cpp")
+    e.add_argument("--checkpoint", default="out/best.pt")
+    e.add_argument("--prompt", default="ROMEO:\nWhat light through yonder window breaks?")
+    e.add_argument("--tokens", type=int, default=100, help="greedy tokens from llama.cpp and from ours")
+    e.add_argument("--llama_cpp_type", default="fp16", choices=["fp32", "fp16", "q8_0"])
+    e.set_defaults(func=bench_export)
     row = sub.add_parser("train-row", help=argparse.SUPPRESS)   # one row of `train`, in its own process
     row.add_argument("config", choices=list(TRAIN_CONFIGS))
     row.add_argument("--impls", default="ours", help="comma-separated: ours, nanoGPT, baseline")

@@ -146,6 +146,49 @@ PRESETS = {**{name: {"model": p} for name, p in MODEL_PRESETS.items()}, **RUN_PR
 ALIASES = {"task": "training.task", "data": "data.path", "device": "training.device", "init_from": "training.init_from", "epochs": "training.epochs",
            "quantize": "quantize.mode", "group_size": "quantize.group_size"}
 
+# The command-line names of the original design documents, kept working: each becomes its
+# canonical option (printing that once), and a flag given no value takes its fixed value.
+SEED_OPTIONS = {   # seed name: (canonical option, value of the bare flag or None, value of `=false`)
+    "max_tokens": ("sample.max_new_tokens", None, None),
+    "max_length": ("sample.max_new_tokens", None, None),
+    "model_size": ("preset", None, None),
+    "batch_size": ("training.batch_size", None, None),
+    "gradient_accumulation_steps": ("training.grad_accum_steps", None, None),
+    "gradient_checkpointing": ("training.gradient_checkpointing", "true", "false"),
+    "mixed_precision": ("training.precision", "mixed", "fp32"),   # mixed: fp16 on CUDA, else bf16
+    "use_rotary_embeddings": ("model.pos_encoding", "rope", "learned"),
+    "max_seq_len": ("model.block_size", None, None),
+}
+
+
+def canonical_argv(argv: list[str], *, own=(), log=print) -> list[str]:
+    """argv with the design documents' option names (SEED_OPTIONS) spelled canonically; a name
+    in `own` (the script's own aliases: generate.py's --batch_size) keeps its meaning.
+
+        >>> canonical_argv(["--max_tokens", "50", "--mixed_precision"], log=lambda s: None)[:2]
+        ['--sample.max_new_tokens', '50']
+    """
+    out, told = [], set()
+    for i, arg in enumerate(argv):
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name not in SEED_OPTIONS or name in own or (i and argv[i - 1] in ("--config",)):
+            out.append(arg)
+            continue
+        canonical, on, off = SEED_OPTIONS[name]
+        if on is not None:      # a flag: bare or =true is on, =false is off
+            if eq and value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"--{name} is a flag (true or false), got {value!r}")
+            value = off if eq and value.lower() in ("false", "0", "no") else on
+            if value == "mixed":
+                import torch
+                value = "fp16" if torch.cuda.is_available() else "bf16"
+            eq = "="
+        if name not in told:
+            log(f"note: --{name} is --{canonical}{'=' + value if on is not None else ''}")
+            told.add(name)
+        out.append(f"--{canonical}{eq}{value}" if eq else f"--{canonical}")
+    return out
+
 # =============================================================================
 # Configuration: dataclass defaults < config.yaml < --preset < --section.key=value
 # =============================================================================

@@ -569,6 +569,21 @@ class BPETokenizer:
                                     "special_tokens": dict(special_tokens)})
 
     @classmethod
+    def from_tokens(cls, tokens: dict[int, bytes], *, pattern: str, special_tokens: dict[str, int]) -> "BPETokenizer":
+        """Any byte-level BPE whose ids are in merge order (GPT-2's, a Hugging Face tokenizer.json):
+        {id: token bytes}, every single byte among them."""
+        import tiktoken
+        missing = sum(1 for b in range(256) if bytes([b]) not in set(tokens.values()))
+        if missing:
+            raise ValueError(f"a byte-level BPE needs all 256 single bytes among its tokens; {missing} are missing")
+        encoding = tiktoken.Encoding(f"bpe-{len(tokens) + len(special_tokens)}", pat_str=pattern,
+                                     mergeable_ranks={t: i for i, t in tokens.items()},
+                                     special_tokens=dict(special_tokens))
+        return cls(encoding, state={"kind": "bpe", "version": 1, "pattern": pattern,
+                                    "tokens": [[int(i), t.hex()] for i, t in sorted(tokens.items())],
+                                    "special_tokens": dict(special_tokens)})
+
+    @classmethod
     def from_tiktoken(cls, name: str) -> "BPETokenizer":
         return cls(load_tiktoken(name), state={"kind": "bpe", "version": 1, "encoding": name})
 
@@ -576,6 +591,9 @@ class BPETokenizer:
     def from_state(cls, state: dict) -> "BPETokenizer":
         if "encoding" in state:
             return cls.from_tiktoken(state["encoding"])
+        if "tokens" in state:
+            return cls.from_tokens({int(i): bytes.fromhex(t) for i, t in state["tokens"]},
+                                   pattern=state["pattern"], special_tokens=state["special_tokens"])
         return cls.from_merges(state["merges"], pattern=state["pattern"], special_tokens=state["special_tokens"])
 
     def encode(self, text: str, *, special: bool = False) -> list[int]:

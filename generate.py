@@ -13,7 +13,9 @@ decoder (LMDecoder: prefill, step, reorder, rewind), the decoding loops' only wa
 Context beyond block_size: the model always conditions on the last block_size tokens, as
 nanoGPT does. Once prompt + output fill the window, each step re-encodes the last
 block_size tokens (absolute positions shift, so cached keys cannot be reused); the result
-equals running the model without a cache on the cropped sequence. --compile runs the steps
+equals running the model without a cache on the cropped sequence. A sliding-window model
+(model.attention_window, with RoPE) never re-encodes: its ring cache keeps the last W positions
+and decoding runs on past block_size. --compile runs the steps
 through fastpath.py's compiled step; without that file they run eagerly, with the same results.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from config import SECTIONS as RUN_SECTIONS, coerce, config_file, field_types, load_config
+from config import SECTIONS as RUN_SECTIONS, canonical_argv, coerce, config_file, field_types, load_config
 from model import closest
 from tasks import predict_all, task_for
 from utils import PRECISION_DTYPES, CheckpointError, load_checkpoint, load_model, pick_device, plot_attention
@@ -194,6 +196,8 @@ class LMDecoder:
     conditions on the last max_len (block_size) tokens fed, as nanoGPT does: once they fill
     the window, each step re-encodes the window (absolute positions shift, so cached keys
     cannot be reused), which equals running the model without a cache on the cropped sequence.
+    A sliding-window model (attention_window, positions not learned) decodes into a ring cache
+    of window + chunk_len - 1 slots instead, and runs on past max_len without re-encoding.
 
     cache_len: positions to allocate the cache for (at most max_len; a sequence that outgrows
     it is re-encoded into one of max_len). compile: steps run through fastpath.py's compiled
@@ -204,9 +208,14 @@ class LMDecoder:
 
     def __init__(self, model, *, compile: bool = False, cache_len: Optional[int] = None,
                  chunk_len: Optional[int] = None):
-        self.model, self.device, self.max_len = model, model.device, model.config.block_size
+        cfg = model.config
+        self.model, self.device, self.max_len = model, model.device, cfg.block_size
         self.cache_len = min(cache_len or self.max_len, self.max_len)
-        self.fast, self.chunk_len = (_fastpath() if compile else None), chunk_len
+        # a sliding-window model keeps its last W positions in a ring: no window to re-encode, ever
+        self.ring = cfg.attention_window is not None and cfg.pos_encoding != "learned"
+        if compile and self.ring:
+            _note("compiled decoding has no sliding-window cache; decoding eagerly")
+        self.fast, self.chunk_len = (_fastpath() if compile and not self.ring else None), chunk_len
         self.seq = self.pad = None   # every token fed (B, T), padding included; (B,) padding lengths
         self.pos = None              # how many of them the cache holds, None when it holds a slid window
         self.cache = None            # (rows, slots) of the cache set up
@@ -262,7 +271,7 @@ class LMDecoder:
 
     def _fits(self, tokens) -> bool:
         """Do the cached positions start at the first token, with room for tokens after them?"""
-        return self.pos is not None and self.pos + tokens.shape[1] <= self.cache[1]
+        return self.pos is not None and (self.ring or self.pos + tokens.shape[1] <= self.cache[1])
 
     def _advance(self, tokens):
         self.seq = torch.cat([self.seq, tokens], dim=1)
@@ -271,11 +280,13 @@ class LMDecoder:
     def _encode_window(self, n: int) -> torch.Tensor:
         """Run the window, the last max_len tokens fed, into the cache from slot 0: the logits
         of its last n positions."""
-        window = self.seq[:, -self.max_len:]
+        window = self.seq if self.ring else self.seq[:, -self.max_len:]
         B, W = window.shape
         cropped = self.seq.shape[1] - W
         pad = None if self.pad is None else (self.pad - cropped).clamp(min=0)   # fewer padding slots in view
         slots = self.cache_len if W < self.cache_len else self.max_len
+        if self.ring:    # spare slots: a speculative check of chunk_len tokens is written before it is read
+            slots = self.model.config.attention_window + (self.chunk_len or 1) - 1
         if self.cache != (B, slots):
             if self.fast:
                 self.fast.setup_cache(self.model, B, slots)
@@ -302,20 +313,24 @@ class LMDecoder:
         return logits.view(B, n, -1).float()
 
 
-_fastpath_noted = False
+_noted: set = set()
+
+
+def _note(message: str):
+    """Print a note on stderr, once per process."""
+    if message not in _noted:
+        print(f"note: {message}", file=sys.stderr)
+        _noted.add(message)
 
 
 def _fastpath():
     """The fastpath module, or None (with a note on stderr, once) when fastpath.py is missing."""
-    global _fastpath_noted
     try:
         import fastpath
     except ModuleNotFoundError as e:
         if e.name != "fastpath":
             raise
-        if not _fastpath_noted:
-            print("note: fastpath.py not found; decoding eagerly", file=sys.stderr)
-            _fastpath_noted = True
+        _note("fastpath.py not found; decoding eagerly")
         return None
     return fastpath
 
@@ -732,8 +747,9 @@ def main(argv=None):
                                      epilog="Sampling options (--prompt, --temperature, ...) are the keys of "
                                             "the `sample` section of config.yaml.")
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
+        args, rest = parser.parse_known_args(canonical_argv(sys.argv[1:] if argv is None else argv, own=ALIASES,
+                                                            log=lambda s: print(s, file=sys.stderr)))
         cfg = load_config(config_file(args.config), rest, sections=SECTIONS, aliases=ALIASES)
         scfg: SampleConfig = cfg["sample"]
         path = scfg.checkpoint or str(Path(cfg["training"].out_dir) / "best.pt")

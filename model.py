@@ -4,9 +4,11 @@ Sections, in reading order:
     1. Config      -- TransformerConfig (validated) and the named presets
     2. Norms       -- RMSNorm, LayerNorm
     3. RoPE        -- rotary position embeddings, full or partial
-    4. KV cache    -- a module holding keys/values for incremental decoding
+    4. KV cache    -- a module holding keys/values for incremental decoding, and a ring of
+                      them for sliding-window attention
     5. Attention   -- causal or bidirectional self-attention, MHA, GQA and MQA via SDPA;
-                      attention weights on request
+                      attention weights on request; registries for your own attention,
+                      position encoding and activation
     6. FeedForward -- SwiGLU / GeGLU (gated) and GELU / ReLU / SiLU MLPs
     7. Block       -- pre-norm or post-norm residual block
     8. Model       -- Backbone (embeddings, blocks, final norm -> hidden states) and
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -41,9 +43,13 @@ from torch.utils.checkpoint import checkpoint
 # =============================================================================
 
 NORMS = ("rmsnorm", "layernorm")
-POSITIONS = ("rope", "learned", "none")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
-GATED = ("swiglu", "geglu")
+# The registries a config names (register_attention / register_position / register_activation add
+# to them): attention classes, position modules (the built-in ones are None: built in place),
+# activation functions, and which activations gate their MLP.
+ATTENTIONS: dict = {}                          # "standard": SelfAttention, filled in section 5
+POSITIONS: dict = {"rope": None, "learned": None, "none": None}
+ACTIVATIONS: dict = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}  # exact GELU
+GATED = {"swiglu", "geglu"}
 HEADS = ("lm", "classification", "regression")
 POOLINGS = ("last", "mean", "cls", "none")   # none: an output per position
 HEAD_FIELDS = ("head", "num_classes", "output_dim", "pooling", "causal")   # what Transformer.set_head may change
@@ -85,10 +91,10 @@ class TransformerConfig:
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     pre_norm: bool = True
-    pos_encoding: str = "rope"
+    pos_encoding: str = "rope"     # rope | learned | none | a registered one (register_position)
     rotary_pct: float = 1.0        # fraction of each head's dims that are rotated
     rope_theta: float = 10000.0
-    activation: str = "swiglu"
+    activation: str = "swiglu"     # swiglu | geglu | gelu | relu | silu | a registered one
     tie_weights: bool = True
     init_std: float = 0.02
     causal: bool = True            # False: every position attends to every other (an encoder)
@@ -96,11 +102,19 @@ class TransformerConfig:
     num_classes: Optional[int] = None  # classification: the number of labels
     output_dim: int = 1            # regression: values predicted per sequence (or per position)
     pooling: str = "last"          # classification/regression: last | mean | cls | none
+    attention_window: Optional[int] = None  # Mistral's sliding window: each token sees the last W positions
+    attention: str = "standard"    # a registered attention (see register_attention)
+    max_seq_len: InitVar[Optional[int]] = None   # another name for block_size (the design documents')
 
-    def __post_init__(self):
+    def __post_init__(self, max_seq_len=None):
         def need(ok, msg):
             if not ok:
                 raise ValueError(f"TransformerConfig: {msg}")
+
+        if max_seq_len is not None:
+            need(self.block_size in (256, max_seq_len),
+                 f"max_seq_len={max_seq_len} and block_size={self.block_size} name the same thing; give one")
+            self.block_size = max_seq_len
 
         for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
@@ -110,6 +124,8 @@ class TransformerConfig:
              f"pos_encoding={self.pos_encoding!r}; {closest(self.pos_encoding, POSITIONS)}")
         need(self.activation in ACTIVATIONS,
              f"activation={self.activation!r}; {closest(self.activation, ACTIVATIONS)}")
+        need(self.attention in ATTENTIONS, f"attention={self.attention!r} is not registered; "
+             f"{closest(self.attention, ATTENTIONS)} (register_attention adds one)")
         need(self.d_model % self.n_heads == 0,
              f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_kv_heads is None:
@@ -133,6 +149,12 @@ class TransformerConfig:
         need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
         need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
         self._check_head(need)
+        if self.attention_window is not None:
+            W = self.attention_window
+            need(isinstance(W, int) and 0 < W <= self.block_size,
+                 f"attention_window={W!r} must be a whole number of positions in 1..block_size={self.block_size} "
+                 f"(null: attend over the whole block)")
+            need(self.causal, "attention_window is a causal (Mistral-style) window; it needs causal=True")
 
     def _check_head(self, need):
         need(self.head in HEADS, f"head={self.head!r}; {closest(self.head, HEADS)}")
@@ -158,7 +180,7 @@ class TransformerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
         """Build from a plain dict, naming the closest valid key for unknown ones."""
-        valid = [f.name for f in fields(cls)]
+        valid = [f.name for f in fields(cls)] + ["max_seq_len"]
         for key in d:
             if key not in valid:
                 raise ValueError(f"TransformerConfig: unknown key '{key}'; {closest(key, valid)}")
@@ -277,6 +299,57 @@ class KVCache(nn.Module):
         """Keep (and repeat) batch rows in this order, e.g. the surviving beams."""
         self.k, self.v = self.k.index_select(0, rows), self.v.index_select(0, rows)
 
+    def key_positions(self, start: int, T: int) -> Optional[torch.Tensor]:
+        """The positions of the keys update(start, ...) returns, (S,); None: 0..start+T-1."""
+        return None
+
+
+class RingKVCache(KVCache):
+    """The KV cache of a sliding-window model: max_len slots (at least the window) reused in a
+    ring, position p in slot p % max_len, so memory stays O(window) however long the text.
+
+    A chunk of up to max_len - window + 1 tokens (one step, or a speculative check) is written
+    first and every slot is returned: key_positions says which position each slot holds, and
+    the mask hides the unwritten ones and those outside each query's window. The spare slots
+    keep what a rewound speculation overwrote out of every later window. A longer chunk (a
+    prompt) attends over the window before it plus itself, then leaves its last max_len
+    positions in the ring.
+    """
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, *, window: int,
+                 dtype=torch.float32, device=None):
+        if max_len < window:
+            raise ValueError(f"a sliding-window cache needs at least window={window} slots, got {max_len}")
+        super().__init__(batch_size, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.window = window
+
+    def _in_place(self, T: int) -> bool:
+        return T <= self.max_len - self.window + 1
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        T, R = k.shape[2], self.max_len
+        if k.shape[0] != self.k.shape[0]:
+            raise ValueError(f"KV cache was set up for batch {self.k.shape[0]}, got batch {k.shape[0]}")
+        if self._in_place(T):
+            slots = torch.arange(start, start + T, device=k.device) % R
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
+            return self.k, self.v
+        before = torch.arange(max(0, start - self.window + 1), start, device=k.device) % R
+        keys = torch.cat([self.k.index_select(2, before), k], dim=2)       # (B, Hkv, S, hd), in order
+        values = torch.cat([self.v.index_select(2, before), v], dim=2)
+        n = min(T, R)
+        slots = torch.arange(start + T - n, start + T, device=k.device) % R
+        self.k.index_copy_(2, slots, k[:, :, -n:])
+        self.v.index_copy_(2, slots, v[:, :, -n:])
+        return keys, values
+
+    def key_positions(self, start: int, T: int) -> torch.Tensor:
+        end, R, device = start + T, self.max_len, self.k.device
+        if self._in_place(T):   # slot s holds the latest position p < end with p = s (mod R); < 0: none yet
+            return end - 1 - (end - 1 - torch.arange(R, device=device)) % R
+        return torch.arange(max(0, start - self.window + 1), end, device=device)
+
 # =============================================================================
 # 5. Attention
 # =============================================================================
@@ -330,14 +403,68 @@ class SelfAttention(nn.Module):
         q, k = qk.split([H, nkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if start_pos is not None:
-            k, v = self.kv_cache.update(start_pos, k, v)     # (B, Hkv, start+T, hd)
-        if self.weights is not None:
-            self.weights.append(attention_weights(q, k, causal=self.causal, mask=mask))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=nkv != H)
+            k, v = self.kv_cache.update(start_pos, k, v)     # (B, Hkv, S, hd)
+        y = self.attend(q, k, v, mask)                       # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * hd)           # (B, T, C)
         return self.wo(y)
+
+    def attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(hd)) v for q (B, H, T, hd) and k, v (B, Hkv, S, hd) under the
+        SDPA mask (True = attend; None: causal, or everything). A registered attention
+        overrides this: changing the mask and calling it keeps the weights on request right."""
+        if self.weights is not None:
+            self.weights.append(attention_weights(q, k, causal=self.causal, mask=mask))
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None and q.shape[2] > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=k.shape[1] != q.shape[1])
+
+
+ATTENTIONS["standard"] = SelfAttention
+
+
+def _register(registry: dict, kind: str, name: str, obj, built_in):
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a {kind} needs a non-empty name, got {name!r}")
+    if name in built_in:
+        raise ValueError(f"{kind} '{name}' is built in; register yours under another name")
+    registry[name] = obj
+    return obj
+
+
+def register_attention(name: str, cls=None):
+    """Make an attention available as TransformerConfig(attention=name): cls(config) -> a module
+    like SelfAttention, usually a subclass overriding attend(q, k, v, mask). Use it as a call
+    or a class decorator. Register before building or loading a model that names it.
+
+        >>> @register_attention("local4")
+        ... class Local(SelfAttention):
+        ...     def attend(self, q, k, v, mask):
+        ...         _, mask = positions_and_mask(k.shape[2] - q.shape[2], q.shape[2], window=4, device=q.device)
+        ...         return super().attend(q, k, v, mask)
+        >>> Transformer(vocab_size=10, d_model=16, n_heads=2, n_layers=1, attention="local4").blocks[0].attn.__class__.__name__
+        'Local'
+    """
+    if cls is None:
+        return lambda c: register_attention(name, c)
+    return _register(ATTENTIONS, "attention", name, cls, ("standard",))
+
+
+def register_position(name: str, factory=None):
+    """Make a position encoding available as pos_encoding=name: factory(config) -> a module whose
+    forward(x (B, T, C), pos ((T,) or (B, T))) returns the embeddings with positions added."""
+    if factory is None:
+        return lambda f: register_position(name, f)
+    return _register(POSITIONS, "position encoding", name, factory, ("rope", "learned", "none"))
+
+
+def register_activation(name: str, fn=None, *, gated: bool = False):
+    """Make an activation available as activation=name: fn(tensor) -> tensor; gated=True puts it
+    in a gated MLP (w2(fn(w1 x) * w3 x), as SwiGLU)."""
+    if fn is None:
+        return lambda f: register_activation(name, f, gated=gated)
+    _register(ACTIVATIONS, "activation", name, fn, ("swiglu", "geglu", "gelu", "relu", "silu"))
+    (GATED.add if gated else GATED.discard)(name)
+    return fn
 
 # =============================================================================
 # 6. FeedForward
@@ -349,8 +476,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.act = {"swiglu": F.silu, "silu": F.silu, "geglu": F.gelu,
-                    "gelu": F.gelu, "relu": F.relu}[cfg.activation]   # exact (erf) GELU
+        self.act = ACTIVATIONS[cfg.activation]
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.activation in GATED else None
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
@@ -373,7 +499,7 @@ class Block(nn.Module):
         super().__init__()
         self.pre_norm = cfg.pre_norm
         self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
-        self.attn = SelfAttention(cfg)
+        self.attn = ATTENTIONS[cfg.attention](cfg)
         self.mlp = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -390,7 +516,8 @@ class Block(nn.Module):
 
 
 def positions_and_mask(start: int, T: int, *, causal: bool = True, pad: Optional[torch.Tensor] = None,
-                       attention_mask: Optional[torch.Tensor] = None, device=None):
+                       attention_mask: Optional[torch.Tensor] = None, window: Optional[int] = None,
+                       keys: Optional[torch.Tensor] = None, device=None):
     """Positions of T slots from start, (T,) or (B, T) for padded rows, and the attention mask
     for SDPA (True = attend), or None where is_causal (or nothing) will do.
 
@@ -399,26 +526,36 @@ def positions_and_mask(start: int, T: int, *, causal: bool = True, pad: Optional
     Either way a row's positions count from its first real token, so it computes what it
     would alone; a padding slot sees only itself (its output is never used, but a row with
     nothing to attend to would be NaN).
+    window: a query sees only keys fewer than `window` slots back (a sliding window).
+    keys: (S,) the slot of each cached key (a RingKVCache's key_positions; negative: empty);
+    default 0..start+T-1.
 
         >>> positions_and_mask(0, 3, attention_mask=torch.tensor([[1, 1, 0]]))[0].tolist()
         [[0, 1, 1]]
+        >>> positions_and_mask(0, 3, window=2)[1].int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
     """
     if attention_mask is not None:
         real = attention_mask.to(device=device, dtype=torch.bool)                  # (B, T)
-        visible = real[:, None, :].expand(-1, T, -1)                               # (B, T, S=T)
-        if causal:
-            visible = visible.tril()
+        visible = real[:, None, :] & _seen(torch.arange(T, device=device), torch.arange(T, device=device),
+                                           causal, window)                         # (B, T, S=T)
         visible = visible | torch.eye(T, dtype=torch.bool, device=device)
         return (real.long().cumsum(1) - 1).clamp(min=0), visible[:, None]          # (B, T), (B, 1, T, T)
     slots = torch.arange(start, start + T, device=device)
-    if pad is None:
-        if causal and start > 0 and T > 1:   # a chunk after cached positions: causal within, sees all before
-            return slots, torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
-        return slots, None
-    keys = torch.arange(start + T, device=device)                                  # (S,)
-    seen = keys <= slots[:, None] if causal else torch.ones(T, start + T, dtype=torch.bool, device=device)
+    seen = _seen(slots, torch.arange(start + T, device=device) if keys is None else keys, causal, window)
+    if pad is None:   # is_causal, or nothing, does where every query sees every key up to itself
+        whole = causal and keys is None and (window is None or start + T <= window)
+        return slots, (None if not causal or (whole and (start == 0 or T == 1)) else seen)
+    keys = torch.arange(start + T, device=device) if keys is None else keys        # (S,)
     visible = (keys >= pad[:, None, None]) | (keys == slots[:, None])              # (B, T, S)
     return (slots - pad[:, None]).clamp(min=0), (seen & visible)[:, None]          # (B, T), (B, 1, T, S)
+
+
+def _seen(slots: torch.Tensor, keys: torch.Tensor, causal: bool, window: Optional[int]) -> torch.Tensor:
+    """(T, S): may the query at each slot see the key at each slot (ignoring padding)?"""
+    seen = (keys >= 0) & (keys <= slots[:, None]) if causal else torch.ones(
+        len(slots), len(keys), dtype=torch.bool, device=slots.device)
+    return seen if window is None else seen & (slots[:, None] - keys < window)
 
 
 def pool(h: torch.Tensor, how: str, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -472,6 +609,36 @@ def init_weights(model: nn.Module):
             nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
 
+def check_inputs(cfg: TransformerConfig, idx: torch.Tensor, start: int, *, cache, cached: bool,
+                 pad=None, attention_mask=None) -> None:
+    """The errors a forward pass can raise about its inputs, before any work."""
+    T = idx.shape[1]
+    if start + T > cfg.block_size and not isinstance(cache, RingKVCache):   # a ring slides past block_size
+        cls = cfg.pooling == "cls"
+        raise ValueError(f"sequence of {start + T} positions is longer than block_size={cfg.block_size}; "
+                         f"crop the input to the last {cfg.block_size - cls} tokens")
+    if cached and cache is None:
+        raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
+    if pad is not None and attention_mask is not None:
+        raise ValueError("give pad (left padding, with a KV cache) or attention_mask, not both")
+    if attention_mask is not None and attention_mask.shape != idx.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; the input has {tuple(idx.shape)}")
+
+
+def make_cache(cfg: TransformerConfig, batch_size: int, max_len: Optional[int], *, dtype, device,
+               cache_cls: type = KVCache) -> KVCache:
+    """One attention layer's cache: for up to max_len positions (default block_size), or for a
+    sliding-window model without learned positions a RingKVCache of max_len slots (default the
+    window), which decodes past block_size."""
+    if cfg.attention_window and cfg.pos_encoding != "learned" and cache_cls is KVCache:
+        return RingKVCache(batch_size, max_len or cfg.attention_window, cfg.n_kv_heads, cfg.head_dim,
+                           window=cfg.attention_window, dtype=dtype, device=device)
+    max_len = max_len or cfg.block_size
+    if max_len > cfg.block_size:
+        raise ValueError(f"max_len={max_len} exceeds block_size={cfg.block_size}")
+    return cache_cls(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+
+
 class Backbone(nn.Module):
     """Token ids (B, T) -> hidden states (B, T, d_model): embeddings, blocks, final norm.
 
@@ -485,6 +652,8 @@ class Backbone(nn.Module):
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        plugin = POSITIONS[cfg.pos_encoding]           # a registered position encoding
+        self.positions = plugin(cfg) if plugin is not None else None
         # a learned [CLS] vector before the first token, for pooling=cls
         self.cls_emb = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.pooling == "cls" else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -493,6 +662,7 @@ class Backbone(nn.Module):
         # RoPE tables per (device, dtype), derived from float64 ones: not buffers, so that
         # model.to(torch.bfloat16) cannot round the float64 master copy.
         self._rope: dict = {}
+        self._rope_len = 0          # positions the tables cover beyond block_size (a sliding window's decoding)
         self.gradient_checkpointing = False
 
     @property
@@ -511,22 +681,18 @@ class Backbone(nn.Module):
         """
         B, T = idx.shape
         start, cls = start_pos or 0, self.cls_emb is not None
-        if start + T + cls > self.config.block_size:
-            raise ValueError(f"sequence of {start + T + cls} positions is longer than "
-                             f"block_size={self.config.block_size}; crop the input to the last "
-                             f"{self.config.block_size - cls} tokens")
-        if start_pos is not None and self.blocks[0].attn.kv_cache is None:
-            raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
-        if pad is not None and attention_mask is not None:
-            raise ValueError("give pad (left padding, with a KV cache) or attention_mask, not both")
-        if attention_mask is not None and attention_mask.shape != idx.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; "
-                             f"the input has {tuple(idx.shape)}")
+        cache = self.blocks[0].attn.kv_cache if start_pos is not None else None
+        check_inputs(self.config, idx, start + cls, cache=cache, cached=start_pos is not None, pad=pad,
+                     attention_mask=attention_mask)
         if cls:
             real = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             attention_mask = torch.cat([real.new_ones(B, 1), real], dim=1)
+        if start + T > max(self.config.block_size, self._rope_len):   # a ring cache slides past block_size
+            self._rope_len, self._rope = 2 * (start + T), {}          # longer RoPE tables, doubling
         pos, mask = positions_and_mask(start, T + cls, causal=self.config.causal, pad=pad,
-                                       attention_mask=attention_mask, device=idx.device)
+                                       attention_mask=attention_mask, window=self.config.attention_window,
+                                       keys=cache.key_positions(start, T) if cache is not None else None,
+                                       device=idx.device)
         return self.encode(idx, pos, mask, start_pos=start_pos)
 
     def get_attention_weights(self, idx: torch.Tensor, **options) -> list[torch.Tensor]:
@@ -546,6 +712,9 @@ class Backbone(nn.Module):
             attn.weights = []
         try:
             self.hidden_states(idx, **options)
+            if any(not attn.weights for attn in layers):
+                raise ValueError(f"attention '{self.config.attention}' does not record its weights (its attend "
+                                 f"does not end in SelfAttention.attend)")
             return [attn.weights[0] for attn in layers]
         finally:
             for attn in layers:
@@ -558,6 +727,8 @@ class Backbone(nn.Module):
             x = torch.cat([self.cls_emb.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
+        if self.positions is not None:
+            x = self.positions(x, pos)
         x = self.drop(x)
         rope = None
         if self.config.pos_encoding == "rope":
@@ -573,22 +744,19 @@ class Backbone(nn.Module):
         key = (device, dtype)
         if key not in self._rope:   # computed in float64 once per (device, dtype), then rounded once
             cfg = self.config
-            tables = rope_tables(cfg.rotary_dim, cfg.block_size, cfg.rope_theta)
+            tables = rope_tables(cfg.rotary_dim, max(cfg.block_size, self._rope_len), cfg.rope_theta)
             self._rope[key] = tuple(t.to(device=device, dtype=dtype) for t in tables)
         return self._rope[key]
 
     def setup_cache(self, batch_size: int, max_len: Optional[int] = None, *, dtype=None, device=None,
                     cache_cls: type = KVCache):
         """Allocate a KV cache (cache_cls: KVCache or a subclass) in every attention layer for up
-        to max_len positions."""
+        to max_len positions (see make_cache: a sliding-window model gets a ring)."""
         if not self.config.causal:
             raise ValueError("a bidirectional model (causal=False) has no incremental decoding")
-        max_len = max_len or self.config.block_size
-        if max_len > self.config.block_size:
-            raise ValueError(f"max_len={max_len} exceeds block_size={self.config.block_size}")
         for block in self.blocks:
-            block.attn.kv_cache = cache_cls(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
-                                            dtype=dtype or self.tok_emb.weight.dtype, device=device or self.device)
+            block.attn.kv_cache = make_cache(self.config, batch_size, max_len, cache_cls=cache_cls,
+                                             dtype=dtype or self.tok_emb.weight.dtype, device=device or self.device)
 
     def select_cache_rows(self, rows: torch.Tensor):
         """Reorder every layer's KV cache along the batch: row i becomes old row rows[i]."""

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 import torch.distributed as dist
 import yaml
 
-from config import ALIASES, PRESETS, SECTIONS, TrainConfig, config_file, config_to_dict, load_config
+from config import (ALIASES, PRESETS, SECTIONS, TrainConfig, canonical_argv, config_file, config_to_dict,
+                    load_config)
 from data import (Document, EncodedTexts, TokenDataset, build_tokenizer, prepared_dataset, read_labelled, split_rows,
                   tokenizer_from_state)
 from model import (HEAD_FIELDS, Int4Linear, Int8Linear, Transformer, TransformerConfig, apply_lora, closest,
@@ -776,10 +777,12 @@ def base_checkpoint(cfg: dict, resume_from: Optional[dict]) -> tuple[Optional[di
         if lcfg.r or cfg["quantize"].mode:
             raise ValueError("LoRA and quantized training fine-tune a trained model: set training.init_from")
         return None, None
-    init = Path(tcfg.init_from).resolve()
-    if init.parent == Path(tcfg.out_dir).resolve():
+    hf = tcfg.init_from.startswith("hf:")           # a Hugging Face directory (interop.read_hf)
+    init = Path(tcfg.init_from.removeprefix("hf:")).resolve()
+    if init.parent == Path(tcfg.out_dir).resolve() and not hf:
         raise ValueError(f"training.init_from={tcfg.init_from} is inside training.out_dir, where this run "
                          f"writes its checkpoints; choose another out_dir")
+    init = f"hf:{init}" if hf else init
     base = load_checkpoint(init)
     if "lora" in base:
         raise ValueError(f"{tcfg.init_from} is a LoRA adapter; merge it first (python utils.py merge-lora)")
@@ -926,6 +929,9 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
         cfg = {**cfg, "model": TransformerConfig.from_dict({**base["model_config"], **head,
                                                             "dropout": cfg["model"].dropout})}
     known = resume_from or base
+    if base and base["tokenizer"] is None and tcfg.task == "lm":
+        raise ValueError(f"{tcfg.init_from} has no tokenizer (no tokenizer.json), so its token ids mean nothing "
+                         f"here; add the tokenizer.json it was trained with")
     tokenizer = tokenizer_from_state(known["tokenizer"]) if known else None
     val = None
     if tcfg.task == "lm":
@@ -974,7 +980,7 @@ def resolve(argv: list[str]) -> tuple[dict, Optional[dict]]:
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from training.out_dir/last.pt")
     parser.add_argument("--preset", help=f"named preset: {', '.join(PRESETS)}")
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(canonical_argv(argv, log=lambda s: print(s, file=sys.stderr)))
     cfg = load_config(config_file(args.config), rest, sections=SECTIONS, presets=PRESETS, preset=args.preset,
                       aliases=ALIASES, other_sections=("sample",))
     if not args.resume:
@@ -983,10 +989,11 @@ def resolve(argv: list[str]) -> tuple[dict, Optional[dict]]:
     ckpt = load_checkpoint(last)
     # resume with the checkpoint's own configuration; only the command line changes it
     resumed = load_config(None, rest, sections=SECTIONS, base=ckpt["config"], aliases=ALIASES)
+    stored = TransformerConfig.from_dict(ckpt["model_config"]).to_dict()   # keys newer than the file: defaults
     for key, value in dataclasses.asdict(resumed["model"]).items():
-        if key != "vocab_size" and ckpt["model_config"][key] != value:
+        if key != "vocab_size" and stored[key] != value:
             raise ValueError(f"cannot change model.{key} when resuming "
-                             f"({ckpt['model_config'][key]!r} in {last}, {value!r} requested)")
+                             f"({stored[key]!r} in {last}, {value!r} requested)")
     return resumed, ckpt
 
 

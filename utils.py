@@ -9,6 +9,8 @@ As a script, `python utils.py COMMAND ...` runs a subcommand (`--help` lists the
     python utils.py plot out/                                  # out/plot.png: losses, lr, grad norm
     python utils.py quantize --checkpoint out/best.pt --mode int8 --eval
     python utils.py merge-lora --lora out-lora/best.pt --out merged.pt
+    python utils.py export --checkpoint out/best.pt --format hf|gguf|pt|safetensors --out PATH
+    python utils.py import --hf DIR --out model.pt
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from model import (GATED, HEAD_FIELDS, QUANT_MODES, Int4Linear, Int8Linear, LoRA
                    TransformerConfig, apply_lora, closest, dequantize_model, load_lora_state_dict, merge_lora,
                    quantize_model, use_kernels)
 from data import tokenizer_from_state
+from interop import (DTYPES, GGUF_TYPES, InteropError, check_out, export_gguf, export_hf, hf_weight_files, read_hf,
+                     read_safetensors, weights_payload, write_safetensors)
 
 # =============================================================================
 # Checkpoints: versioned, atomic, loaded with weights_only=True
@@ -140,15 +144,32 @@ def _alive(owner: str) -> bool:
     return True
 
 
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def load_checkpoint(path, *, map_location="cpu") -> dict:
-    """Load and validate a checkpoint; anything else raises CheckpointError with the reason."""
+    """Load and validate a checkpoint: a .pt file of ours (full, weights-only, quantized or a
+    LoRA adapter), a safetensors file of ours (read with no pickle), or `hf:DIR`, a Hugging Face
+    directory (interop.read_hf). Anything else raises CheckpointError with the reason."""
+    if str(path).startswith("hf:"):
+        try:
+            return read_hf(str(path)[3:])
+        except InteropError as e:
+            raise CheckpointError(str(e)) from None
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist (train first: python train.py)")
     if path.is_dir() or path.stat().st_size == 0:
         raise CheckpointError(f"'{path}' is {'a directory' if path.is_dir() else 'empty'}, not a checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = (read_safetensors(path) if is_safetensors(path)
+                else torch.load(path, map_location=map_location, weights_only=True))
+    except InteropError as e:
+        raise CheckpointError(str(e)) from None
     except pickle.UnpicklingError as e:
         code = re.search(r"GLOBAL (\S+)", str(e))   # what unpickling would have imported and called
         if code:
@@ -194,8 +215,13 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
     stored = QuantConfig(**ckpt["quantize"]) if ckpt.get("quantize") else None
     if stored:
         quantize_model(model, stored, kernels=False)
-    model.load_state_dict(ckpt["model"], assign=True)
+    state = ckpt["model"]
+    if cfg.tie_weights and "lm_head.weight" not in state and cfg.head == "lm":
+        state = {**state, "lm_head.weight": state["tok_emb.weight"]}   # stored once (safetensors, HF)
+    model.load_state_dict(state, assign=True)
     model.tie_weights()                             # assign=True gave each name its own Parameter
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        model.float()                               # half is a storage format; set_dtype picks the compute one
     model.to(device)
     if quantize and quantize.mode and not stored:
         quantize_model(model, quantize, kernels=kernels)
@@ -206,7 +232,12 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
 
 
 def file_sha256(path) -> str:
+    """The file's sha256; of an `hf:DIR` source, its weight files' together."""
     h = hashlib.sha256()
+    if str(path).startswith("hf:"):
+        for f in hf_weight_files(str(path)[3:]):
+            h.update(file_sha256(f).encode())
+        return h.hexdigest()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -215,7 +246,8 @@ def file_sha256(path) -> str:
 
 def base_reference(path) -> dict:
     """What an adapter records of its base checkpoint: where it was and its hash."""
-    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+    where = f"hf:{Path(str(path)[3:]).resolve()}" if str(path).startswith("hf:") else str(Path(path).resolve())
+    return {"path": where, "sha256": file_sha256(path)}
 
 
 def check_base(adapter: dict, base_path) -> None:
@@ -239,7 +271,7 @@ def load_model(path, *, lora=None, quantize: Optional[QuantConfig] = None, devic
         if lora:
             raise CheckpointError(f"'{path}' is a LoRA adapter; pass the base model as the checkpoint")
         base = ckpt["lora"]["base"]["path"]
-        if not Path(base).exists():
+        if not Path(base.removeprefix("hf:")).exists():
             raise CheckpointError(f"the base of adapter '{path}' is not at {base}; pass it as the "
                                   f"checkpoint and the adapter with --lora")
         return load_model(base, lora=path, quantize=quantize, device=device, kernels=kernels)
@@ -420,6 +452,14 @@ def synchronize(device):
 # =============================================================================
 
 
+def checkpoint_bytes(path) -> int:
+    """Bytes of a checkpoint file, an hf:DIR's weight files, or a directory's files."""
+    if str(path).startswith("hf:"):
+        return sum(f.stat().st_size for f in hf_weight_files(str(path)[3:]))
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -468,10 +508,10 @@ def quantize_main(argv: list[str]) -> None:
     quantize_model(model, qcfg, kernels=False)
     linear_q = sum(_bytes(b for n, b in m.state_dict().items() if n != "bias")
                    for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
-    src = Path(args.checkpoint)
+    src = Path(str(args.checkpoint).removeprefix("hf:"))
     out = Path(args.out or src.with_name(f"{src.stem}-{args.mode}.pt"))
     save_checkpoint(out, _plain_payload(model, tokenizer, ckpt, quantize=qcfg.stored()))
-    print(f"{out}: {out.stat().st_size / 1e6:.2f} MB (from {src.stat().st_size / 1e6:.2f} MB); linear "
+    print(f"{out}: {out.stat().st_size / 1e6:.2f} MB (from {checkpoint_bytes(args.checkpoint) / 1e6:.2f} MB); linear "
           f"weights {linear_fp32 / 1e6:.2f} -> {linear_q / 1e6:.2f} MB ({linear_fp32 / linear_q:.1f}x smaller)")
     if args.eval:
         after = val_perplexity(model, tokenizer, ckpt, args.data)
@@ -497,6 +537,83 @@ def merge_lora_main(argv: list[str]) -> None:
     dequantize_model(merge_lora(model))            # a QLoRA base becomes float again
     save_checkpoint(args.out, _plain_payload(model, tokenizer, adapter))
     print(f"merged {args.lora} into {adapter['lora']['base']['path']} -> {args.out}")
+
+
+def save_model_weights_only(model, path, half_precision: bool = False, *, tokenizer=None,
+                            dtype: Optional[str] = None, config: Optional[dict] = None) -> Path:
+    """Save only what inference needs (weights, model config, tokenizer; no optimizer or RNG
+    state), as safetensors when path ends in .safetensors (read back with no pickle) and as
+    a .pt checkpoint otherwise. half_precision stores fp16; dtype="bf16" bfloat16. generate.py,
+    --init_from and utils.py quantize read the file like any checkpoint.
+
+        >>> save_model_weights_only(model, "small.safetensors", half_precision=True,  # doctest: +SKIP
+        ...                         tokenizer=tokenizer)
+    """
+    dtype = dtype or ("fp16" if half_precision else "fp32")
+    payload = weights_payload(model, tokenizer, dtype=dtype, config=config)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        write_safetensors(path, payload)
+    else:
+        save_checkpoint(path, payload)
+    return path
+
+
+EXPORT_FORMATS = ("hf", "gguf", "pt", "safetensors")
+
+
+def export_main(argv: list[str]) -> None:
+    """python utils.py export --checkpoint out/best.pt --format hf|gguf|pt|safetensors --out PATH
+    [--dtype fp32|fp16|bf16|q8_0] [--lora adapter.pt] [--force]: the model for other programs
+    (Hugging Face transformers, llama.cpp) or as a small weights-only file."""
+    p = argparse.ArgumentParser(prog="utils.py export", description=export_main.__doc__)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of ours, a LoRA adapter, or hf:DIR")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--out", required=True, help="a directory for hf, a file otherwise")
+    p.add_argument("--dtype", help="fp32|fp16|bf16, or q8_0 for gguf (default: fp32; gguf: fp16)")
+    p.add_argument("--lora", help="an adapter to merge into the checkpoint first")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    args = p.parse_args(argv)
+    dtype = args.dtype or ("fp16" if args.format == "gguf" else "fp32")
+    valid = GGUF_TYPES if args.format == "gguf" else tuple(DTYPES)
+    if dtype not in valid:
+        raise ValueError(f"--dtype {dtype} is not supported for --format {args.format}; {closest(dtype, valid)}")
+    ckpt = load_checkpoint(args.lora or args.checkpoint)
+    if "lora" in ckpt and not args.lora and not Path(ckpt["lora"]["base"]["path"].removeprefix("hf:")).exists():
+        raise CheckpointError(f"'{args.checkpoint}' is a LoRA adapter; its base is not at "
+                              f"{ckpt['lora']['base']['path']}: pass that base as --checkpoint and this file as --lora")
+    model, tokenizer = load_model(args.checkpoint, lora=args.lora, kernels=False)
+    dequantize_model(merge_lora(model))             # what was trained, as plain float layers
+    src = load_checkpoint(args.checkpoint) if not args.lora else ckpt
+    out = Path(args.out)
+    if args.format == "hf":
+        export_hf(model, tokenizer, out, dtype=dtype, force=args.force)
+    elif args.format == "gguf":
+        export_gguf(model, tokenizer, out, dtype=dtype, force=args.force)
+    else:
+        check_out(out, force=args.force, directory=False)
+        out = save_model_weights_only(model, out.with_suffix(f".{args.format}") if not out.suffix else out,
+                                      tokenizer=tokenizer, dtype=dtype, config=src.get("config"))
+    print(f"{out}: {args.format} {dtype}, {checkpoint_bytes(out) / 1e6:.2f} MB (the checkpoint {args.checkpoint} is "
+          f"{checkpoint_bytes(args.checkpoint) / 1e6:.2f} MB)")
+
+
+def import_main(argv: list[str]) -> None:
+    """python utils.py import --hf DIR --out model.pt [--force]: a Hugging Face directory
+    (Llama, Mistral or GPT-2, as save_pretrained writes it) as a checkpoint of ours. --init_from
+    and --checkpoint also take hf:DIR directly."""
+    p = argparse.ArgumentParser(prog="utils.py import", description=import_main.__doc__)
+    p.add_argument("--hf", required=True, help="the directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    args = p.parse_args(argv)
+    check_out(args.out, force=args.force, directory=False)
+    ckpt = load_checkpoint(f"hf:{args.hf}")
+    cfg = TransformerConfig.from_dict(ckpt["model_config"])
+    save_checkpoint(args.out, {**{k: v for k, v in ckpt.items() if k not in ("format", "version", "source")},
+                               "config": {"model": cfg.to_dict()}})
+    print(f"{args.out}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, tokenizer "
+          f"{(ckpt['tokenizer'] or {}).get('kind', 'none')} (from {args.hf})")
 
 
 def _by_step(rows: list[dict], event: str) -> list[dict]:
@@ -613,7 +730,8 @@ def plot_main(argv: list[str]):
         sys.exit(f"error: {e}")
 
 
-COMMANDS = {"plot": plot_main, "quantize": quantize_main, "merge-lora": merge_lora_main}
+COMMANDS = {"plot": plot_main, "quantize": quantize_main, "merge-lora": merge_lora_main,
+            "export": export_main, "import": import_main}
 
 
 def main(argv=None) -> None:
@@ -628,7 +746,7 @@ def main(argv=None) -> None:
         sys.exit(f"error: unknown command {argv[0]!r}; {closest(argv[0], COMMANDS)}")
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:   # InteropError is a ValueError
         sys.exit(f"error: {e}")
 
 

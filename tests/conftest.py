@@ -112,3 +112,19 @@ def fake_tiktoken(monkeypatch):
     monkeypatch.setitem(registry.ENCODING_CONSTRUCTORS, "mini_wide", constructor("mini_wide", 70000))
     monkeypatch.setattr(registry, "ENCODINGS", dict(registry.ENCODINGS))   # forget them afterwards
     return ranks
+
+
+def hf_in_float64(monkeypatch, norm_cls, rope_cls, *, rotary_dim: int, length: int):
+    """Hugging Face's Llama-family models round to float32 inside RMSNorm and RoPE even in a
+    float64 model; patch both to true float64, so a comparison checks all of our math."""
+    from model import rope_tables
+
+    def rmsnorm64(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def rope64(self, x, position_ids):
+        cos, sin = rope_tables(rotary_dim, length, 10000.0)
+        return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)
+
+    monkeypatch.setattr(norm_cls, "forward", rmsnorm64)
+    monkeypatch.setattr(rope_cls, "forward", rope64)

@@ -193,3 +193,89 @@ def test_log_attention_with_fsdp_is_a_clear_error():
     from config import TrainConfig
     with pytest.raises(ValueError, match="training.log_attention reads one unsharded forward"):
         TrainConfig(log_attention=True, distributed="fsdp")
+
+
+# --- pluggable attention, positions and activations ------------------------------
+
+from model import SelfAttention, register_activation, register_attention, register_position  # noqa: E402
+
+
+@register_attention("local")
+class LocalMultiHeadAttention(SelfAttention):
+    """Seed 000's extension example: multi-head attention with a sliding window constraint."""
+
+    window_size = 4
+
+    def attend(self, q, k, v, mask=None):
+        T, S = q.shape[2], k.shape[2]
+        i = torch.arange(S - T, S, device=q.device)[:, None]         # query slots
+        j = torch.arange(S, device=q.device)                         # key slots
+        local = (j <= i) & (i - j < self.window_size)
+        return super().attend(q, k, v, local if mask is None else mask & local)
+
+
+def test_a_registered_attention_is_the_built_in_sliding_window_and_shows_its_weights():
+    torch.manual_seed(0)
+    local = Transformer(vocab_size=50, d_model=32, n_heads=4, n_layers=2, block_size=32, attention="local").eval()
+    band = Transformer(vocab_size=50, d_model=32, n_heads=4, n_layers=2, block_size=32, attention_window=4).eval()
+    band.load_state_dict(local.state_dict())
+    idx = torch.randint(0, 50, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(local(idx), band(idx), atol=1e-6, rtol=0)
+        local.setup_cache(2)                                   # the plugin sees cached keys too
+        steps = [local(idx[:, :9], start_pos=0)] + [local(idx[:, p:p + 1], start_pos=p) for p in range(9, 32)]
+        torch.testing.assert_close(torch.cat(steps, 1), band(idx), atol=1e-6, rtol=0)
+        local.clear_cache()
+    weights = local.get_attention_weights(idx)[0][0, 0]
+    assert (weights[10, :7] == 0).all() and (weights[10, 7:11] > 0).all() and (weights[10, 11:] == 0).all()
+
+
+def test_a_registered_activation_and_position_encoding_are_used():
+    @register_activation("squared_relu")
+    def squared_relu(x):
+        return torch.relu(x) ** 2
+
+    seen = []
+
+    @register_position("sinusoidal")
+    class Sinusoidal(torch.nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            freq = 1.0 / 10000 ** (torch.arange(0, cfg.d_model, 2) / cfg.d_model)
+            self.register_buffer("freq", freq, persistent=False)
+
+        def forward(self, x, pos):
+            seen.append(pos)
+            angles = pos[..., None].float() * self.freq                 # (T, C/2) or (B, T, C/2)
+            return x + torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    model = Transformer(vocab_size=50, d_model=32, n_heads=4, n_layers=1, activation="squared_relu",
+                        pos_encoding="sinusoidal").eval()
+    x = torch.randn(2, 5, 32)
+    mlp = model.blocks[0].mlp
+    torch.testing.assert_close(mlp(x), mlp.w2(torch.relu(mlp.w1(x)) ** 2))
+    assert mlp.w3 is None                                       # not gated
+    idx = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        out = model(idx)
+        model.setup_cache(1)
+        steps = torch.cat([model(idx[:, :2], start_pos=0), model(idx[:, 2:], start_pos=2)], 1)
+    torch.testing.assert_close(steps, out, atol=1e-5, rtol=0)
+    assert seen[0].tolist() == list(range(6)) and seen[-1].tolist() == [2, 3, 4, 5]
+
+
+def test_registry_mistakes_are_clear():
+    with pytest.raises(ValueError, match=r"attention='locall' is not registered; did you mean 'local'\? "
+                                         r"valid: standard, local"):
+        Transformer(vocab_size=50, d_model=32, n_heads=4, n_layers=1, attention="locall")
+    with pytest.raises(ValueError, match=r"activation 'swiglu' is built in; register yours under another name"):
+        register_activation("swiglu", torch.relu)
+
+    @register_attention("silent")
+    class Silent(SelfAttention):       # replaces attention outright, recording nothing
+        def attend(self, q, k, v, mask=None):
+            return v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)[:, :, -q.shape[2]:]
+
+    model = Transformer(vocab_size=50, d_model=32, n_heads=4, n_layers=1, attention="silent")
+    with pytest.raises(ValueError, match="attention 'silent' does not record its weights"):
+        model.get_attention_weights(torch.randint(0, 50, (1, 4)))

@@ -75,13 +75,17 @@ def test_train_times_nanogpt_and_a_baseline_in_turns_with_ours(tmp_path):
         tps("ours gpt2-style (default malloc)") / tps("nanoGPT gpt2-style (default malloc)"), abs=2e-3)
 
 
-def test_decode_prints_a_row_per_size():
+def test_decode_prints_a_row_per_size_and_the_long_generation_rows():
     out = subprocess.run([sys.executable, "bench.py", "decode", "--sizes", "15M", "--tokens", "4", "--no-hf",
-                          "--skip-nocache", "--no-compile"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+                          "--skip-nocache", "--no-compile", "--long", "48", "--window", "16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     row = next(l for l in out.stdout.splitlines() if l.startswith("15M"))
     params, bandwidth, roofline, eager, compiled = row.split()[1:6]
     assert params == "15.2M" and float(bandwidth) > 0 and float(roofline) > 0 and float(eager) > 0 and compiled == "nan"
+    full, ring = ([c.strip() for c in l.split("|")[1:-1]] for l in out.stdout.splitlines()
+                  if l.startswith(("| full", "| ring")))
+    assert full[1] == ring[1] == "48" and ring[2] == "16" and float(ring[3]) * 2 < float(full[3])   # 16 vs 48 slots
 
 
 # Stands in for llama2.c's run binary: checks the model file against the layout run.c's
@@ -116,7 +120,7 @@ def test_decode_runs_llama2c_side_by_side(tmp_path):
     run.write_text(FAKE_RUN.format(python=sys.executable))
     run.chmod(0o755)
     out = subprocess.run([sys.executable, "bench.py", "decode", "--sizes", "15M", "--tokens", "7", "--no-hf",
-                          "--skip-nocache", "--no-compile", "--llama2c", str(tmp_path)],
+                          "--skip-nocache", "--no-compile", "--long", "0", "--llama2c", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     row = next(l for l in out.stdout.splitlines() if l.startswith("15M")).split()

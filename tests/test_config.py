@@ -108,7 +108,7 @@ def test_unknown_section_and_undotted_option():
 
 
 @pytest.mark.parametrize("argv, hint", [
-    (["--max_seq_len=64"], "options look like --section.key=value (sections: model, data, training, lora, "
+    (["--seq_length=64"], "options look like --section.key=value (sections: model, data, training, lora, "
                            "quantize; --help lists the keys) or an alias: --task, --data,"),
     (["--model.max_seq_len=64"], "valid: model.vocab_size, model.block_size, "),        # the section's keys
     (["--epoch=2"], "did you mean '--epochs'?"),

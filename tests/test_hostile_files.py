@@ -81,13 +81,15 @@ def entry_points(bad: Path, tmp_path: Path, good) -> dict:
         "train.py --resume": (train_mod, ["--resume", *tiny, f"--training.out_dir={resume_dir}"]),
         "utils.py quantize": (utils, ["quantize", "--checkpoint", bad, "--mode", "int8", "--out", tmp_path / "q.pt"]),
         "utils.py merge-lora": (utils, ["merge-lora", "--lora", bad, "--out", tmp_path / "m.pt"]),
+        "utils.py export": (utils, ["export", "--checkpoint", bad, "--format", "hf", "--out", tmp_path / "hf"]),
     }
 
 
 KINDS = ["runs code", "truncated", "random bytes", "empty", "directory", "another program's",
          "adapter with a hostile base"]
 ENTRY_POINTS = ["generate.py --checkpoint", "generate.py --lora", "generate.py --draft_checkpoint",
-                "train.py --init_from", "train.py --resume", "utils.py quantize", "utils.py merge-lora"]
+                "train.py --init_from", "train.py --resume", "utils.py quantize", "utils.py merge-lora",
+                "utils.py export"]
 
 
 REASONS = {"runs code": "makedirs); refused, since loading them could run code",

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import hf_in_float64
 from model import PRESETS, Transformer, TransformerConfig, apply_rope, rope_tables
 
 
@@ -55,19 +56,8 @@ def test_matches_hf_llama_float32(n_kv_heads):
 
 
 def test_matches_hf_llama_float64_tightly(monkeypatch):
-    # HF's Llama rounds to float32 inside RMSNorm and RoPE even in a float64 model;
-    # patch both to true float64 so the comparison checks all of our math at 1e-12.
     from transformers.models.llama import modeling_llama as hf_llama
-
-    def rmsnorm64(self, h):
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    def rope64(self, x, position_ids):
-        cos, sin = rope_tables(8, 48, 10000.0)
-        return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)
-
-    monkeypatch.setattr(hf_llama.LlamaRMSNorm, "forward", rmsnorm64)
-    monkeypatch.setattr(hf_llama.LlamaRotaryEmbedding, "forward", rope64)
+    hf_in_float64(monkeypatch, hf_llama.LlamaRMSNorm, hf_llama.LlamaRotaryEmbedding, rotary_dim=8, length=48)
     hf, ours = _llama_pair(2, torch.float64)
     idx = torch.randint(0, 97, (2, 33))
     with torch.no_grad():

@@ -710,7 +710,7 @@ def test_plot_keeps_the_latest_row_of_a_step_logged_twice(tmp_path):
 def test_utils_plot_runs_as_a_script(trained_run, tmp_path):
     proc = run_script("utils.py", "plot", trained_run.out_dir, "-o", tmp_path / "p.png")
     assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "p.png"), proc.stderr
-    assert run_script("utils.py").stderr.strip() == "error: no command given; valid: plot, quantize, merge-lora"
+    assert run_script("utils.py").stderr.strip() == "error: no command given; valid: plot, quantize, merge-lora, export, import"
 
 
 def test_tensorboard_scalars_mirror_the_log(run_config, monkeypatch):
