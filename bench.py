@@ -12,6 +12,7 @@
     python bench.py tokenize                       # encode tokens/s: char, byte, trained BPE, tiktoken
     python bench.py classify                       # Shakespeare genres: transformer vs n-gram and majority
     python bench.py export --checkpoint out/best.pt  # every export format: size, read-back logits; llama.cpp
+    python bench.py seq2seq                        # grapheme-to-phoneme on CMUdict: WER/PER vs published results
 
 `train` times each row in a fresh process. Our rows run as train.py does (glibc malloc
 tuned by utils.tune_cpu_allocator); nanoGPT runs as shipped; on gpt2-style, a third row
@@ -695,6 +696,95 @@ def genre_transformer(train, test, labels, args) -> np.ndarray:
     return trainer.predict(EncodedTexts(test, tok)).argmax(-1).numpy()
 
 
+G2P_ANCHORS = [("Sequitur joint-sequence model (Bisani & Ney 2008)", 24.53, 5.88),
+               ("Bi-LSTM with alignment (Yao & Zweig 2015)", 23.55, 5.45),
+               ("Transformer 4x4 (Yolchuyeva et al. 2019)", 22.1, 5.23)]
+
+
+def edit_distance(a: list, b: list) -> int:
+    """Levenshtein distance between two sequences."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def g2p_scores(predictions: list[str], references: list[list[str]]) -> tuple[float, float]:
+    """(WER, PER) in %: a word is right if it matches any of its pronunciations; PER is the
+    phoneme edit distance to the closest one over that one's length, summed over words."""
+    wrong = errors = length = 0
+    for pred, refs in zip(predictions, references):
+        dist, ref = min((edit_distance(pred.split(), r.split()), r) for r in refs)
+        wrong += dist > 0
+        errors, length = errors + dist, length + len(ref.split())
+    return 100 * wrong / len(references), 100 * errors / length
+
+
+def bench_seq2seq(args):
+    """English grapheme-to-phoneme conversion on CMUdict (12,000 held-out words): an
+    encoder-decoder trained through train.py's run for --minutes, then greedy and beam WER/PER
+    against the published anchors, and decode words/s with and without the KV cache."""
+    import tempfile
+    from config import SECTIONS, load_config
+    from data import cmudict_g2p
+    from generate import SampleConfig, translate
+    from train import train
+    from utils import load_model
+    split = cmudict_g2p(test_words=args.test_words, seed=args.seed)
+    tmp = Path(args.out_dir or tempfile.mkdtemp())
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "g2p.tsv").write_text("".join(f"{w}\t{p}\n" for w, p in split["train"]))
+    print(f"CMUdict: {len(split['train']):,} training pronunciations, {len(split['test']):,} held-out words; "
+          f"{args.minutes:g} minutes of training on {torch.get_num_threads()} threads", flush=True)
+    cfg = load_config(None, [
+        "--training.task=seq2seq", f"--data.path={tmp / 'g2p.tsv'}", "--data.tokenizer=char",
+        "--data.target_tokenizer=bpe", "--data.vocab_size=400", "--data.val_fraction=0.02",
+        f"--model.d_model={args.d_model}", f"--model.n_heads={args.n_heads}", f"--model.n_layers={args.layers}",
+        f"--model.d_ff={4 * args.d_model}", "--model.block_size=40", f"--model.dropout={args.dropout}",
+        f"--training.max_time={args.minutes * 60}", f"--training.batch_size={args.batch_size}",
+        f"--training.learning_rate={args.lr}", "--training.warmup_iters=500", "--training.eval_interval=1000",
+        "--training.weight_decay=0.01", f"--training.precision={args.precision}", "--training.progress=false",
+        f"--training.out_dir={tmp / 'run'}", "--training.device=cpu"], sections=SECTIONS)
+    summary = train(cfg)
+    model, tok = load_model(tmp / "run" / "best.pt")
+    words, refs = [w for w, _ in split["test"]], [r for _, r in split["test"]]
+    n = min(args.beam_words, len(words))          # beam search decodes word by word: a subset
+    rows = []
+    for name, beams, count in (("greedy", 1, len(words)), (f"greedy, first {n} words", 1, n),
+                               (f"beam {args.beams}, first {n} words", args.beams, n)):
+        start = time.perf_counter()
+        preds = [p for i in range(0, count, 256)
+                 for p in translate(model, tok, words[i:min(i + 256, count)],
+                                    SampleConfig(temperature=0.0, beam_size=beams, max_new_tokens=30))]
+        rows.append((name, *g2p_scores(preds, refs[:count]), count / (time.perf_counter() - start)))
+    print(f"\ntrained {summary['step']} steps in {summary['elapsed']:.0f}s; best validation loss "
+          f"{summary['best_val_loss']:.4f}; log and curve: {tmp / 'run'}\n")
+    print("| system | WER % | PER % | words/s |\n|---|---|---|---|")
+    for name, wer, per in G2P_ANCHORS:
+        print(f"| {name} | {wer} | {per} | |")
+    for name, wer, per, speed in rows:
+        print(f"| ours, {name} ({args.layers}+{args.layers} layers x {args.d_model}) | {wer:.2f} | {per:.2f} | {speed:.0f} |")
+    print(f"\ndecode words/s, greedy, batches of 256: cached {rows[0][3]:.0f}, uncached "
+          f"{_uncached_g2p_speed(model, tok, words[:1024]):.0f} (every step re-runs the decoder over the whole target)")
+
+
+@torch.no_grad()
+def _uncached_g2p_speed(model, tok, words: list[str]) -> float:
+    from tasks import pad_sequences
+    start = time.perf_counter()
+    for i in range(0, len(words), 256):
+        src, mask = pad_sequences([torch.tensor(tok.encode(w)) for w in words[i:i + 256]])
+        tgt = torch.ones(src.shape[0], 1, dtype=torch.long)
+        for _ in range(30):
+            nxt = model(src, tgt, src_mask=mask)[:, -1].argmax(-1, keepdim=True)
+            tgt = torch.cat([tgt, nxt], 1)
+            if ((tgt == 2).any(1)).all():
+                break
+    return len(words) / (time.perf_counter() - start)
+
+
 def bench_export(args):
     """A trained checkpoint through every export format: file size, and the largest logit
     difference from our model when the file is read back by the reader that matters
@@ -821,6 +911,21 @@ def main(argv=None):
     c.add_argument("--pretrain_epochs", type=float, default=0,
                    help="first train the backbone as a language model on the training passages, then LoRA")
     c.set_defaults(func=bench_classify)
+    s2 = sub.add_parser("seq2seq", help="grapheme-to-phoneme on CMUdict: WER/PER against published results")
+    s2.add_argument("--minutes", type=float, default=30.0, help="the training budget")
+    s2.add_argument("--d_model", type=int, default=192)
+    s2.add_argument("--n_heads", type=int, default=4)
+    s2.add_argument("--layers", type=int, default=3, help="encoder and decoder layers each")
+    s2.add_argument("--dropout", type=float, default=0.1)
+    s2.add_argument("--batch_size", type=int, default=128)
+    s2.add_argument("--lr", type=float, default=2e-3)
+    s2.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    s2.add_argument("--beams", type=int, default=4)
+    s2.add_argument("--beam_words", type=int, default=2000, help="test words decoded by beam search too")
+    s2.add_argument("--test_words", type=int, default=12000)
+    s2.add_argument("--seed", type=int, default=0)
+    s2.add_argument("--out_dir", help="keep the data and the run here (default: a temporary folder)")
+    s2.set_defaults(func=bench_seq2seq)
     e = sub.add_parser("export", help="file sizes and read-back logit differences of every export format; llama.cpp")
     e.add_argument("--checkpoint", default="out/best.pt")
     e.add_argument("--prompt", default="ROMEO:\nWhat light through yonder window breaks?")

@@ -35,10 +35,14 @@ class DataConfig:
     vocab_size: int = 4096         # bpe=train: tokens to learn (256 bytes + merges + <|endoftext|>)
     val_fraction: float = 0.1      # the last fraction of the tokens is the validation split
     cache_dir: Optional[str] = None  # prepared train.bin/val.bin/meta.json; None: <training.out_dir>/data
+    target_tokenizer: Optional[str] = None  # seq2seq: char | byte | bpe for the targets; None: one shared vocabulary
+    truncate: bool = False         # seq2seq: cut sides longer than block_size (otherwise an error)
 
     def __post_init__(self):
-        if self.tokenizer not in TOKENIZER_KINDS:
-            raise ValueError(f"data.tokenizer={self.tokenizer!r}; {closest(self.tokenizer, TOKENIZER_KINDS)}")
+        for name in ("tokenizer", "target_tokenizer"):
+            kind = getattr(self, name)
+            if kind is not None and kind not in TOKENIZER_KINDS:
+                raise ValueError(f"data.{name}={kind!r}; {closest(kind, TOKENIZER_KINDS)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if not 257 <= self.vocab_size <= 2 ** 32:
@@ -52,7 +56,7 @@ class DataConfig:
                                  f"{closest(self.bpe, ['train', *names])}")
 
 
-TASKS = ("lm", "classification", "regression")   # tasks.py: what each one trains
+TASKS = ("lm", "classification", "regression", "seq2seq")   # tasks.py: what each one trains
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -67,7 +71,7 @@ class TrainConfig:
     batch_size * grad_accum_steps * world_size sequences.
     """
 
-    task: str = "lm"                # lm | classification | regression (data.path: text<TAB>target lines)
+    task: str = "lm"                # lm | classification | regression | seq2seq (data.path: text<TAB>target lines)
     out_dir: Optional[str] = "out"  # checkpoints, log.jsonl, plot.png; None (the Python API's default): none
     init_from: Optional[str] = None  # start from this checkpoint's weights and tokenizer (fine-tuning)
     device: str = "auto"            # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)

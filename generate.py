@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from config import SECTIONS as RUN_SECTIONS, canonical_argv, coerce, config_file, field_types, load_config
 from model import closest
-from tasks import predict_all, task_for
+from tasks import pad_sequences, predict_all, task_for
 from utils import PRECISION_DTYPES, CheckpointError, load_checkpoint, load_model, pick_device, plot_attention
 
 
@@ -176,9 +176,66 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int
 
 
 def make_decoder(model, *, compile: bool = False, cache_len: Optional[int] = None,
-                 chunk_len: Optional[int] = None) -> "LMDecoder":
-    """The decoder the decoding loops use for model (see LMDecoder for the options)."""
+                 chunk_len: Optional[int] = None, source: Optional[tuple] = None):
+    """The decoder the decoding loops use for model: LMDecoder, or for an encoder-decoder
+    given source = (ids (B, S), mask or None), Seq2SeqDecoder (see each for the options)."""
+    if hasattr(model, "encoder"):
+        if source is None:
+            raise ValueError("an encoder-decoder decodes a source: pass source=(ids, mask)")
+        if compile:
+            _note("compiled decoding is for decoder-only models; decoding the encoder-decoder eagerly")
+        return Seq2SeqDecoder(model, *source)
+    if source is not None:
+        raise ValueError("source is for an encoder-decoder; this model is decoder-only")
     return LMDecoder(model, compile=compile, cache_len=cache_len, chunk_len=chunk_len)
+
+
+class Seq2SeqDecoder:
+    """LMDecoder's interface for an encoder-decoder (model.Seq2SeqTransformer). prefill encodes
+    the source once (each cross-attention keeps its keys and values), then runs the target
+    start tokens; steps extend the target through the decoder's KV cache; reorder moves both
+    the cache rows and the memory's. A source of one row serves any number of target rows
+    (beams). The target has block_size positions (max_len)."""
+
+    def __init__(self, model, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None):
+        self.model, self.device, self.max_len = model, model.device, model.config.block_size
+        self.src, self.src_mask = src.to(self.device), None if src_mask is None else src_mask.to(self.device)
+        self.pos = self.pad = None
+
+    def prefill(self, ids: torch.Tensor, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.model.encode(self.src, self.src_mask)
+        if self.src.shape[0] != ids.shape[0]:                       # one source, several beams
+            self.model.select_rows(torch.zeros(ids.shape[0], dtype=torch.long, device=self.device))
+        self.model.decoder.setup_cache(ids.shape[0], self.max_len)
+        self.pos, self.pad = 0, (None if pad is None else pad.to(self.device))
+        return self.step(ids)[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pos + tokens.shape[1] > self.max_len:
+            raise ValueError(f"the target would pass block_size={self.max_len} positions; ask for fewer new tokens")
+        logits = self.model.step(tokens, start_pos=self.pos, pad=self.pad)
+        self.pos += tokens.shape[1]
+        return logits.float()
+
+    def greedy(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.step(tokens)[:, -1].argmax(-1, keepdim=True)
+
+    def reorder(self, rows: torch.Tensor):
+        self.model.select_rows(rows)
+        self.pad = None if self.pad is None else self.pad[rows]
+
+    def rewind(self, n: int):
+        self.pos = n
+
+    def close(self):
+        self.model.decoder.clear_cache()
+        self.pos = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class LMDecoder:
@@ -357,10 +414,12 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
                     top_k: Optional[int] = None, top_p: Optional[float] = None,
                     min_p: Optional[float] = None, repetition_penalty: float = 1.0,
                     generator: Optional[torch.Generator] = None,
-                    pad: Optional[torch.Tensor] = None, compile: bool = False) -> Iterator[torch.Tensor]:
+                    pad: Optional[torch.Tensor] = None, compile: bool = False,
+                    source: Optional[tuple] = None) -> Iterator[torch.Tensor]:
     """Yield max_new_tokens next-token tensors (B, 1) continuing idx (B, T); pad: the rows'
     left-padding lengths when they are prompts of different lengths (see left_pad); compile:
-    the steps after the prompt run compiled (see LMDecoder).
+    the steps after the prompt run compiled (see LMDecoder). For an encoder-decoder, idx is
+    the target's start and source = (source ids (B, S), mask or None).
 
     Example:
         >>> for tok in generate_tokens(model, torch.tensor([[1, 2]]), 5, temperature=0):
@@ -375,7 +434,7 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
     greedy = temperature == 0 and repetition_penalty == 1.0
     # a cache for this call (rounded up, so that calls of similar lengths share a compiled shape)
     cache_len = -(-(idx.shape[1] + max_new_tokens) // 256) * 256
-    with make_decoder(model, compile=compile, cache_len=cache_len) as decoder:
+    with make_decoder(model, compile=compile, cache_len=cache_len, source=source) as decoder:
         nxt = sample_next(decoder.prefill(idx, pad), context=idx, **sampling)    # the prompt in one forward
         for i in range(max_new_tokens):
             yield nxt
@@ -391,7 +450,8 @@ def generate_tokens(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
 @torch.no_grad()
 def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int,
                 length_penalty: float = 1.0, num_return_sequences: int = 1,
-                eos_id: Optional[int] = None, compile: bool = False) -> list[tuple[list[int], float]]:
+                eos_id: Optional[int] = None, compile: bool = False,
+                source: Optional[tuple] = None) -> list[tuple[list[int], float]]:
     """The num_return_sequences best continuations of prompt under beam search, best first,
     as (token ids, score); score = sum of log-probabilities / length ** length_penalty.
 
@@ -400,12 +460,13 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
     this is greedy decoding. A beam that emits eos_id is finished: it keeps its score (its only
     continuation is eos again, at log-probability 0), and its output ends before the eos; its
     length is the number of tokens before it (the eos's log-probability counts, as in HF).
-    compile: the steps (all beams at once) run compiled (see LMDecoder).
+    compile: the steps (all beams at once) run compiled (see LMDecoder). source: an
+    encoder-decoder's (ids (1, S), mask or None); prompt is then the target's start.
     """
     if beam_size < 1 or not 1 <= num_return_sequences <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= num_return_sequences <= beam_size "
                          f"(got {beam_size}, {num_return_sequences})")
-    with make_decoder(model, compile=compile) as decoder:
+    with make_decoder(model, compile=compile, source=source) as decoder:
         seqs = torch.tensor([prompt], device=decoder.device)              # (1, T): one beam to start
         scores = torch.zeros(1, device=decoder.device)
         logits = decoder.prefill(seqs)
@@ -427,6 +488,41 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
     ranked = sorted(((ids, score / max(len(ids), 1) ** length_penalty) for ids, score in zip(outputs, scores.tolist())),
                     key=lambda pair: -pair[1])
     return ranked[:num_return_sequences]
+
+
+@torch.no_grad()
+def seq2seq_generate(model, src: torch.Tensor, max_new_tokens: int, *, src_mask: Optional[torch.Tensor] = None,
+                     num_beams: int = 1, length_penalty: float = 1.0, bos_id: int = 1, eos_id: Optional[int] = 2,
+                     pad_id: int = 0, generator: Optional[torch.Generator] = None, **sampling) -> torch.Tensor:
+    """Target ids (B, L <= max_new_tokens) for source ids (B, S) of an encoder-decoder (what
+    Seq2SeqTransformer.generate calls): decoding starts from bos_id and a row ends at eos_id
+    (kept; pad_id after it). num_beams > 1: beam search per row; otherwise sampling (sampling:
+    temperature, top_k, top_p, min_p, repetition_penalty; temperature=0 is greedy). The ids
+    1 = BOS, 2 = EOS, 0 = PAD are those seq2seq data reserves (data.SEQ2SEQ_SPECIALS).
+
+        >>> model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, temperature=0.7, top_p=0.9)  # doctest: +SKIP
+    """
+    model.eval()
+    src_mask = None if src_mask is None else src_mask.bool()
+    max_new_tokens = min(max_new_tokens, model.config.block_size - 1)     # the target's positions, BOS included
+    if num_beams > 1:
+        rows = [beam_search(model, [bos_id], max_new_tokens, beam_size=num_beams, length_penalty=length_penalty,
+                            eos_id=eos_id, source=(src[i:i + 1], None if src_mask is None else src_mask[i:i + 1]))[0][0]
+                for i in range(src.shape[0])]
+        rows = [ids + ([eos_id] if eos_id is not None and len(ids) < max_new_tokens else []) for ids in rows]
+    else:
+        start = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=model.device)
+        rows, done = [[] for _ in range(src.shape[0])], set()
+        for tok in generate_tokens(model, start, max_new_tokens, generator=generator, source=(src, src_mask),
+                                   **{"temperature": 1.0, **sampling}):
+            for i, t in enumerate(tok[:, 0].tolist()):
+                if i not in done:
+                    rows[i].append(t)
+                    done.update([i] if t == eos_id else [])
+            if len(done) == len(rows):
+                break
+    width = max(map(len, rows), default=0)
+    return torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in rows], dtype=torch.long, device=model.device)
 
 
 def _until(ids: list[int], eos_id: Optional[int]) -> list[int]:
@@ -671,6 +767,68 @@ def prompt_file_main(model, tokenizer, cfg: SampleConfig, generator):
             print(("\n" + "-" * 40 + "\n" if i else "") + prompt + text)
 
 # -----------------------------------------------------------------------------
+# Encoder-decoders: a target text per source text
+# -----------------------------------------------------------------------------
+
+
+def translate(model, tokenizer, sources: list[str], cfg: SampleConfig, *, generator=None) -> list[str]:
+    """The target text for each source (its encoder-decoder's tokenizer: data.PairTokenizer),
+    decoded as cfg says: sampling or greedy, or beam search with beam_size > 1."""
+    ids = []
+    for n, text in enumerate(sources, 1):
+        try:
+            ids.append(torch.tensor(tokenizer.encode(text)))
+        except ValueError as e:
+            raise ValueError(f"source {n} ({text[:30]!r}): {e}") from None
+        if len(ids[-1]) > model.config.block_size:
+            raise ValueError(f"source {n} is {len(ids[-1])} tokens, longer than block_size={model.config.block_size}")
+        if not len(ids[-1]):
+            raise ValueError(f"source {n} is empty")
+    src, mask = pad_sequences(ids)
+    out = model.generate(src.to(model.device), cfg.max_new_tokens, src_mask=mask.to(model.device),
+                         num_beams=cfg.beam_size, length_penalty=cfg.length_penalty, temperature=cfg.temperature,
+                         top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+                         repetition_penalty=cfg.repetition_penalty, generator=generator)
+    return [tokenizer.decode(row.tolist()) for row in out]
+
+
+def save_cross_attention(model, tokenizer, source: str, target: str, path) -> str:
+    """Draw every head of the last decoder layer's cross-attention: which source tokens each
+    target token looked at (the row of a token is the query that produced it), into the PNG
+    path; returns the path."""
+    src = torch.tensor([tokenizer.encode(source)], device=model.device)
+    tgt = torch.tensor([tokenizer.encode_target(target)], device=model.device)   # BOS ... EOS
+    weights = model.get_attention_weights(src, tgt[:, :-1])["cross"]
+    keys = [tokenizer.source.decode([i - tokenizer.OFFSET]) for i in src[0].tolist()]
+    produced = [tokenizer.decode([i]) or "<eos>" for i in tgt[0, 1:].tolist()]
+    plot_attention(weights, layer=-1, head=None, tokens=keys, queries=produced, path=path,
+                   title=f"cross-attention of the last decoder layer: {source!r} -> {target!r}")
+    return str(path)
+
+
+def translate_main(model, tokenizer, cfg: SampleConfig, generator, *, read=input):
+    """generate.py on an encoder-decoder: --prompt (one source), --prompt_file (a batch, one
+    source per line) or --interactive (a source per line typed); prints each target."""
+    if cfg.interactive:
+        print("Interactive translation: a source per line; Ctrl-D or 'quit' exits.")
+        for line in filter(None, typed_lines(read)):
+            try:
+                print(translate(model, tokenizer, [line], cfg, generator=generator)[0])
+            except ValueError as e:
+                print(f"error: {e}")
+        return
+    sources = read_prompts(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
+    size = cfg.batch_size or len(sources)
+    for start in range(0, len(sources), size):
+        for target in translate(model, tokenizer, sources[start:start + size], cfg, generator=generator):
+            print(target)
+    if cfg.save_attention:
+        if len(sources) > 1:
+            raise ValueError("save_attention draws one translation; use --prompt, not --prompt_file")
+        print(f"attention: {save_cross_attention(model, tokenizer, sources[0], target, cfg.save_attention)}",
+              file=sys.stderr)
+
+# -----------------------------------------------------------------------------
 # Classifiers and regressors: a row of outputs per text
 # -----------------------------------------------------------------------------
 
@@ -763,6 +921,8 @@ def main(argv=None):
             generator.manual_seed(scfg.seed)
         else:
             generator.seed()
+        if hasattr(model, "encoder"):         # an encoder-decoder: a translation per source
+            return translate_main(model, tokenizer, scfg, generator)
         if scfg.prompt_file:
             return prompt_file_main(model, tokenizer, scfg, generator)
         if scfg.interactive:

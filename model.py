@@ -13,7 +13,9 @@ Sections, in reading order:
     7. Block       -- pre-norm or post-norm residual block
     8. Model       -- Backbone (embeddings, blocks, final norm -> hidden states) and
                       Transformer (a backbone with an LM, classification or regression head)
-    9. Surgery     -- LoRA adapters and int8/int4 weight quantization, applied by
+    9. Seq2Seq     -- cross-attention, decoder blocks, Seq2SeqTransformer (an encoder and a
+                      decoder Backbone)
+   10. Surgery     -- LoRA adapters and int8/int4 weight quantization, applied by
                       swapping the nn.Linear modules of a built model
 
 Example:
@@ -28,8 +30,10 @@ decoding fast path in fastpath.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
+import re
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Optional
 
@@ -104,6 +108,9 @@ class TransformerConfig:
     pooling: str = "last"          # classification/regression: last | mean | cls | none
     attention_window: Optional[int] = None  # Mistral's sliding window: each token sees the last W positions
     attention: str = "standard"    # a registered attention (see register_attention)
+    n_encoder_layers: Optional[int] = None  # Seq2SeqTransformer: None = n_layers
+    n_decoder_layers: Optional[int] = None  # Seq2SeqTransformer: None = n_layers
+    tgt_vocab_size: Optional[int] = None    # Seq2SeqTransformer: None = vocab_size, one shared embedding
     max_seq_len: InitVar[Optional[int]] = None   # another name for block_size (the design documents')
 
     def __post_init__(self, max_seq_len=None):
@@ -149,6 +156,10 @@ class TransformerConfig:
         need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
         need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
         self._check_head(need)
+        for name in ("n_encoder_layers", "n_decoder_layers", "tgt_vocab_size"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and value > 0),
+                 f"{name} must be a positive integer or null, got {value!r}")
         if self.attention_window is not None:
             W = self.attention_window
             need(isinstance(W, int) and 0 < W <= self.block_size,
@@ -647,7 +658,7 @@ class Backbone(nn.Module):
     attention layer (setup_cache); causal=False makes an encoder, which has none.
     """
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, *, block_cls: type = None):
         super().__init__()
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -657,7 +668,7 @@ class Backbone(nn.Module):
         # a learned [CLS] vector before the first token, for pooling=cls
         self.cls_emb = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.pooling == "cls" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList((block_cls or Block)(cfg) for _ in range(cfg.n_layers))
         self.norm_f = make_norm(cfg) if cfg.pre_norm else nn.Identity()  # post-norm output is normed already
         # RoPE tables per (device, dtype), derived from float64 ones: not buffers, so that
         # model.to(torch.bfloat16) cannot round the float64 master copy.
@@ -923,7 +934,176 @@ class Transformer(Backbone):
         return logits
 
 # =============================================================================
-# 9. Surgery: LoRA and quantization
+# 9. Encoder-decoder: the same blocks, with cross-attention in the decoder
+# =============================================================================
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries over the encoder's output (the memory). Its keys and values are
+    projected once per source (set_memory) and kept, so a decoding step projects only its
+    query; beams reorder them with the self-attention cache (select)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
+        self.wkv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.kv = self.mask = None               # the memory's (k, v), (B, Hkv, S, hd); its (B, 1, 1, S) mask
+        self.weights: Optional[list] = None
+
+    def set_memory(self, memory: torch.Tensor, mask: Optional[torch.Tensor]):
+        B, S, _ = memory.shape
+        kv = self.wkv(memory).view(B, S, 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+        self.kv, self.mask = kv.split(self.n_kv_heads, dim=1), mask
+
+    def select(self, rows: torch.Tensor):
+        self.kv = tuple(t.index_select(0, rows) for t in self.kv)
+        self.mask = None if self.mask is None else self.mask.index_select(0, rows)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, H, T, hd)
+        k, v = self.kv
+        if self.weights is not None:
+            self.weights.append(attention_weights(q, k, causal=False, mask=self.mask))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=k.shape[1] != q.shape[1])
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))                     # (B, T, C)
+
+
+class DecoderBlock(Block):
+    """Causal self-attention, then cross-attention over the memory, then the MLP; each in a
+    residual branch with its own norm, before (pre) or after (post), as torch.nn.TransformerDecoderLayer."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__(cfg)
+        self.cross, self.cross_norm = CrossAttention(cfg), make_norm(cfg)
+
+    def forward(self, x, rope=None, start_pos=None, mask=None):
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.norm1(x), rope, start_pos, mask))
+            x = x + self.drop(self.cross(self.cross_norm(x)))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.attn(x, rope, start_pos, mask)))
+        x = self.cross_norm(x + self.drop(self.cross(x)))
+        return self.norm2(x + self.drop(self.mlp(x)))
+
+
+def seq2seq_configs(cfg: TransformerConfig) -> tuple[TransformerConfig, TransformerConfig]:
+    """The encoder's config (bidirectional, n_encoder_layers, the source vocabulary) and the
+    decoder's (causal, n_decoder_layers, the target vocabulary)."""
+    enc = dataclasses.replace(cfg, causal=False, n_layers=cfg.n_encoder_layers or cfg.n_layers, head="lm",
+                              pooling="last", attention_window=None)
+    dec = dataclasses.replace(cfg, causal=True, n_layers=cfg.n_decoder_layers or cfg.n_layers, head="lm",
+                              pooling="last", vocab_size=cfg.tgt_vocab_size or cfg.vocab_size)
+    return enc, dec
+
+
+class Seq2SeqTransformer(nn.Module):
+    """An encoder-decoder from the same blocks: source ids (B, S) -> memory (B, S, C) through a
+    bidirectional Backbone; target ids (B, T) -> logits (B, T, tgt_vocab) through a causal
+    Backbone of DecoderBlocks that cross-attend to the memory; pre-norm stacks end in a norm.
+    tgt_vocab_size=None shares one vocabulary and one embedding table;
+    tie_weights ties the output head to the target embedding.
+
+        >>> model = Seq2SeqTransformer(vocab_size=100, d_model=64, n_heads=4, n_layers=2)
+        >>> model(torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (2, 5))).shape
+        torch.Size([2, 5, 100])
+
+    Decoding (generate.py's loops, through Seq2SeqDecoder): encode once, set_memory, then
+    decoder.hidden_states with start_pos and a KV cache, as a language model decodes.
+    """
+
+    def __init__(self, config: Optional[TransformerConfig] = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = TransformerConfig.from_dict(kwargs)
+        elif kwargs:
+            config = TransformerConfig.from_dict({**config.to_dict(), **kwargs})
+        self.config = config
+        enc, dec = seq2seq_configs(config)
+        self.encoder, self.decoder = Backbone(enc), Backbone(dec, block_cls=DecoderBlock)
+        if config.tgt_vocab_size is None:
+            self.decoder.tok_emb = self.encoder.tok_emb              # one vocabulary, one table
+        self.lm_head = nn.Linear(config.d_model, dec.vocab_size, bias=False)
+        init_weights(self)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.config.tie_weights:
+            self.lm_head.weight = self.decoder.tok_emb.weight
+        if self.config.tgt_vocab_size is None:
+            self.decoder.tok_emb = self.encoder.tok_emb
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def set_dropout(self, p: float):
+        """As Transformer.set_dropout, in both stacks and the cross-attention."""
+        for stack in (self.encoder, self.decoder):
+            stack.set_dropout(p)
+        for block in self.decoder.blocks:
+            block.cross.dropout = p
+
+    def set_gradient_checkpointing(self, enabled: bool = True):
+        self.encoder.set_gradient_checkpointing(enabled)
+        self.decoder.set_gradient_checkpointing(enabled)
+
+    def encode(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The memory (B, S, C), given to every decoder layer's cross-attention (set_memory)."""
+        memory = self.encoder.hidden_states(src, attention_mask=src_mask)
+        mask = None if src_mask is None else src_mask.to(device=memory.device, dtype=torch.bool)[:, None, None, :]
+        for block in self.decoder.blocks:
+            block.cross.set_memory(memory, mask)
+        return memory
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, *, src_mask: Optional[torch.Tensor] = None,
+                tgt_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Teacher forcing: logits (B, T, tgt_vocab) after each target position. Masks are
+        true at real tokens (right padding)."""
+        self.encode(src, src_mask)
+        return self.lm_head(self.decoder.hidden_states(tgt, attention_mask=tgt_mask))
+
+    def step(self, tgt: torch.Tensor, *, start_pos: int, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits after target tokens at start_pos.., over the memory of the last encode and the
+        decoder's KV cache (decoder.setup_cache)."""
+        return self.lm_head(self.decoder.hidden_states(tgt, start_pos=start_pos, pad=pad))
+
+    def select_rows(self, rows: torch.Tensor):
+        """Row i continues old row rows[i]: the self-attention caches and the memory's keys and values."""
+        self.decoder.select_cache_rows(rows)
+        for block in self.decoder.blocks:
+            block.cross.select(rows)
+
+    def get_attention_weights(self, src, tgt, *, src_mask=None, tgt_mask=None) -> dict[str, list[torch.Tensor]]:
+        """{'encoder', 'decoder', 'cross'}: each a list over layers of (B, H, T_query, T_key)."""
+        crosses = [block.cross for block in self.decoder.blocks]
+        for c in crosses:
+            c.weights = []
+        try:
+            encoder = self.encoder.get_attention_weights(src, attention_mask=src_mask)
+            self.encode(src, src_mask)
+            decoder = self.decoder.get_attention_weights(tgt, attention_mask=tgt_mask)
+            return {"encoder": encoder, "decoder": decoder, "cross": [c.weights[-1] for c in crosses]}
+        finally:
+            for c in crosses:
+                c.weights = None
+
+    def generate(self, src: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        """Seed 000's API: target ids (B, <= max_new_tokens) for source ids (B, S), sampled by
+        generate.py's loops (options: temperature, top_k, top_p, min_p, repetition_penalty,
+        num_beams, length_penalty, bos_id, eos_id, src_mask)."""
+        import generate      # at call time: the loops live in generate.py, which imports this module
+        return generate.seq2seq_generate(self, src, max_new_tokens, **options)
+
+# =============================================================================
+# 10. Surgery: LoRA and quantization
 # =============================================================================
 # Both swap nn.Linear modules of a built model for modules with the same in/out
 # features (gpt-fast's approach), so nothing above this line knows they exist.
@@ -1063,10 +1243,15 @@ def apply_lora(model: "Transformer", cfg: LoRAConfig) -> int:
     slices = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
     wanted = {"attn.wqkv": [slices[t] for t in "qkv" if t in cfg.targets],
               "attn.wo": [None] if "o" in cfg.targets else [],
+              # an encoder-decoder's cross-attention: q from the decoder, k and v from the memory
+              "cross.wq": [None] if "q" in cfg.targets else [],
+              "cross.wkv": [{"k": (0, kv), "v": (kv, 2 * kv)}[t] for t in "kv" if t in cfg.targets],
+              "cross.wo": [None] if "o" in cfg.targets else [],
               **{f"mlp.{w}": [None] if "mlp" in cfg.targets else [] for w in ("w1", "w2", "w3")}}
 
-    def make(path, module):
-        segments = wanted.get(path.split(".", 2)[-1]) if path.startswith("blocks.") else None
+    def make(path, module):     # blocks.N.<name>, or encoder./decoder.blocks.N.<name>
+        inside = re.match(r"(?:\w+\.)?blocks\.\d+\.(.+)$", path)
+        segments = wanted.get(inside[1]) if inside else None
         if segments and not isinstance(module, LoRALinear):
             return LoRALinear(module, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                               segments=None if segments == [None] else segments)

@@ -251,6 +251,54 @@ class RegressionTask(_SequenceTask):
         return self._outputs(model, batch).float()
 
 
+class Seq2SeqTask(Task):
+    """Sequence to sequence, teacher-forced: items are (source ids, target ids), the target
+    framed as BOS ... EOS; the decoder reads target[:-1] and predicts target[1:]. Both sides
+    are padded on the right with masks; padded target positions are left out of the loss.
+    Metrics: per-token loss, perplexity and accuracy."""
+
+    name = "seq2seq"
+
+    def collate(self, items: list) -> dict:
+        src, tgt = zip(*items)
+        src, src_mask = pad_sequences(src)
+        tgt, tgt_mask = pad_sequences(tgt)
+        target = tgt[:, 1:].masked_fill(~tgt_mask[:, 1:], -100)          # (B, T - 1); -100: ignored
+        return {"input": src, "attention_mask": src_mask, "decoder_input": tgt[:, :-1],
+                "decoder_mask": tgt_mask[:, :-1], "target": target}
+
+    def _logits(self, model, batch):
+        return model(batch["input"], batch["decoder_input"], src_mask=batch["attention_mask"],
+                     tgt_mask=batch["decoder_mask"])                         # (B, T - 1, V)
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(self._logits(model, batch).flatten(0, 1).float(), batch["target"].flatten())
+
+    @torch.no_grad()
+    def statistics(self, model, batches) -> dict:
+        total, correct, count = _zeros(), _zeros(), _zeros()
+        for batch in batches:
+            logits, y = self._logits(model, batch).float(), batch["target"]
+            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").cpu()
+            correct += ((logits.argmax(-1) == y) & (y != -100)).sum().cpu()
+            count += (y != -100).sum().cpu()
+        return {"loss_sum": total, "correct": correct, "count": count}
+
+    def summarize(self, stats: dict) -> dict:
+        n = stats["count"].clamp(min=1)
+        loss = (stats["loss_sum"] / n).item()
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "token_accuracy": (stats["correct"] / n).item()}
+
+    @torch.no_grad()
+    def predict(self, model, batch: dict) -> torch.Tensor:
+        """Greedy target ids (B, L), EOS included, padded after it (see generate.seq2seq_generate)."""
+        return model.generate(batch["input"], model.config.block_size - 1, src_mask=batch["attention_mask"],
+                              temperature=0.0)
+
+    def length(self, item) -> int:
+        return len(item[0]) + len(item[1])
+
+
 def task_for(model, **kwargs) -> Task:
     """The task a model's head implies: lm, classification or regression.
 
@@ -259,6 +307,8 @@ def task_for(model, **kwargs) -> Task:
         'lm'
     """
     cfg = model.config
+    if hasattr(model, "encoder"):
+        return Seq2SeqTask()
     if cfg.head == "classification":
         return ClassificationTask(cfg.num_classes, **kwargs)
     return RegressionTask() if cfg.head == "regression" else LanguageModelTask()
@@ -317,13 +367,15 @@ class EpochBatches:
         self.dataset, self.task, self.batch_size, self.seed, self.rank, self.world = (
             dataset, task, batch_size, seed, rank, world)
         self.steps_per_epoch = math.ceil(len(dataset) / (batch_size * world))     # micro-batches
-        self.drawn, self._order = 0, None
+        self.drawn, self._order, self._length_cache = 0, None, None
 
     def next(self, device) -> dict:
         epoch, i = divmod(self.drawn, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
             self._order = (epoch, torch.randperm(len(self.dataset), generator=g))
+            if hasattr(self.task, "length"):   # batches of similar lengths: less padding
+                self._order = (epoch, bucketed(self._order[1], self._lengths(), self.batch_size * self.world, g))
         span = self._order[1][i * self.batch_size * self.world:(i + 1) * self.batch_size * self.world]
         mine = span[self.rank::self.world] if len(span) >= self.world else span
         self.drawn += 1
@@ -332,11 +384,32 @@ class EpochBatches:
     def trial_batch(self, device) -> dict:
         return to(self.task.collate([self.dataset[j] for j in range(min(self.batch_size, len(self.dataset)))]), device)
 
+    def _lengths(self) -> torch.Tensor:
+        if self._length_cache is None:
+            self._length_cache = torch.tensor([self.task.length(self.dataset[j]) for j in range(len(self.dataset))])
+        return self._length_cache
+
     def state(self) -> dict:
         return {"drawn": self.drawn}
 
     def load_state(self, state: dict):
         self.drawn = state["drawn"]
+
+
+def bucketed(order: torch.Tensor, lengths: torch.Tensor, batch: int, generator: torch.Generator,
+             *, pool: int = 50) -> torch.Tensor:
+    """A shuffled order regrouped so each batch holds items of similar length: chunks of `pool`
+    batches are sorted by length and cut into batches, and the batches are shuffled.
+
+        >>> lengths = torch.tensor([5, 1, 4, 2, 6, 3])
+        >>> out = bucketed(torch.arange(6), lengths, 2, torch.Generator().manual_seed(0), pool=3)
+        >>> sorted(sorted(lengths[b].tolist()) for b in out.view(3, 2))
+        [[1, 2], [3, 4], [5, 6]]
+    """
+    chunks = [order[i:i + pool * batch] for i in range(0, len(order), pool * batch)]
+    ordered = [c[lengths[c].argsort(stable=True)] for c in chunks]
+    batches = [b for c in ordered for b in c.split(batch)]
+    return torch.cat([batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()])
 
 
 def dataset_batches(dataset, task: Task, *, batch_size: int, device, rank: int = 0, world: int = 1) -> Iterator[dict]:

@@ -44,12 +44,12 @@ import yaml
 
 from config import (ALIASES, PRESETS, SECTIONS, TrainConfig, canonical_argv, config_file, config_to_dict,
                     load_config)
-from data import (Document, EncodedTexts, TokenDataset, build_tokenizer, prepared_dataset, read_labelled, split_rows,
-                  tokenizer_from_state)
-from model import (HEAD_FIELDS, Int4Linear, Int8Linear, Transformer, TransformerConfig, apply_lora, closest,
-                   load_lora_state_dict, lora_state_dict)
-from tasks import (HIGHER_IS_BETTER, ClassificationTask, EpochBatches, LanguageModelTask, RegressionTask, Task,
-                   WindowBatches, dataset_batches, predict_all, split_loss, task_for)
+from data import (Document, EncodedPairs, EncodedTexts, PairTokenizer, TokenDataset, build_tokenizer,
+                  prepared_dataset, read_labelled, split_rows, tokenizer_from_state)
+from model import (HEAD_FIELDS, Int4Linear, Int8Linear, Seq2SeqTransformer, Transformer, TransformerConfig,
+                   apply_lora, closest, load_lora_state_dict, lora_state_dict)
+from tasks import (HIGHER_IS_BETTER, ClassificationTask, EpochBatches, LanguageModelTask, RegressionTask,
+                   Seq2SeqTask, Task, WindowBatches, dataset_batches, predict_all, split_loss, task_for)
 from utils import (CheckpointError, JsonlLogger, RunLock, base_reference, check_base, device_peak_flops, flops_per_token,
                    load_checkpoint, model_from_checkpoint, pick_device, plot_run, save_checkpoint,
                    tune_cpu_allocator, warn_compile_failed)
@@ -624,7 +624,8 @@ class TransformerTrainer:
         tokenizer); losses: the training losses since the last evaluation (a run stopped between
         evaluations). Collective under torchrun: every rank calls it; rank 0 writes the result."""
         state = self.model.state_dict() if not self.extra_payload.get("lora") else lora_state_dict(self.model)
-        return {"kind": "transformer", "task": self.task.state(), "model": gather_full(state),
+        kind = "seq2seq" if isinstance(self.model, Seq2SeqTransformer) else "transformer"
+        return {"kind": kind, "task": self.task.state(), "model": gather_full(state),
                 "model_config": self.model.config.to_dict(),
                 "tokenizer": self.tokenizer.state() if self.tokenizer is not None else None,
                 "config": config_to_dict(self.run_config), "optimizer": gather_full(self.optimizer.state_dict()),
@@ -793,6 +794,8 @@ def build_model(cfg: dict, tokenizer, device: str, base: Optional[dict]) -> Tran
     """The model to train: fresh, or the base's weights (quantized, with LoRA adapters
     trained on top, when asked) under this run's head."""
     lcfg, qcfg = cfg["lora"], cfg["quantize"]
+    if base is None and cfg["training"].task == "seq2seq":      # pair_data set both vocabularies
+        return Seq2SeqTransformer(cfg["model"]).to(device)
     if base is None:
         return Transformer(dataclasses.replace(cfg["model"], vocab_size=tokenizer.vocab_size)).to(device)
     if qcfg.mode and not lcfg.r:
@@ -852,6 +855,38 @@ def labelled_data(cfg: dict, tokenizer, known_task: Optional[dict]):
               f"their first {max_len} (model.block_size)")
     train, val = split_rows(encoded.items, dcfg.val_fraction, seed=tcfg.seed)
     return train, val, task, tokenizer, dict(head=tcfg.task, **head)
+
+
+def pair_data(cfg: dict, tokenizer, known_task: Optional[dict]):
+    """(train dataset, val dataset, task, tokenizer, model fields) of a seq2seq run: the
+    source<TAB>target rows of data.path, a seeded data.val_fraction of them held out. One
+    tokenizer learned from both sides (a shared vocabulary), or with data.target_tokenizer a
+    second one for the targets; a fine-tuned or resumed model keeps its own."""
+    dcfg, tcfg, mcfg = cfg["data"], cfg["training"], cfg["model"]
+    if dcfg.path is None:
+        raise ValueError("training.task=seq2seq reads data.path: a file of source<TAB>target lines")
+    rows = read_labelled(dcfg.path)
+    if len(rows[0][1]) != 1:
+        raise ValueError(f"{dcfg.path}: seq2seq rows are source<TAB>target, two columns; these have {len(rows[0][1]) + 1}")
+    rows = [(source, target[0]) for source, target in rows]
+    if tokenizer is None:
+        def side(kind, texts):
+            return build_tokenizer(dataclasses.replace(dcfg, tokenizer=kind), [Document("texts", 0, text="\n".join(texts))])
+        if dcfg.target_tokenizer is None:
+            tokenizer = PairTokenizer(side(dcfg.tokenizer, [t for row in rows for t in row]))
+        else:
+            tokenizer = PairTokenizer(side(dcfg.tokenizer, [s for s, _ in rows]),
+                                      side(dcfg.target_tokenizer, [t for _, t in rows]))
+    elif not isinstance(tokenizer, PairTokenizer):
+        raise ValueError("training.task=seq2seq needs an encoder-decoder; the checkpoint holds a decoder-only model")
+    try:
+        pairs = EncodedPairs(rows, tokenizer, max_source=mcfg.block_size, max_target=mcfg.block_size,
+                             truncate=dcfg.truncate)
+    except ValueError as e:
+        raise ValueError(f"{dcfg.path}, {e}") from None
+    train, val = split_rows(pairs.items, dcfg.val_fraction, seed=tcfg.seed)
+    fields = dict(vocab_size=tokenizer.vocab_size, tgt_vocab_size=None if tokenizer.shared else tokenizer.target_vocab_size)
+    return train, val, Seq2SeqTask(), tokenizer, fields
 
 
 def _numbers(values: list[str], where: str) -> list[float]:
@@ -940,8 +975,9 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
         data = shared_dataset(cfg, tokenizer)
         task, tokenizer = LanguageModelTask(), data.tokenizer
     else:
-        data, val, task, tokenizer, head = labelled_data(cfg, tokenizer, known and known.get("task"))
-        cfg, model = {**cfg, "model": dataclasses.replace(cfg["model"], **head)}, None
+        read = pair_data if tcfg.task == "seq2seq" else labelled_data
+        data, val, task, tokenizer, fields = read(cfg, tokenizer, known and known.get("task"))
+        cfg, model = {**cfg, "model": dataclasses.replace(cfg["model"], **fields)}, None
     if model is None:    # the same seed: the same weights on every rank
         model = build_model(cfg, tokenizer, device, base)
     cfg = {**cfg, "model": model.config}           # the vocabulary belongs to the tokenizer

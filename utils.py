@@ -33,9 +33,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from model import (GATED, HEAD_FIELDS, QUANT_MODES, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Transformer,
-                   TransformerConfig, apply_lora, closest, dequantize_model, load_lora_state_dict, merge_lora,
-                   quantize_model, use_kernels)
+from model import (GATED, HEAD_FIELDS, QUANT_MODES, Int4Linear, Int8Linear, LoRAConfig, QuantConfig, Seq2SeqTransformer,
+                   Transformer, TransformerConfig, apply_lora, closest, dequantize_model, load_lora_state_dict,
+                   merge_lora, quantize_model, use_kernels)
 from data import tokenizer_from_state
 from interop import (DTYPES, GGUF_TYPES, InteropError, check_out, export_gguf, export_hf, hf_weight_files, read_hf,
                      read_safetensors, weights_payload, write_safetensors)
@@ -49,7 +49,7 @@ CHECKPOINT_VERSION = 2
 READABLE_VERSIONS = (1, 2)   # 1: a language model only (no kind or task keys)
 
 
-MODEL_KINDS = {"transformer": Transformer}   # a checkpoint's "kind" -> the class load_model builds
+MODEL_KINDS = {"transformer": Transformer, "seq2seq": Seq2SeqTransformer}   # a checkpoint's "kind" -> its class
 
 
 class CheckpointError(RuntimeError):
@@ -218,7 +218,13 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
     state = ckpt["model"]
     if cfg.tie_weights and "lm_head.weight" not in state and cfg.head == "lm":
         state = {**state, "lm_head.weight": state["tok_emb.weight"]}   # stored once (safetensors, HF)
-    model.load_state_dict(state, assign=True)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:                       # e.g. a vocabulary the config does not have
+        misfit = re.search(r"size mismatch for ([\w.]+): copying a param with shape (torch.Size\(\[[\d, ]*\]\))"
+                           r" from checkpoint, the shape in current model is (torch.Size\(\[[\d, ]*\]\))", str(e))
+        detail = f"{misfit[1]} is {misfit[2][10:]} in the file, {misfit[3][10:]} by its config" if misfit else "missing or extra weights"
+        raise CheckpointError(f"the weights do not fit the model config ({detail})") from None
     model.tie_weights()                             # assign=True gave each name its own Parameter
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
         model.float()                               # half is a storage format; set_dtype picks the compute one
@@ -671,12 +677,14 @@ def _check_index(what: str, i: int, n: int) -> None:
         raise ValueError(f"{what}={i} is out of range: the weights have {n} {what}s (0..{n - 1})")
 
 
-def plot_attention(weights, *, layer: int = 0, head: Optional[int] = 0, tokens=None, path=None, title=None):
+def plot_attention(weights, *, layer: int = 0, head: Optional[int] = 0, tokens=None, queries=None, path=None,
+                   title=None):
     """Draw attention weights as a heatmap: query positions down, key positions across, from
     Transformer.get_attention_weights (a list over layers of (B, H, T, S); the first row of the
     batch is drawn). head=None draws every head of the layer in a grid. tokens: labels of the
-    key positions (the last T label the queries). Returns the matplotlib Figure, saved as a PNG
-    when path is given.
+    key positions; queries: of the query positions (default: the last T tokens, as in
+    self-attention; cross-attention has its own). Returns the matplotlib Figure, saved as a
+    PNG when path is given.
 
         >>> w = model.get_attention_weights(ids)                          # doctest: +SKIP
         >>> plot_attention(w, layer=0, head=None, tokens=["To", " be", ","], path="attn.png")  # doctest: +SKIP
@@ -694,6 +702,8 @@ def plot_attention(weights, *, layer: int = 0, head: Optional[int] = 0, tokens=N
     T, S = w.shape[-2:]
     if tokens is not None and len(tokens) != S:
         raise ValueError(f"{len(tokens)} token labels for {S} key positions")
+    if queries is not None and len(queries) != T:
+        raise ValueError(f"{len(queries)} query labels for {T} query positions")
     cols = math.ceil(math.sqrt(len(heads)))
     rows = -(-len(heads) // cols)
     side = min(10.0 if len(heads) == 1 else 6.0, 2.0 + 0.2 * S)              # room for the labels
@@ -703,9 +713,10 @@ def plot_attention(weights, *, layer: int = 0, head: Optional[int] = 0, tokens=N
         image = ax.imshow(w[h].numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(f"layer {layer % len(weights)}, head {h % w.shape[0]}")
         if tokens is not None and S <= 64:                                   # past 64 labels overlap
-            labels = [repr(t)[1:-1].replace(" ", "\u2423") for t in tokens]      # spaces shown as ␣
-            ax.set_xticks(range(S), labels, rotation=90, fontsize=8)
-            ax.set_yticks(range(T), labels[S - T:], fontsize=8)
+            def shown(labels):
+                return [repr(t)[1:-1].replace(" ", "\u2423") for t in labels]     # spaces shown as ␣
+            ax.set_xticks(range(S), shown(tokens), rotation=90, fontsize=8)
+            ax.set_yticks(range(T), shown(tokens[S - T:] if queries is None else queries), fontsize=8)
         ax.set_xlabel("key (attended to)")
         ax.set_ylabel("query")
     for ax in axes[len(heads):]:
