@@ -913,7 +913,7 @@ def main(argv=None):
     c.set_defaults(func=bench_classify)
     s2 = sub.add_parser("seq2seq", help="grapheme-to-phoneme on CMUdict: WER/PER against published results")
     s2.add_argument("--minutes", type=float, default=30.0, help="the training budget")
-    s2.add_argument("--d_model", type=int, default=192)
+    s2.add_argument("--d_model", type=int, default=128)
     s2.add_argument("--n_heads", type=int, default=4)
     s2.add_argument("--layers", type=int, default=3, help="encoder and decoder layers each")
     s2.add_argument("--dropout", type=float, default=0.1)

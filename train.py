@@ -1,5 +1,6 @@
 """Train a model: TransformerTrainer, one loop for every task, and the command line that runs
-it on a language model (the built-in corpus or your own text).
+it: a language model (the built-in corpus or your own text), a classifier or regressor
+(text<TAB>target rows), or an encoder-decoder (source<TAB>target rows).
 
     >>> from train import TransformerTrainer
     >>> trainer = TransformerTrainer(model, learning_rate=1e-3, batch_size=32)   # doctest: +SKIP
@@ -13,6 +14,7 @@ it on a language model (the built-in corpus or your own text).
     python train.py --config config.yaml --init_from out/best.pt --lora.r=8 --data new.txt \
         --training.out_dir=out-lora                            # LoRA fine-tune (add --quantize int8: QLoRA)
     python train.py --config config.yaml --epochs 2            # a budget in passes over the data
+    python train.py --config config.yaml --task seq2seq --data pairs.tsv --training.out_dir=out-s2s
     torchrun --standalone --nproc_per_node=4 train.py --config config.yaml   # DDP on 4 GPUs (or CPU processes)
 
 Writes to training.out_dir: last.pt (for --resume), best.pt (best validation loss),

@@ -59,6 +59,18 @@ def test_weights_times_values_is_the_attention_output(kw):
         assert all((w > 0).all() for w in weights)
 
 
+def test_a_quantized_or_compiled_model_gives_its_weights_too():
+    """Weights can be had from both: a quantized model's come from its quantized projections
+    (weights @ V is still its attention output), and torch.compile's wrapper runs the module."""
+    from model import QuantConfig, quantize_model
+    model, idx = _model(), torch.randint(0, 31, (2, 9))
+    eager = model.get_attention_weights(idx)
+    assert all(torch.equal(a, b) for a, b in zip(torch.compile(model).get_attention_weights(idx), eager))
+    quantize_model(model, QuantConfig("int8"))
+    for w, layer in zip(model.get_attention_weights(idx), _attention_outputs(model, idx)):
+        torch.testing.assert_close(_weighted_values(w, layer["v"], model.config), layer["y"], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_padding_gets_zero_weight_and_a_padded_row_attends_as_alone(causal):
     model = _model(causal=causal)
