@@ -344,3 +344,14 @@ def test_max_seq_len_is_block_size():
 def test_hf_family_of_the_presets():
     assert hf_family(TransformerConfig.from_preset("small")) == "llama"
     assert hf_family(TransformerConfig.from_preset("gpt2-124M")) == "gpt2"
+
+
+def test_a_tokenizer_tiktoken_cannot_encode_says_what_is_missing(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    hf_model("llama").save_pretrained(tmp_path)
+    word_level = Tokenizer(models.WordLevel({"[UNK]": 0, "to": 1, "be": 2}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(utils.CheckpointError, match=r"the tokenizer is not a byte-level BPE \(model 'WordLevel', "
+                                                    r"pre-tokenizers \['Whitespace'\]\); tiktoken cannot encode it"):
+        utils.load_checkpoint(f"hf:{tmp_path}")
