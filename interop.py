@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from data import BPETokenizer, ByteTokenizer, CharTokenizer, GPT2_PATTERN, tokenizer_from_state
-from model import GATED, Transformer, TransformerConfig, closest
+from model import GATED, Seq2SeqTransformer, Transformer, TransformerConfig, closest
 
 FORMAT, VERSION = "mini-transformer", 2          # utils.CHECKPOINT_FORMAT / CHECKPOINT_VERSION
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -223,7 +223,8 @@ def from_hf_tensors(tensors: dict[str, torch.Tensor], cfg: TransformerConfig, fa
     out = {}
     for key in want:
         module, _, kind = key.rpartition(".")
-        if module == "lm_head" and cfg.tie_weights:
+        if module == "lm_head" and cfg.tie_weights:          # the embedding again (the state dict lists both)
+            out[key] = out["tok_emb.weight"]
             continue
         if family == "llama" and module.endswith("attn.wqkv"):
             p = f"model.layers.{module.split('.')[1]}.self_attn."
@@ -643,32 +644,41 @@ def _gguf_tokenizer(w, tokenizer, vocab_size: int):
 # =============================================================================
 
 
-def weights_payload(model: Transformer, tokenizer=None, *, dtype: str = "fp32", config: Optional[dict] = None,
+def weights_payload(model, tokenizer=None, *, dtype: str = "fp32", config: Optional[dict] = None,
                     task: Optional[dict] = None) -> dict:
-    """A checkpoint dict with only what inference needs: weights (floats cast to dtype),
-    the model config, tokenizer and run config; no optimizer, RNG or data state."""
+    """A checkpoint dict with only what inference needs: weights (floats cast to dtype), the
+    model config, kind, task, tokenizer and run config; no optimizer, RNG or data state. A tensor
+    reached under two names (a tied head, a shared embedding) is stored once: `tied` maps each
+    other name to it, and model_from_checkpoint restores them."""
     if dtype not in DTYPES:
         raise InteropError(f"dtype {dtype!r}; {closest(dtype, DTYPES)}")
-    state = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).detach().cpu().clone()
-             for k, v in model.state_dict().items()}
-    if model.config.tie_weights and "lm_head.weight" in state:
-        del state["lm_head.weight"]              # the embedding again: load_model ties them
-    return {"format": FORMAT, "version": VERSION, "kind": "transformer", "task": task or {"name": "lm"},
-            "model": state, "model_config": model.config.to_dict(),
-            "tokenizer": tokenizer.state() if tokenizer is not None else None,
+    state, first, tied = {}, {}, {}
+    for name, t in model.state_dict().items():
+        same = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and same in first:
+            tied[name] = first[same]
+            continue
+        first[same] = name
+        state[name] = (t.to(DTYPES[dtype]) if t.is_floating_point() else t).detach().cpu().clone()
+    seq2seq = isinstance(model, Seq2SeqTransformer)
+    return {"format": FORMAT, "version": VERSION, "kind": "seq2seq" if seq2seq else "transformer",
+            "task": task or {"name": "seq2seq" if seq2seq else "lm"}, "model": state, "tied": tied,
+            "model_config": model.config.to_dict(), "tokenizer": tokenizer.state() if tokenizer is not None else None,
             "config": config or {}, "weights_only": True}
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; when the block succeeds it becomes `path` (a reader
-    never sees half a file), and otherwise it is removed."""
+    """Yield a temporary path beside `path`; when the block succeeds it is fsynced and becomes
+    `path` (a reader, or a crash, never sees half a file), and otherwise it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)          # mkstemp creates 0600; these are ordinary files

@@ -25,7 +25,6 @@ import pickle
 import re
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -37,7 +36,7 @@ from model import (GATED, HEAD_FIELDS, QUANT_MODES, Int4Linear, Int8Linear, LoRA
                    Transformer, TransformerConfig, apply_lora, closest, dequantize_model, load_lora_state_dict,
                    merge_lora, quantize_model, use_kernels)
 from data import tokenizer_from_state
-from interop import (DTYPES, GGUF_TYPES, InteropError, check_out, export_gguf, export_hf, hf_weight_files, read_hf,
+from interop import (DTYPES, GGUF_TYPES, InteropError, atomic_path, check_out, export_gguf, export_hf, hf_weight_files, read_hf,
                      read_safetensors, weights_payload, write_safetensors)
 
 # =============================================================================
@@ -63,24 +62,13 @@ def save_checkpoint(path, payload: dict) -> None:
     name and version are added here.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp creates 0600; checkpoints are ordinary files
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):       # disk full, quota, permissions: the old file is untouched
-            kept = f"; the previous {path.name} is intact" if path.exists() else ""
-            raise CheckpointError(f"could not write {path}: {e.strerror or e}{kept}") from None
-        raise
+    except OSError as e:                 # disk full, quota, permissions: the old file is untouched
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise CheckpointError(f"could not write {path}: {e.strerror or e}{kept}") from None
 
 
 class RunLock:
@@ -215,9 +203,9 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
     stored = QuantConfig(**ckpt["quantize"]) if ckpt.get("quantize") else None
     if stored:
         quantize_model(model, stored, kernels=False)
-    state = ckpt["model"]
-    if cfg.tie_weights and "lm_head.weight" not in state and cfg.head == "lm":
-        state = {**state, "lm_head.weight": state["tok_emb.weight"]}   # stored once (safetensors, HF)
+    state = dict(ckpt["model"])
+    for name, stored_as in ckpt.get("tied", {}).items():   # one tensor under two names, stored once
+        state[name] = state[stored_as]
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as e:                       # e.g. a vocabulary the config does not have
@@ -546,7 +534,8 @@ def merge_lora_main(argv: list[str]) -> None:
 
 
 def save_model_weights_only(model, path, half_precision: bool = False, *, tokenizer=None,
-                            dtype: Optional[str] = None, config: Optional[dict] = None) -> Path:
+                            dtype: Optional[str] = None, config: Optional[dict] = None,
+                            task: Optional[dict] = None) -> Path:
     """Save only what inference needs (weights, model config, tokenizer; no optimizer or RNG
     state), as safetensors when path ends in .safetensors (read back with no pickle) and as
     a .pt checkpoint otherwise. half_precision stores fp16; dtype="bf16" bfloat16. generate.py,
@@ -556,7 +545,7 @@ def save_model_weights_only(model, path, half_precision: bool = False, *, tokeni
         ...                         tokenizer=tokenizer)
     """
     dtype = dtype or ("fp16" if half_precision else "fp32")
-    payload = weights_payload(model, tokenizer, dtype=dtype, config=config)
+    payload = weights_payload(model, tokenizer, dtype=dtype, config=config, task=task)
     path = Path(path)
     if path.suffix == ".safetensors":
         write_safetensors(path, payload)
@@ -590,7 +579,6 @@ def export_main(argv: list[str]) -> None:
                               f"{ckpt['lora']['base']['path']}: pass that base as --checkpoint and this file as --lora")
     model, tokenizer = load_model(args.checkpoint, lora=args.lora, kernels=False)
     dequantize_model(merge_lora(model))             # what was trained, as plain float layers
-    src = load_checkpoint(args.checkpoint) if not args.lora else ckpt
     out = Path(args.out)
     if args.format == "hf":
         export_hf(model, tokenizer, out, dtype=dtype, force=args.force)
@@ -599,7 +587,7 @@ def export_main(argv: list[str]) -> None:
     else:
         check_out(out, force=args.force, directory=False)
         out = save_model_weights_only(model, out.with_suffix(f".{args.format}") if not out.suffix else out,
-                                      tokenizer=tokenizer, dtype=dtype, config=src.get("config"))
+                                      tokenizer=tokenizer, dtype=dtype, config=ckpt.get("config"), task=ckpt["task"])
     print(f"{out}: {args.format} {dtype}, {checkpoint_bytes(out) / 1e6:.2f} MB (the checkpoint {args.checkpoint} is "
           f"{checkpoint_bytes(args.checkpoint) / 1e6:.2f} MB)")
 

@@ -254,6 +254,18 @@ def test_lora_resume_and_int8_on_the_encoder_decoder(reversal, tmp_path, capsys)
     assert capsys.readouterr().out.strip() == "dcba"
 
 
+def test_a_weights_only_file_of_the_encoder_decoder_translates(reversal, tmp_path, capsys):
+    """Its shared embedding and tied head are stored once and come back tied."""
+    _, ckpt = reversal
+    out = tmp_path / "small.safetensors"
+    utils.main(["export", "--checkpoint", str(ckpt), "--format", "safetensors", "--out", str(out)])
+    model, _ = utils.load_model(out)
+    assert model.lm_head.weight is model.decoder.tok_emb.weight is model.encoder.tok_emb.weight
+    capsys.readouterr()
+    generate.main(["--checkpoint", str(out), "--prompt", "abcd", "--temperature", "0"])
+    assert capsys.readouterr().out.strip() == "dcba"
+
+
 def test_separate_target_vocabulary(tmp_path, capsys):
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("".join(f"{w}\t{w.upper()}\n" for w in ["ab", "ba", "abc", "cab", "bca"] * 20))
