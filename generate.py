@@ -67,6 +67,10 @@ class SampleConfig:
     dtype: str = "fp32"                # fp32 | bf16 | fp16: the weights' dtype while generating
     compile: bool = False              # torch.compile the decode steps (fastpath.py; see LMDecoder)
     save_attention: Optional[str] = None  # a PNG: every head of the last layer over the last sample's text
+    input: Optional[str] = None        # a model of time series: the series file to forecast or classify
+    horizon: Optional[int] = None      # forecast: steps ahead (None: the model's; more rolls the forecast out)
+    holdout: int = 0                   # forecast: hide the input's last steps and forecast them, beside the truth
+    plot: Optional[str] = None         # forecast: a PNG of the history, the forecast and the held-out truth
 
     def __post_init__(self):
         check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -892,6 +896,90 @@ def predict_main(model, tokenizer, task: dict, cfg: SampleConfig, *, read=input)
             print(f"error: {e}")
 
 # -----------------------------------------------------------------------------
+# Time series: forecasts, and labels or values per series
+# -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def forecast(model, scaler, values, *, horizon: Optional[int] = None, lookback: Optional[int] = None):
+    """The next `horizon` steps (horizon, C) after a series values (T, C), in its own units: the
+    scaled last lookback steps go through the model; past the model's own horizon the forecast
+    is rolled out, each forecast appended to the input of the next.
+
+        >>> model, scaler = load_model("fc.pt")                                  # doctest: +SKIP
+        >>> forecast(model, scaler, values, horizon=24).shape                    # doctest: +SKIP
+        (24, 1)
+    """
+    import numpy as np
+    cfg = model.config
+    lookback = lookback or cfg.block_size * cfg.patch_len
+    horizon = horizon or cfg.horizon
+    if horizon <= 0:
+        raise ValueError(f"horizon={horizon} must be a positive number of steps")
+    if len(values) < lookback:
+        raise ValueError(f"the series has {len(values)} steps; the model forecasts from the last lookback={lookback}")
+    history = torch.as_tensor(scaler.transform(np.asarray(values, float)), dtype=model.input_layer.weight.dtype)
+    model.eval()
+    out = []
+    while sum(len(o) for o in out) < horizon:
+        window = history[-lookback:][None].to(model.device)                 # (1, L, C)
+        step = model(window)
+        step = (step[:, -1] if step.dim() == 4 else step)[0].cpu()          # (H, C)
+        out.append(step)
+        history = torch.cat([history, step])
+    return scaler.inverse(torch.cat(out)[:horizon].float().numpy().astype(float))
+
+
+def series_main(model, scaler, ckpt: dict, cfg: SampleConfig):
+    """generate.py with a model of time series: --input FILE. A forecaster prints the forecast
+    as CSV (with --holdout, beside the truth; --plot draws them); a classifier prints each
+    series' label and class probabilities, a regressor its values."""
+    if not cfg.input:
+        raise ValueError("this model reads time series: give the series with --input FILE (.csv, .npy, .npz or .ts)")
+    forecast_only = [f"--{k}" for k in ("horizon", "holdout", "plot") if getattr(cfg, k)]
+    if model.config.head != "forecast" and forecast_only:
+        raise ValueError(f"{', '.join(forecast_only)}: for a forecaster; this model is a {model.config.head} model")
+    data = ckpt.get("config", {}).get("data", {})
+    if model.config.head == "forecast":
+        return forecast_main(model, scaler, cfg, missing=data.get("missing", "error"),
+                             lookback=ckpt["task"].get("lookback"))
+    from series import read_labelled_series
+    series, targets, _ = read_labelled_series(cfg.input, target=data.get("target"), unlabelled=True,
+                                              missing=data.get("missing", "error"))
+    labels = ckpt["task"].get("labels") if model.config.head == "classification" else None
+    unknown = sorted({str(t) for t in targets if t is not None} - set(labels)) if labels else []
+    if unknown:
+        raise ValueError(f"'{cfg.input}' has label '{unknown[0]}', which training never saw ({', '.join(labels)})")
+    for s in series:
+        scaler.check(s, f"'{cfg.input}'")
+    dtype = model.input_layer.weight.dtype
+    items = [(torch.as_tensor(scaler.transform(s), dtype=dtype), 0) for s in series]
+    task = task_for(model, labels=labels) if labels else task_for(model)
+    outputs = list(predict_all(model, task, items, batch_size=cfg.batch_size or 32, device=model.device))
+    print("\n".join(prediction_table(outputs, labels)))
+
+
+def forecast_main(model, scaler, cfg: SampleConfig, *, missing: str, lookback: Optional[int]):
+    """The forecast after the series of --input (or of its first part, --holdout), as CSV: a
+    row per step, the channels by name, then the held-out truth where known."""
+    from series import read_series, resolve_path
+    from utils import plot_forecast
+    csv_file = resolve_path(cfg.input).suffix.lower() == ".csv"
+    values, names = read_series(cfg.input, columns=scaler.columns if csv_file else None, missing=missing)
+    scaler.check(values, f"'{cfg.input}'")
+    if not 0 <= cfg.holdout < len(values):
+        raise ValueError(f"holdout={cfg.holdout} must leave some of the {len(values)} steps as history")
+    history, truth = (values[:-cfg.holdout], values[-cfg.holdout:]) if cfg.holdout else (values, values[:0])
+    pred = forecast(model, scaler, history, horizon=cfg.horizon or cfg.holdout or None, lookback=lookback)
+    print(",".join(["step", *names] + [f"{n}_true" for n in names] * bool(cfg.holdout)))
+    for h, row in enumerate(pred):
+        known = list(truth[h]) if h < len(truth) else []
+        print(",".join([str(len(history) + h + 1), *(f"{v:.6g}" for v in list(row) + known)]))
+    if cfg.plot:
+        shown = plot_forecast(history, pred, truth if cfg.holdout else None, names=names, path=cfg.plot)
+        print(f"plot: {shown}", file=sys.stderr)
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -914,6 +1002,11 @@ def main(argv=None):
         device = pick_device(scfg.device)
         model, tokenizer = load_model(path, lora=scfg.lora, quantize=cfg["quantize"], device=device)
         model = set_dtype(model, scfg.dtype, device)
+        series_options = [f"--{k}" for k in ("input", "horizon", "holdout", "plot") if getattr(scfg, k)]
+        if model.config.input_dim is None and series_options:
+            raise ValueError(f"{', '.join(series_options)}: for a model of time series; {path} holds a model of text")
+        if model.config.input_dim is not None:   # time series: forecasts, labels or values
+            return series_main(model, tokenizer, load_checkpoint(scfg.lora or path), scfg)
         if model.config.head != "lm":        # a classifier or regressor: outputs, not text
             return predict_main(model, tokenizer, load_checkpoint(scfg.lora or path)["task"], scfg)
         generator = torch.Generator(device=device)

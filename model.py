@@ -54,9 +54,9 @@ ATTENTIONS: dict = {}                          # "standard": SelfAttention, fill
 POSITIONS: dict = {"rope": None, "learned": None, "none": None}
 ACTIVATIONS: dict = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}  # exact GELU
 GATED = {"swiglu", "geglu"}
-HEADS = ("lm", "classification", "regression")
-POOLINGS = ("last", "mean", "cls", "none")   # none: an output per position
-HEAD_FIELDS = ("head", "num_classes", "output_dim", "pooling", "causal")   # what Transformer.set_head may change
+HEADS = ("lm", "classification", "regression", "forecast")
+POOLINGS = ("last", "mean", "cls", "flatten", "none")   # none: an output per position
+HEAD_FIELDS = ("head", "num_classes", "output_dim", "pooling", "causal", "horizon")  # what set_head may change
 
 
 def closest(name: str, valid, *, prefix: str = "") -> str:
@@ -111,6 +111,11 @@ class TransformerConfig:
     n_encoder_layers: Optional[int] = None  # Seq2SeqTransformer: None = n_layers
     n_decoder_layers: Optional[int] = None  # Seq2SeqTransformer: None = n_layers
     tgt_vocab_size: Optional[int] = None    # Seq2SeqTransformer: None = vocab_size, one shared embedding
+    input_dim: Optional[int] = None  # feature vectors of this size per step (time series) instead of token ids
+    patch_len: int = 1             # feature inputs: steps per token (PatchTST's patches)
+    revin: bool = False            # feature inputs: normalize each series by its own mean/std (RevIN)
+    channel_independent: bool = False  # head=forecast: each channel a univariate series, shared weights (PatchTST)
+    horizon: Optional[int] = None  # head=forecast: steps predicted at once, (B, horizon, output_dim)
     max_seq_len: InitVar[Optional[int]] = None   # another name for block_size (the design documents')
 
     def __post_init__(self, max_seq_len=None):
@@ -155,6 +160,7 @@ class TransformerConfig:
                  f"{self.head_dim * self.rotary_pct:g} rotated dims; need an even number >= 2")
         need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
         need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
+        self._check_features(need)
         self._check_head(need)
         for name in ("n_encoder_layers", "n_decoder_layers", "tgt_vocab_size"):
             value = getattr(self, name)
@@ -167,6 +173,28 @@ class TransformerConfig:
                  f"(null: attend over the whole block)")
             need(self.causal, "attention_window is a causal (Mistral-style) window; it needs causal=True")
 
+    def _check_features(self, need):
+        need(self.input_dim is None or (isinstance(self.input_dim, int) and self.input_dim > 0),
+             f"input_dim must be a positive integer or null (token ids), got {self.input_dim!r}")
+        need(isinstance(self.patch_len, int) and self.patch_len > 0,
+             f"patch_len must be a positive integer, got {self.patch_len!r}")
+        if self.input_dim is None:    # train.py sets input_dim from the data, as it sets vocab_size
+            return
+        if self.head == "lm":         # feature vectors have no vocabulary: predict values at every position
+            self.head, self.pooling = "regression", "none"
+        need(not self.channel_independent or (self.head == "forecast" and self.output_dim == self.input_dim),
+             "channel_independent forecasts each channel from itself: it needs head=forecast and "
+             f"output_dim=input_dim={self.input_dim}")
+        need(not (self.revin and self.head == "forecast" and self.output_dim != self.input_dim),
+             f"revin maps the forecast back with each input channel's statistics, so output_dim="
+             f"{self.output_dim} must equal input_dim={self.input_dim}")
+
+    def check_inputs_kind(self):
+        """The feature-input options need feature inputs (called when a model is built)."""
+        if self.input_dim is None and (self.patch_len != 1 or self.revin or self.channel_independent):
+            raise ValueError("TransformerConfig: patch_len, revin and channel_independent apply to feature "
+                             "inputs (time series): set input_dim")
+
     def _check_head(self, need):
         need(self.head in HEADS, f"head={self.head!r}; {closest(self.head, HEADS)}")
         need(self.pooling in POOLINGS, f"pooling={self.pooling!r}; {closest(self.pooling, POOLINGS)}")
@@ -175,6 +203,13 @@ class TransformerConfig:
                  f"head=classification needs num_classes >= 2, got {self.num_classes!r}")
         need(isinstance(self.output_dim, int) and self.output_dim > 0,
              f"output_dim must be a positive integer, got {self.output_dim!r}")
+        if self.head == "forecast":
+            need(isinstance(self.horizon, int) and self.horizon > 0,
+                 f"head=forecast needs horizon, the steps to predict (a positive integer), got {self.horizon!r}")
+        # RevIN's statistics cover the whole input, so an output at every position would see the future
+        need(not (self.revin and self.causal and self.pooling == "none"),
+             "revin normalizes with the whole series' mean and std, which a causal output at every "
+             "position must not see; use pooling=last (or revin=false)")
         # position 0 of a causal model sees only itself, so a [CLS] slot there would learn nothing
         need(not (self.pooling == "cls" and self.causal),
              "pooling=cls needs causal=False (a causal model's first position sees only itself); "
@@ -183,6 +218,11 @@ class TransformerConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def token_features(self) -> int:
+        """Numbers per input token of a model of feature vectors: patch_len steps of its channels."""
+        return (1 if self.channel_independent else self.input_dim) * self.patch_len
 
     @property
     def rotary_dim(self) -> int:
@@ -569,9 +609,53 @@ def _seen(slots: torch.Tensor, keys: torch.Tensor, causal: bool, window: Optiona
     return seen if window is None else seen & (slots[:, None] - keys < window)
 
 
+def patches(x: torch.Tensor, attention_mask: Optional[torch.Tensor], patch_len: int):
+    """Feature series (B, T, F) -> tokens (B, N, patch_len * F), N = ceil(T / patch_len): each
+    token is patch_len consecutive steps (PatchTST), padding steps zero-filled (so a padded row
+    makes the tokens it would alone); a token is real where any of its steps is. The mask (B, T)
+    becomes (B, N).
+
+        >>> x, m = patches(torch.arange(5.).view(1, 5, 1), torch.tensor([[1, 1, 1, 0, 0]]), 2)
+        >>> x.tolist(), m.tolist()
+        ([[[0.0, 1.0], [2.0, 3.0], [4.0, 0.0]]], [[True, True, False]])
+    """
+    if patch_len == 1:
+        return x, attention_mask
+    if attention_mask is not None:
+        x = x * attention_mask[..., None].to(x.dtype)
+    B, T, F_ = x.shape
+    N = -(-T // patch_len)
+    x = F.pad(x, (0, 0, 0, N * patch_len - T)).reshape(B, N, patch_len * F_)
+    return x, patch_mask(attention_mask, patch_len)
+
+
+def patch_mask(attention_mask: Optional[torch.Tensor], patch_len: int) -> Optional[torch.Tensor]:
+    """A mask over steps (B, T) as one over patches (B, ceil(T / patch_len)): real where any step is."""
+    if attention_mask is None or patch_len == 1:
+        return attention_mask
+    B, T = attention_mask.shape
+    N = -(-T // patch_len)
+    return F.pad(attention_mask.bool(), (0, N * patch_len - T)).view(B, N, patch_len).any(-1)
+
+
+def series_stats(x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, eps: float = 1e-5):
+    """RevIN's statistics of each series x (B, T, F) over its real steps: mean and std, (B, 1, F).
+
+        >>> [t.flatten().tolist() for t in series_stats(torch.tensor([[[1.], [3.], [9.]]]), torch.tensor([[1, 1, 0]]))]
+        [[2.0], [1.0000050067901611]]
+    """
+    real = (torch.ones(x.shape[:2], device=x.device) if attention_mask is None
+            else attention_mask.to(device=x.device, dtype=x.dtype))[..., None]     # (B, T, 1)
+    n = real.sum(1, keepdim=True).clamp(min=1)
+    mean = (x * real).sum(1, keepdim=True) / n
+    var = ((x - mean) ** 2 * real).sum(1, keepdim=True) / n
+    return mean, (var + eps).sqrt()
+
+
 def pool(h: torch.Tensor, how: str, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One vector per sequence from hidden states h (B, T, C), over its real positions only:
-    the last one, their mean, or position 0 (cls); `none` keeps every position.
+    the last one, their mean, position 0 (cls), or every position side by side (flatten,
+    (B, T * C), PatchTST's head: T must be the same for every input); `none` keeps every position.
 
         >>> pool(torch.arange(6.).view(1, 3, 2), "mean", torch.tensor([[1, 1, 0]])).tolist()
         [[1.0, 2.0]]
@@ -584,6 +668,8 @@ def pool(h: torch.Tensor, how: str, attention_mask: Optional[torch.Tensor] = Non
             else attention_mask.to(device=h.device, dtype=h.dtype))               # (B, T)
     if how == "mean":
         return (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+    if how == "flatten":
+        return (h * real[..., None]).flatten(1)
     last = (real.long() * torch.arange(h.shape[1], device=h.device)).argmax(1)     # (B,): the last real slot
     return h[torch.arange(h.shape[0], device=h.device), last]
 
@@ -592,12 +678,15 @@ class PooledHead(nn.Module):
     """Classification logits or regression values from hidden states: pool, then a linear layer.
     (B, T, C) -> (B, out), or (B, T, out) with pooling=none (an output per position)."""
 
-    def __init__(self, d_model: int, out_dim: int, pooling: str, **factory):
+    def __init__(self, d_model: int, out_dim: int, pooling: str, *, positions: int = 1, **factory):
         super().__init__()
-        self.pooling = pooling
-        self.proj = nn.Linear(d_model, out_dim, **factory)
+        self.pooling, self.positions = pooling, positions
+        self.proj = nn.Linear(d_model * (positions if pooling == "flatten" else 1), out_dim, **factory)
 
     def forward(self, h, attention_mask=None):
+        if self.pooling == "flatten" and h.shape[1] != self.positions:
+            raise ValueError(f"pooling=flatten reads exactly {self.positions} positions (block_size); the input "
+                             f"gives {h.shape[1]}")
         return self.proj(pool(h, self.pooling, attention_mask))
 
 
@@ -626,13 +715,17 @@ def check_inputs(cfg: TransformerConfig, idx: torch.Tensor, start: int, *, cache
     T = idx.shape[1]
     if start + T > cfg.block_size and not isinstance(cache, RingKVCache):   # a ring slides past block_size
         cls = cfg.pooling == "cls"
+        if cfg.input_dim is not None:
+            most = (cfg.block_size - cls) * cfg.patch_len
+            raise ValueError(f"a series of {T * cfg.patch_len} steps is longer than the model's {most} (block_size="
+                             f"{cfg.block_size} tokens of patch_len={cfg.patch_len}); crop it to its last {most} steps")
         raise ValueError(f"sequence of {start + T} positions is longer than block_size={cfg.block_size}; "
                          f"crop the input to the last {cfg.block_size - cls} tokens")
     if cached and cache is None:
         raise RuntimeError("start_pos needs a KV cache: call model.setup_cache(batch_size) first")
     if pad is not None and attention_mask is not None:
         raise ValueError("give pad (left padding, with a KV cache) or attention_mask, not both")
-    if attention_mask is not None and attention_mask.shape != idx.shape:
+    if attention_mask is not None and attention_mask.shape != idx.shape[:2]:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; the input has {tuple(idx.shape)}")
 
 
@@ -661,7 +754,10 @@ class Backbone(nn.Module):
     def __init__(self, config: TransformerConfig, *, block_cls: type = None):
         super().__init__()
         self.config = cfg = config
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        cfg.check_inputs_kind()
+        features = cfg.input_dim is not None     # time series: a linear projection of each (patch of) step(s)
+        self.tok_emb = None if features else nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.in_proj = nn.Linear(cfg.token_features, cfg.d_model) if features else None
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
         plugin = POSITIONS[cfg.pos_encoding]           # a registered position encoding
         self.positions = plugin(cfg) if plugin is not None else None
@@ -677,26 +773,34 @@ class Backbone(nn.Module):
         self.gradient_checkpointing = False
 
     @property
+    def input_layer(self) -> nn.Module:
+        return self.tok_emb if self.in_proj is None else self.in_proj
+
+    @property
     def device(self) -> torch.device:
-        return self.tok_emb.weight.device            # the embedding is never quantized
+        return self.input_layer.weight.device        # the input layer is never quantized
 
     def hidden_states(self, idx: torch.Tensor, *, start_pos: Optional[int] = None,
                       pad: Optional[torch.Tensor] = None,
                       attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Hidden states (B, T, d_model) for token ids idx (B, T); with pooling=cls, (B, 1 + T, C),
-        the [CLS] slot first. Options as in Transformer.forward.
+        """Hidden states (B, T, d_model) for token ids idx (B, T), or for features (B, T, input_dim)
+        (then T / patch_len tokens, rounded up); with pooling=cls, (B, 1 + T, C), the [CLS] slot
+        first. Options as in Transformer.forward.
 
             >>> model = Transformer(vocab_size=10, d_model=16, n_heads=2, n_layers=1)
             >>> model.hidden_states(torch.tensor([[1, 2, 3]])).shape
             torch.Size([1, 3, 16])
         """
-        B, T = idx.shape
+        if self.in_proj is not None:
+            idx, attention_mask = self.feature_tokens(idx, attention_mask)
+        B, T = idx.shape[:2]
         start, cls = start_pos or 0, self.cls_emb is not None
         cache = self.blocks[0].attn.kv_cache if start_pos is not None else None
         check_inputs(self.config, idx, start + cls, cache=cache, cached=start_pos is not None, pad=pad,
                      attention_mask=attention_mask)
         if cls:
-            real = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            real = (torch.ones(idx.shape[:2], dtype=torch.bool, device=idx.device) if attention_mask is None
+                    else attention_mask.bool())
             attention_mask = torch.cat([real.new_ones(B, 1), real], dim=1)
         if start + T > max(self.config.block_size, self._rope_len):   # a ring cache slides past block_size
             self._rope_len, self._rope = 2 * (start + T), {}          # longer RoPE tables, doubling
@@ -705,6 +809,18 @@ class Backbone(nn.Module):
                                        keys=cache.key_positions(start, T) if cache is not None else None,
                                        device=idx.device)
         return self.encode(idx, pos, mask, start_pos=start_pos)
+
+    def feature_tokens(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        """Feature inputs (B, T, input_dim) as tokens (B, N, patch_len * input_dim) and their mask."""
+        cfg = self.config
+        channels = 1 if cfg.channel_independent else cfg.input_dim
+        if x.dim() != 3 or x.shape[-1] != channels:
+            raise ValueError(f"the model reads feature vectors (batch, steps, input_dim={channels}); "
+                             f"got a tensor of shape {tuple(x.shape)}")
+        if attention_mask is not None and attention_mask.shape != x.shape[:2]:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; the input has "
+                             f"{tuple(x.shape[:2])} steps")
+        return patches(x, attention_mask, cfg.patch_len)
 
     def get_attention_weights(self, idx: torch.Tensor, **options) -> list[torch.Tensor]:
         """Every layer's attention weights, a list of (B, n_heads, T, S) tensors (S = T, or the
@@ -733,7 +849,7 @@ class Backbone(nn.Module):
 
     def encode(self, idx, pos, mask, *, start_pos=None) -> torch.Tensor:
         """The backbone at positions pos ((T,) or (B, T)) under an SDPA mask (or None)."""
-        x = self.tok_emb(idx)                                       # (B, T, C)
+        x = self.input_layer(idx)                                   # (B, T, C)
         if self.cls_emb is not None:
             x = torch.cat([self.cls_emb.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         if self.pos_emb is not None:
@@ -767,7 +883,7 @@ class Backbone(nn.Module):
             raise ValueError("a bidirectional model (causal=False) has no incremental decoding")
         for block in self.blocks:
             block.attn.kv_cache = make_cache(self.config, batch_size, max_len, cache_cls=cache_cls,
-                                             dtype=dtype or self.tok_emb.weight.dtype, device=device or self.device)
+                                             dtype=dtype or self.input_layer.weight.dtype, device=device or self.device)
 
     def select_cache_rows(self, rows: torch.Tensor):
         """Reorder every layer's KV cache along the batch: row i becomes old row rows[i]."""
@@ -840,8 +956,10 @@ class Transformer(Backbone):
         if cfg.head == "lm":
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, **factory)
         else:
-            out = cfg.num_classes if cfg.head == "classification" else cfg.output_dim
-            self.head = PooledHead(cfg.d_model, out, cfg.pooling, **factory)
+            per_step = 1 if cfg.channel_independent else cfg.output_dim
+            out = {"classification": cfg.num_classes, "forecast": (cfg.horizon or 0) * per_step}.get(
+                cfg.head, cfg.output_dim)
+            self.head = PooledHead(cfg.d_model, out, cfg.pooling, positions=cfg.block_size, **factory)
 
     def set_head(self, **head) -> "Transformer":
         """Put a new head on this model's trained backbone, in place (HEAD_FIELDS: head,
@@ -857,7 +975,7 @@ class Transformer(Backbone):
         if other:
             raise ValueError(f"set_head changes only {', '.join(HEAD_FIELDS)}; not {', '.join(other)}")
         cfg = TransformerConfig.from_dict({**self.config.to_dict(), **head})
-        ref = self.tok_emb.weight
+        ref = self.input_layer.weight
         factory = dict(device=ref.device, dtype=ref.dtype)
         self.config = cfg
         for block in self.blocks:
@@ -873,7 +991,7 @@ class Transformer(Backbone):
     def tie_weights(self):
         """Share the LM head's weight with the token embedding (tie_weights=True), again after
         loading with assign=True or swapping the head's module."""
-        if self.config.tie_weights and isinstance(self.lm_head, nn.Linear):
+        if self.config.tie_weights and isinstance(self.lm_head, nn.Linear) and self.tok_emb is not None:
             self.lm_head.weight = self.tok_emb.weight
 
     def num_params(self, *, non_embedding: bool = False) -> int:
@@ -900,16 +1018,37 @@ class Transformer(Backbone):
         """
         if use_cache:
             return self._forward_incremental(idx)
+        cfg, stats = self.config, None
+        if cfg.revin:                                                # each series on its own scale
+            stats = series_stats(idx, attention_mask)                # mean, std: (B, 1, input_dim)
+            idx = (idx - stats[0]) / stats[1]
+        if cfg.channel_independent:    # every channel its own univariate series, through the same weights
+            if idx.dim() != 3 or idx.shape[-1] != cfg.input_dim:
+                raise ValueError(f"the model reads feature vectors (batch, steps, input_dim={cfg.input_dim}); "
+                                 f"got a tensor of shape {tuple(idx.shape)}")
+            B, T, C = idx.shape
+            idx = idx.transpose(1, 2).reshape(B * C, T, 1)
+            attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(C, 0)
         h = self.hidden_states(idx, start_pos=start_pos, pad=pad, attention_mask=attention_mask)
-        return self.output(h, attention_mask)
+        out = self.output(h, patch_mask(attention_mask, cfg.patch_len))
+        if cfg.channel_independent:                                  # (B * C, H, 1) -> (B, H, C)
+            out = out.view(B, C, *out.shape[1:-1]).movedim(1, -1)
+        if stats is not None and cfg.head == "forecast":             # back to the series' own scale
+            shape = (out.shape[0], *[1] * (out.dim() - 2), out.shape[-1])
+            out = out * stats[1].view(shape) + stats[0].view(shape)
+        return out
 
     def output(self, h: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The head applied to hidden states h (B, T, C)."""
+        """The head applied to hidden states h (B, T, C) (attention_mask: over tokens)."""
         if self.lm_head is not None:
             return self.lm_head(h)                                   # (B, T, vocab)
         if self.cls_emb is not None and attention_mask is not None:  # the [CLS] slot is real
             attention_mask = torch.cat([attention_mask.new_ones(h.shape[0], 1), attention_mask], dim=1)
-        return self.head(h, attention_mask)
+        out = self.head(h, attention_mask)
+        cfg = self.config
+        if cfg.head == "forecast":                                   # (B, [T,] horizon, output_dim)
+            out = out.unflatten(-1, (cfg.horizon, 1 if cfg.channel_independent else cfg.output_dim))
+        return out
 
     def setup_cache(self, batch_size: int, max_len: Optional[int] = None, *, dtype=None, device=None,
                     cache_cls: type = KVCache):
@@ -1500,7 +1639,8 @@ def quantize_model(model: "Transformer", cfg: QuantConfig, *, kernels: bool = Tr
 
     kernels: int4 weights repacked for the fused kernel (the inference layout). Training a
     QLoRA adapter passes False: the kernel has no backward, and dequantizing the portable
-    layout is cheap. A tied head gets its own quantized copy; the embedding stays float.
+    layout is cheap. A tied head gets its own quantized copy; the embedding (or a model of
+    feature vectors' input projection) stays float.
 
         >>> model = Transformer(vocab_size=64, d_model=64, n_heads=4, n_layers=1)
         >>> type(quantize_model(model, QuantConfig("int8")).lm_head).__name__
@@ -1510,7 +1650,7 @@ def quantize_model(model: "Transformer", cfg: QuantConfig, *, kernels: bool = Tr
         return model
 
     def make(path, module):
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear or path.endswith("in_proj"):   # the input layer stays float, as an embedding
             return None
         if cfg.mode == "int8":
             layer = Int8Linear.from_linear(module)

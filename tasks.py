@@ -4,6 +4,7 @@ the loss to minimise and the metrics to report; the Trainer (train.py) knows not
     LanguageModelTask    token ids -> the next token at every position: cross-entropy, perplexity
     ClassificationTask   a sequence -> one of num_classes labels: cross-entropy, accuracy, macro-F1
     RegressionTask       a sequence (or each position) -> real values: MSE, MAE
+    ForecastTask         a lookback window of a series -> the next horizon steps: MSE, MAE
 
 Datasets are map-style torch Datasets of (input, target) pairs; sequences of different
 lengths are padded on the right and carry an attention mask (true at real tokens). The
@@ -72,6 +73,7 @@ class Task:
 
     name = "task"
     monitor = "loss"
+    label_smoothing: Optional[float] = None   # cross-entropy tasks: 0.0, or the Trainer's training.label_smoothing
 
     def collate(self, items: list) -> dict:
         raise NotImplementedError
@@ -105,16 +107,17 @@ def to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean next-token cross-entropy of token ids x (B, T) against targets y (B, T)."""
     logits = model(x)                                                          # (B, T, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), label_smoothing=label_smoothing)
 
 
 class LanguageModelTask(Task):
     """Next-token prediction: input (B, T) ids, target (B, T) the same shifted by one."""
 
     name = "lm"
+    label_smoothing = 0.0
 
     def collate(self, items: list) -> dict:
         x, y = zip(*items)
@@ -122,7 +125,7 @@ class LanguageModelTask(Task):
                 "target": torch.stack([torch.as_tensor(t) for t in y])}
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        return lm_loss(model, batch["input"], batch["target"])
+        return lm_loss(model, batch["input"], batch["target"], label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def statistics(self, model, batches) -> dict:
@@ -162,6 +165,7 @@ class ClassificationTask(_SequenceTask):
 
     name = "classification"
     monitor = "accuracy"
+    label_smoothing = 0.0
 
     def __init__(self, num_classes: int, *, labels: Optional[list[str]] = None):
         if labels is not None and len(labels) != num_classes:
@@ -177,7 +181,7 @@ class ClassificationTask(_SequenceTask):
         return y
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(self._outputs(model, batch).float(), batch["target"])
+        return F.cross_entropy(self._outputs(model, batch).float(), batch["target"], label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def statistics(self, model, batches) -> dict:
@@ -204,7 +208,26 @@ class ClassificationTask(_SequenceTask):
         return {"name": self.name, "num_classes": self.num_classes, "labels": self.labels}
 
 
-class RegressionTask(_SequenceTask):
+class _ErrorMetrics(Task):
+    """MSE and MAE from the errors a task's _evaluated(model, batch) gives, with how many count."""
+
+    @torch.no_grad()
+    def statistics(self, model, batches) -> dict:
+        sq, ab, n = _zeros(), _zeros(), _zeros()
+        for batch in batches:
+            err, count = self._evaluated(model, batch)
+            sq += err.double().pow(2).sum().cpu()
+            ab += err.double().abs().sum().cpu()
+            n += float(count)
+        return {"squared": sq, "absolute": ab, "count": n}
+
+    def summarize(self, stats: dict) -> dict:
+        n = stats["count"].clamp(min=1)
+        mse = (stats["squared"] / n).item()
+        return {"loss": mse, "mse": mse, "mae": (stats["absolute"] / n).item()}
+
+
+class RegressionTask(_ErrorMetrics, _SequenceTask):
     """Real targets: (output_dim,) per sequence, or (T, output_dim) per position; a scalar
     target is one value (output_dim=1)."""
 
@@ -231,24 +254,59 @@ class RegressionTask(_SequenceTask):
         err, n = self._errors(model, batch)
         return err.pow(2).sum() / n
 
-    @torch.no_grad()
-    def statistics(self, model, batches) -> dict:
-        sq, ab, n = _zeros(), _zeros(), _zeros()
-        for batch in batches:
-            err, count = self._errors(model, batch)
-            sq += err.double().pow(2).sum().cpu()
-            ab += err.double().abs().sum().cpu()
-            n += float(count)
-        return {"squared": sq, "absolute": ab, "count": n}
-
-    def summarize(self, stats: dict) -> dict:
-        n = stats["count"].clamp(min=1)
-        mse = (stats["squared"] / n).item()
-        return {"loss": mse, "mse": mse, "mae": (stats["absolute"] / n).item()}
+    def _evaluated(self, model, batch):
+        return self._errors(model, batch)
 
     @torch.no_grad()
     def predict(self, model, batch: dict) -> torch.Tensor:
         return self._outputs(model, batch).float()
+
+
+class ForecastTask(_ErrorMetrics):
+    """Items are (lookback (L, C), future (H, C)) windows of a series (series.ForecastWindows).
+    A model with one forecast per sequence is trained on it; a causal model with a forecast at
+    every token (pooling=none) is trained on all of them at once, each against the H steps
+    after its patch, like a language model. Metrics are those of the forecast after the last
+    step: MSE and MAE (in the scaled units the model sees)."""
+
+    name = "forecast"
+    monitor = "mse"
+
+    def __init__(self, *, lookback: Optional[int] = None):
+        self.lookback = lookback         # steps a forecast reads (recorded in checkpoints)
+
+    def collate(self, items: list) -> dict:
+        x, y = zip(*items)
+        return {"input": torch.stack([torch.as_tensor(t) for t in x]),
+                "target": torch.stack([torch.as_tensor(t) for t in y])}
+
+    def _errors(self, model, batch, *, every_position: bool):
+        out, y = model(batch["input"]).float(), batch["target"]              # (B, [N,] H, C)
+        if out.dim() == 4 and every_position:
+            P, N = model.config.patch_len, out.shape[1]
+            whole = torch.cat([batch["input"], y], dim=1)                     # (B, L + H, C)
+            y = whole[:, P:].unfold(1, y.shape[1], P)[:, :N].transpose(2, 3)  # (B, N, H, C): after each patch
+        elif out.dim() == 4:
+            out = out[:, -1]
+        if out.shape != y.shape:
+            raise ValueError(f"the model forecasts {tuple(out.shape[1:])} per series and the targets are "
+                             f"{tuple(y.shape[1:])}: set horizon and output_dim to match")
+        return out - y
+
+    def loss(self, model, batch: dict) -> torch.Tensor:
+        return self._errors(model, batch, every_position=True).pow(2).mean()
+
+    def _evaluated(self, model, batch):
+        err = self._errors(model, batch, every_position=False)
+        return err, err.numel()
+
+    @torch.no_grad()
+    def predict(self, model, batch: dict) -> torch.Tensor:
+        out = model(batch["input"]).float()
+        return out[:, -1] if out.dim() == 4 else out                          # (B, H, C)
+
+    def state(self) -> dict:
+        return {"name": self.name, "lookback": self.lookback}
 
 
 class Seq2SeqTask(Task):
@@ -258,6 +316,7 @@ class Seq2SeqTask(Task):
     Metrics: per-token loss, perplexity and accuracy."""
 
     name = "seq2seq"
+    label_smoothing = 0.0
 
     def collate(self, items: list) -> dict:
         src, tgt = zip(*items)
@@ -272,7 +331,8 @@ class Seq2SeqTask(Task):
                      tgt_mask=batch["decoder_mask"])                         # (B, T - 1, V)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        return F.cross_entropy(self._logits(model, batch).flatten(0, 1).float(), batch["target"].flatten())
+        return F.cross_entropy(self._logits(model, batch).flatten(0, 1).float(), batch["target"].flatten(),
+                               label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def statistics(self, model, batches) -> dict:
@@ -311,6 +371,8 @@ def task_for(model, **kwargs) -> Task:
         return Seq2SeqTask()
     if cfg.head == "classification":
         return ClassificationTask(cfg.num_classes, **kwargs)
+    if cfg.head == "forecast":
+        return ForecastTask()
     return RegressionTask() if cfg.head == "regression" else LanguageModelTask()
 
 

@@ -50,7 +50,9 @@ from data import (Document, EncodedPairs, EncodedTexts, PairTokenizer, TokenData
                   prepared_dataset, read_labelled, split_rows, tokenizer_from_state)
 from model import (HEAD_FIELDS, Int4Linear, Int8Linear, Seq2SeqTransformer, Transformer, TransformerConfig,
                    apply_lora, closest, load_lora_state_dict, lora_state_dict)
-from tasks import (HIGHER_IS_BETTER, ClassificationTask, EpochBatches, LanguageModelTask, RegressionTask,
+from series import (SeriesItems, SeriesScaler, forecast_cut, forecast_splits, is_series_path, read_labelled_series,
+                    read_series)
+from tasks import (HIGHER_IS_BETTER, ClassificationTask, EpochBatches, ForecastTask, LanguageModelTask, RegressionTask,
                    Seq2SeqTask, Task, WindowBatches, dataset_batches, predict_all, split_loss, task_for)
 from utils import (CheckpointError, JsonlLogger, RunLock, base_reference, check_base, device_peak_flops, flops_per_token,
                    load_checkpoint, model_from_checkpoint, pick_device, plot_run, save_checkpoint,
@@ -381,12 +383,18 @@ class TransformerTrainer:
     token corpus of data.py (random windows, as train.py uses). task: from the model's head
     unless given. Options are TrainConfig's fields (learning_rate=..., batch_size=...,
     out_dir=... to write checkpoints, log.jsonl and plot.png there); config: a whole TrainConfig.
+    tokenizer or input_scaler (series.SeriesScaler): saved in the checkpoints with the model.
     """
 
     def __init__(self, model, *, task: Optional[Task] = None, config: Optional[TrainConfig] = None,
-                 device: Optional[str] = None, tokenizer=None, run_config: Optional[dict] = None, **options):
+                 device: Optional[str] = None, tokenizer=None, input_scaler=None, run_config: Optional[dict] = None,
+                 **options):
         cfg = dataclasses.replace(config or TrainConfig(**{**API_DEFAULTS, **options}), **(options if config else {}))
         self.cfg, self.task, self.tokenizer = cfg, task or task_for(model), tokenizer
+        if cfg.label_smoothing and self.task.label_smoothing is None:
+            raise ValueError(f"training.label_smoothing smooths a cross-entropy; the {self.task.name} task's loss is not one")
+        if cfg.label_smoothing:
+            self.task.label_smoothing = cfg.label_smoothing
         self.device = device or init_distributed(cfg.device)
         self.model = model.to(self.device)
         self.run_config = run_config or {"training": cfg}       # what checkpoints record as "config"
@@ -395,6 +403,8 @@ class TransformerTrainer:
         self.best: Optional[float] = None            # the best value of the monitored metric so far
         self.best_metric = self.monitor              # which metric that is ("loss" without validation data)
         self.best_val_loss, self.extra_payload, self._resume = math.inf, {}, None
+        if input_scaler is not None:   # a model of time series: its scaler travels in every checkpoint
+            self.extra_payload["input_scaler"] = input_scaler.state()
         autocast(self.device, cfg.precision)             # an impossible precision fails before any work
         model.set_gradient_checkpointing(cfg.gradient_checkpointing)
         self.wrapped = self.fwd = wrap_distributed(self.model, cfg, self.device)
@@ -498,7 +508,8 @@ class TransformerTrainer:
         loss_sum, tokens = torch.zeros((), device=self.device), 0
         for micro in range(cfg.grad_accum_steps):
             batch = stream.next(self.device)
-            tokens += batch["input"].shape[0] * batch["input"].shape[1]
+            steps_per_token = getattr(self.model.config, "patch_len", 1)      # a series' patches are its tokens
+            tokens += batch["input"].shape[0] * -(-batch["input"].shape[1] // steps_per_token)
             with grad_sync(self.wrapped, micro == cfg.grad_accum_steps - 1):
                 with autocast(self.device, cfg.precision):
                     loss = self.task.loss(self.fwd, batch)
@@ -799,7 +810,8 @@ def build_model(cfg: dict, tokenizer, device: str, base: Optional[dict]) -> Tran
     if base is None and cfg["training"].task == "seq2seq":      # pair_data set both vocabularies
         return Seq2SeqTransformer(cfg["model"]).to(device)
     if base is None:
-        return Transformer(dataclasses.replace(cfg["model"], vocab_size=tokenizer.vocab_size)).to(device)
+        vocab = {"vocab_size": tokenizer.vocab_size} if tokenizer is not None else {}   # series: no vocabulary
+        return Transformer(dataclasses.replace(cfg["model"], **vocab)).to(device)
     if qcfg.mode and not lcfg.r:
         raise ValueError("quantized weights cannot be trained; add LoRA adapters (--lora.r=8) for QLoRA")
     if base.get("quantize") and not lcfg.r:
@@ -833,15 +845,7 @@ def labelled_data(cfg: dict, tokenizer, known_task: Optional[dict]):
     if tokenizer is None:   # from every text, so that no validation character is unknown
         tokenizer = build_tokenizer(dcfg, [Document("texts", 0, text="\n".join(t for t, _ in rows))])
     if tcfg.task == "classification":
-        names = sorted({target[0] for _, target in rows})
-        kept = (known_task or {}).get("labels") if (known_task or {}).get("name") == "classification" else None
-        unknown = sorted(set(names) - set(kept or names))
-        if unknown:
-            raise ValueError(f"label {unknown[0]!r} of {dcfg.path} is not one the checkpoint was trained on "
-                             f"({', '.join(kept)})")
-        labels = kept or names
-        if len(labels) < 2:
-            raise ValueError(f"{dcfg.path} has one label ({labels[0]!r}); classification needs at least 2")
+        labels = label_names([target[0] for _, target in rows], None, known_task, where=dcfg.path)
         task, head = ClassificationTask(len(labels), labels=labels), dict(num_classes=len(labels))
         rows = [(text, labels.index(target[0])) for text, target in rows]
     else:
@@ -889,6 +893,68 @@ def pair_data(cfg: dict, tokenizer, known_task: Optional[dict]):
     train, val = split_rows(pairs.items, dcfg.val_fraction, seed=tcfg.seed)
     fields = dict(vocab_size=tokenizer.vocab_size, tgt_vocab_size=None if tokenizer.shared else tokenizer.target_vocab_size)
     return train, val, Seq2SeqTask(), tokenizer, fields
+
+
+def series_data(cfg: dict, known: Optional[dict]):
+    """(train dataset, val dataset, task, input scaler, model fields) of a run on time series
+    (series.py reads the file): forecasting windows of one series, split in time, or labelled
+    series for classification/regression. The per-channel scaler is fitted on the training
+    part only (a fine-tuned or resumed model keeps its own)."""
+    dcfg, tcfg, mcfg = cfg["data"], cfg["training"], cfg["model"]
+    columns = [c.strip() for c in dcfg.columns.split(",")] if dcfg.columns else None
+    stored = (known or {}).get("input_scaler")
+    if tcfg.task == "forecast":
+        if mcfg.horizon is None:
+            raise ValueError("training.task=forecast needs the steps to predict: --horizon N (model.horizon)")
+        values, names = read_series(dcfg.path, columns=columns, missing=dcfg.missing)
+        P, L = mcfg.patch_len, dcfg.lookback or mcfg.block_size * mcfg.patch_len
+        if L % P:
+            raise ValueError(f"data.lookback={L} is not a whole number of patches of model.patch_len={P}")
+        cut = forecast_cut(len(values), horizon=mcfg.horizon, val_fraction=dcfg.val_fraction)
+        scaler = SeriesScaler.from_state(stored) if stored else SeriesScaler.fit([values[:cut]], columns=names)
+        scaler.check(values, f"'{dcfg.path}'")
+        train, val = forecast_splits(scaler.transform(values), lookback=L, horizon=mcfg.horizon,
+                                     val_fraction=dcfg.val_fraction, where=f"'{dcfg.path}'")
+        C = values.shape[1]
+        return train, val, ForecastTask(lookback=L), scaler, dict(head="forecast", input_dim=C, output_dim=C,
+                                                                   block_size=L // P)
+    series, targets, classes = read_labelled_series(dcfg.path, target=dcfg.target, columns=columns,
+                                                    missing=dcfg.missing)
+    rows = list(zip(series, targets))
+    if dcfg.val_path:
+        v_series, v_targets, _ = read_labelled_series(dcfg.val_path, target=dcfg.target, columns=columns,
+                                                      missing=dcfg.missing)
+        train_rows, val_rows = rows, list(zip(v_series, v_targets))
+    else:
+        train_rows, val_rows = split_rows(rows, dcfg.val_fraction, seed=tcfg.seed)
+    scaler = SeriesScaler.from_state(stored) if stored else SeriesScaler.fit([s for s, _ in train_rows])
+    for s, _ in train_rows + val_rows:
+        scaler.check(s, f"'{dcfg.path}'")
+    if tcfg.task == "classification":
+        labels = label_names([t for _, t in train_rows + val_rows], classes, (known or {}).get("task"), where=dcfg.path)
+        encode = lambda part: [(s, labels.index(t)) for s, t in part]          # noqa: E731
+        task, head = ClassificationTask(len(labels), labels=labels), dict(num_classes=len(labels))
+    else:
+        encode = lambda part: [(s, _numbers([t], f"{dcfg.path}")) for s, t in part]   # noqa: E731
+        task, head = RegressionTask(), dict(output_dim=1)
+    longest = max(len(s) for s, _ in train_rows + val_rows)
+    fields = dict(head=tcfg.task, input_dim=series[0].shape[1],
+                  block_size=-(-longest // mcfg.patch_len) + (mcfg.pooling == "cls"), **head)
+    train, val = (SeriesItems(*zip(*encode(part)), scaler) for part in (train_rows, val_rows))
+    return train, val, task, scaler, fields
+
+
+def label_names(targets: list, classes: Optional[list[str]], known_task: Optional[dict], *, where) -> list[str]:
+    """A classifier's label names, in the order of its outputs: those of the checkpoint's task
+    it continues (a label it never saw is an error), else the file's own class list, else sorted."""
+    kept = known_task.get("labels") if (known_task or {}).get("name") == "classification" else None
+    names = kept or classes or sorted(set(map(str, targets)))
+    unknown = sorted(set(map(str, targets)) - set(names))
+    if unknown:
+        raise ValueError(f"label {unknown[0]!r} of {where} is not one the checkpoint was trained on ({', '.join(names)})")
+    if len(names) < 2:
+        raise ValueError(f"{where} has one label ({names[0]!r}); classification needs at least 2")
+    return names
 
 
 def _numbers(values: list[str], where: str) -> list[float]:
@@ -969,9 +1035,15 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
     if base and base["tokenizer"] is None and tcfg.task == "lm":
         raise ValueError(f"{tcfg.init_from} has no tokenizer (no tokenizer.json), so its token ids mean nothing "
                          f"here; add the tokenizer.json it was trained with")
-    tokenizer = tokenizer_from_state(known["tokenizer"]) if known else None
-    val = None
-    if tcfg.task == "lm":
+    tokenizer = tokenizer_from_state(known["tokenizer"]) if known and known.get("tokenizer") else None
+    val, scaler = None, None
+    if is_series_path(cfg["data"].path) and tcfg.task != "lm":
+        data, val, task, scaler, fields = series_data(cfg, known)
+        cfg, model = {**cfg, "model": dataclasses.replace(cfg["model"], **fields)}, None
+    elif tcfg.task == "forecast":
+        raise ValueError(f"training.task=forecast reads a series: data.path a .csv, .npy or .ts file, or a built-in "
+                         f"name (statsmodels:co2); got {cfg['data'].path!r}")
+    elif tcfg.task == "lm":
         # a fine-tune's model (and its LoRA/quantize settings) is checked before any data is prepared
         model = build_model(cfg, tokenizer, device, base) if base else None
         data = shared_dataset(cfg, tokenizer)
@@ -985,7 +1057,8 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
     cfg = {**cfg, "model": model.config}           # the vocabulary belongs to the tokenizer
     if resume_from:      # before sharding: fully_shard keeps each rank's part
         (load_lora_state_dict if cfg["lora"].r else type(model).load_state_dict)(model, resume_from["model"])
-    trainer = TransformerTrainer(model, task=task, config=tcfg, device=device, tokenizer=tokenizer, run_config=cfg)
+    trainer = TransformerTrainer(model, task=task, config=tcfg, device=device, tokenizer=tokenizer,
+                                 input_scaler=scaler, run_config=cfg)
     if cfg["lora"].r:     # an adapter: only its weights, and which base they belong to
         trainer.extra_payload["lora"] = {"config": dataclasses.asdict(cfg["lora"]), "base": base_ref}
     if cfg["quantize"].mode:

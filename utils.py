@@ -184,7 +184,8 @@ def load_checkpoint(path, *, map_location="cpu") -> dict:
 def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantConfig] = None,
                           kernels: bool = True, **config_overrides):
     """(model in eval mode, tokenizer) from a loaded full or quantized checkpoint: its kind,
-    with the head its config names (tokenizer None for a model trained on non-text inputs).
+    with the head its config names. A model of time series comes with its input scaler
+    (series.SeriesScaler) in the tokenizer's place; None for other non-text inputs.
 
     quantize: quantize the weights after loading (ignored when already quantized).
     kernels: int4 layers packed for the fused kernel (the inference layout); False for QLoRA
@@ -221,7 +222,10 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
         quantize_model(model, quantize, kernels=kernels)
     elif stored and kernels:
         use_kernels(model, int8_kernel=quantize.int8_kernel if quantize else None)
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt["tokenizer"] is not None else None
+    tokenizer = tokenizer_from_state(ckpt["tokenizer"]) if ckpt.get("tokenizer") is not None else None
+    if ckpt.get("input_scaler"):                    # a model of time series: its inputs' scaler instead
+        from series import SeriesScaler
+        tokenizer = SeriesScaler.from_state(ckpt["input_scaler"])
     return model.eval(), tokenizer
 
 
@@ -365,7 +369,8 @@ def flops_per_token(cfg: TransformerConfig, seq_len: Optional[int] = None) -> fl
     d, hd = cfg.d_model, cfg.head_dim
     attn = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
     mlp = (3 if cfg.activation in GATED else 2) * d * cfg.d_ff
-    matmul_params = cfg.n_layers * (attn + mlp) + d * cfg.vocab_size   # lm_head
+    head = d * cfg.vocab_size if cfg.head == "lm" else d * cfg.token_features if cfg.input_dim else 0  # lm_head, in_proj
+    matmul_params = cfg.n_layers * (attn + mlp) + head
     return 6 * matmul_params + 12 * cfg.n_layers * T * d
 
 
@@ -657,6 +662,37 @@ def plot_run(run_dir, path=None) -> Path:
     fig.suptitle(str(run_dir.resolve().name))
     path = Path(path) if path else run_dir / "plot.png"
     fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_forecast(history, forecast, truth=None, *, names=None, path="forecast.png", context: int = 200) -> Path:
+    """A PNG per channel: the last `context` steps of the history, the forecast after it, and
+    the truth where known (the held-out steps), on one time axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    history, forecast = np.asarray(history, float), np.asarray(forecast, float)
+    C, T = history.shape[1], len(history)
+    names = names or [f"x{c}" for c in range(C)]
+    fig, axes = plt.subplots(C, 1, figsize=(10, 2.6 * C + 0.6), squeeze=False, sharex=True)
+    start = max(0, T - context)
+    for c, ax in enumerate(axes[:, 0]):
+        ax.plot(range(start, T), history[start:, c], color="0.3", lw=1.2, label="history")
+        ahead = range(T - 1, T + len(forecast))          # joined to the last known step
+        if truth is not None:
+            ax.plot(ahead[:len(truth) + 1], [history[-1, c], *np.asarray(truth, float)[:, c]], color="tab:green",
+                    lw=1.2, label="truth")
+        ax.plot(ahead, [history[-1, c], *forecast[:, c]], color="tab:orange", lw=1.8, label="forecast")
+        ax.axvline(T - 0.5, color="0.6", ls=":", lw=1)
+        ax.set_ylabel(names[c])
+        ax.grid(alpha=0.25)
+    axes[0, 0].legend(loc="upper left", frameon=False, ncol=3)
+    axes[0, 0].set_title(f"forecast of {len(forecast)} steps from {T} steps of history")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
 
 

@@ -66,7 +66,7 @@ def test_the_lm_state_dict_keys_are_unchanged():
     (dict(head="clasification", num_classes=3), "did you mean 'classification'"),
     (dict(head="classification"), "num_classes >= 2"),
     (dict(head="regression", pooling="cls"), "pooling=cls needs causal=False"),
-    (dict(pooling="avg"), "valid: last, mean, cls, none"),
+    (dict(pooling="avg"), "valid: last, mean, cls, flatten, none"),
 ])
 def test_head_config_errors_are_clear(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -372,8 +372,8 @@ def test_nan_loss_stops_the_run_and_keeps_last_pt(run_config, monkeypatch):
     real_loss = tasks.lm_loss
     calls = {"n": 0}
 
-    def nan_at_step_7(model, x, y):
-        loss = real_loss(model, x, y)
+    def nan_at_step_7(model, x, y, **options):
+        loss = real_loss(model, x, y, **options)
         if torch.is_grad_enabled():                      # training steps, not evaluation
             calls["n"] += 1
             if calls["n"] == 7:
