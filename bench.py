@@ -699,7 +699,7 @@ def genre_transformer(train, test, labels, args) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# Time series: forecasting and classification on real data (python bench.py series)
+# Time series: forecasting and classification on real data (python bench.py forecast)
 # -----------------------------------------------------------------------------
 
 # Series that installed packages ship, split 70/10/20 in time (train/validation/test), as in
@@ -779,7 +779,7 @@ def forecast_transformer(spec: dict, train, val, test, args) -> np.ndarray:
     model = Transformer(input_dim=C, output_dim=C, head="forecast", horizon=spec["horizon"], revin=True,
                         patch_len=spec["patch_len"], block_size=L // spec["patch_len"], d_model=args.d_model,
                         n_heads=4, n_layers=args.n_layers, dropout=args.dropout, pooling=args.pooling,
-                        causal=args.pooling == "none", channel_independent=True)
+                        causal=False, channel_independent=True)
     trainer = TransformerTrainer(model, learning_rate=args.lr, batch_size=32, warmup_iters=20,
                                  weight_decay=args.weight_decay)
     with contextlib.redirect_stdout(sys.stderr):
@@ -1127,7 +1127,7 @@ def main(argv=None):
     f.add_argument("--dropout", type=float, default=0.1)
     f.add_argument("--lr", type=float, default=1e-3)
     f.add_argument("--weight_decay", type=float, default=0.1)
-    f.add_argument("--pooling", default="last", choices=["last", "mean", "none"])
+    f.add_argument("--pooling", default="last", choices=["last", "mean", "flatten"])
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=bench_forecast)
     u = sub.add_parser("ucr", help="series classification on UCR/UEA datasets vs 1-NN, majority and published results")

@@ -934,19 +934,21 @@ def series_main(model, scaler, ckpt: dict, cfg: SampleConfig):
     """generate.py with a model of time series: --input FILE. A forecaster prints the forecast
     as CSV (with --holdout, beside the truth; --plot draws them); a classifier prints each
     series' label and class probabilities, a regressor its values."""
+    from series import SeriesScaler, read_labelled_series
     if not cfg.input:
         raise ValueError("this model reads time series: give the series with --input FILE (.csv, .npy, .npz or .ts)")
+    scaler = scaler or SeriesScaler.identity(model.config.input_dim)   # a model saved without one reads raw values
     forecast_only = [f"--{k}" for k in ("horizon", "holdout", "plot") if getattr(cfg, k)]
     if model.config.head != "forecast" and forecast_only:
         raise ValueError(f"{', '.join(forecast_only)}: for a forecaster; this model is a {model.config.head} model")
-    data = ckpt.get("config", {}).get("data", {})
+    data, task = ckpt.get("config", {}).get("data", {}), ckpt.get("task") or {}
     if model.config.head == "forecast":
-        return forecast_main(model, scaler, cfg, missing=data.get("missing", "error"),
-                             lookback=ckpt["task"].get("lookback"))
-    from series import read_labelled_series
-    series, targets, _ = read_labelled_series(cfg.input, target=data.get("target"), unlabelled=True,
-                                              missing=data.get("missing", "error"))
-    labels = ckpt["task"].get("labels") if model.config.head == "classification" else None
+        return forecast_main(model, scaler, cfg, missing=data.get("missing", "error"), lookback=task.get("lookback"))
+    csv_file = cfg.input.lower().endswith(".csv")
+    columns = [c.strip() for c in data["columns"].split(",")] if data.get("columns") and csv_file else None
+    series, targets, _ = read_labelled_series(cfg.input, target=data.get("target") if csv_file else None,
+                                              columns=columns, unlabelled=True, missing=data.get("missing", "error"))
+    labels = task.get("labels") if model.config.head == "classification" else None
     unknown = sorted({str(t) for t in targets if t is not None} - set(labels)) if labels else []
     if unknown:
         raise ValueError(f"'{cfg.input}' has label '{unknown[0]}', which training never saw ({', '.join(labels)})")

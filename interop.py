@@ -663,8 +663,17 @@ def weights_payload(model, tokenizer=None, *, dtype: str = "fp32", config: Optio
     seq2seq = isinstance(model, Seq2SeqTransformer)
     return {"format": FORMAT, "version": VERSION, "kind": "seq2seq" if seq2seq else "transformer",
             "task": task or {"name": "seq2seq" if seq2seq else "lm"}, "model": state, "tied": tied,
-            "model_config": model.config.to_dict(), "tokenizer": tokenizer.state() if tokenizer is not None else None,
-            "config": config or {}, "weights_only": True}
+            "model_config": model.config.to_dict(), **input_encoder(tokenizer), "config": config or {},
+            "weights_only": True}
+
+
+def input_encoder(tokenizer) -> dict:
+    """How a checkpoint stores what encodes a model's inputs: a tokenizer under "tokenizer", or a
+    model of time series' scaler (series.SeriesScaler) under "input_scaler"."""
+    state = tokenizer.state() if tokenizer is not None else None
+    if (state or {}).get("kind") == "scaler":
+        return {"tokenizer": None, "input_scaler": state}
+    return {"tokenizer": state}
 
 
 @contextlib.contextmanager

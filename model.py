@@ -206,6 +206,10 @@ class TransformerConfig:
         if self.head == "forecast":
             need(isinstance(self.horizon, int) and self.horizon > 0,
                  f"head=forecast needs horizon, the steps to predict (a positive integer), got {self.horizon!r}")
+            # each token is trained on the steps after it, which a bidirectional model has already seen
+            need(self.causal or self.pooling != "none",
+                 "head=forecast with pooling=none forecasts from every token, which needs causal=True "
+                 "(a bidirectional token would see the steps it forecasts)")
         # RevIN's statistics cover the whole input, so an output at every position would see the future
         need(not (self.revin and self.causal and self.pooling == "none"),
              "revin normalizes with the whole series' mean and std, which a causal output at every "
@@ -655,7 +659,7 @@ def series_stats(x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
 def pool(h: torch.Tensor, how: str, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One vector per sequence from hidden states h (B, T, C), over its real positions only:
     the last one, their mean, position 0 (cls), or every position side by side (flatten,
-    (B, T * C), PatchTST's head: T must be the same for every input); `none` keeps every position.
+    (B, T * C), PatchTST's head; padding contributes zeros); `none` keeps every position.
 
         >>> pool(torch.arange(6.).view(1, 3, 2), "mean", torch.tensor([[1, 1, 0]])).tolist()
         [[1.0, 2.0]]
@@ -684,9 +688,10 @@ class PooledHead(nn.Module):
         self.proj = nn.Linear(d_model * (positions if pooling == "flatten" else 1), out_dim, **factory)
 
     def forward(self, h, attention_mask=None):
-        if self.pooling == "flatten" and h.shape[1] != self.positions:
-            raise ValueError(f"pooling=flatten reads exactly {self.positions} positions (block_size); the input "
-                             f"gives {h.shape[1]}")
+        if self.pooling == "flatten" and h.shape[1] < self.positions:   # shorter inputs: zeros after them
+            pad = self.positions - h.shape[1]
+            real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if attention_mask is None else attention_mask
+            h, attention_mask = F.pad(h, (0, 0, 0, pad)), F.pad(real.bool(), (0, pad))
         return self.proj(pool(h, self.pooling, attention_mask))
 
 

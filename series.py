@@ -141,7 +141,7 @@ def read_csv_columns(path, columns: Optional[Sequence[str]] = None) -> tuple[np.
     a cell is missing; every column when columns is None. A name not in the header gets the
     closest one; a cell that is not a number names its row and column."""
     p = resolve_path(path)
-    with open(p, newline="", encoding="utf-8") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f) if any(cell.strip() for cell in r)]
     if len(rows) < 2:
         raise ValueError(f"'{path}' holds no data rows (a header row, then one row per step)")
@@ -175,6 +175,11 @@ def read_series(path, *, columns: Optional[Sequence[str]] = None,
         ((2284, 1), ['co2'])
     """
     p = resolve_path(path)
+    if p.suffix.lower() in (".ts", ".npz"):
+        raise ValueError(f"'{path}' holds labelled series (for classification or regression); a forecast reads "
+                         f"one series from a .csv or .npy file")
+    if columns and p.suffix.lower() != ".csv":
+        raise ValueError(f"data.columns names CSV columns; '{path}' is not a CSV file")
     if p.suffix.lower() == ".npy":
         values = np.load(p, allow_pickle=False).astype(np.float64)
         if values.ndim not in (1, 2) or values.size == 0:
@@ -202,18 +207,20 @@ def _ts_header(lines: list[str], path) -> tuple[dict, int]:
 
 def read_ts(path, *, missing: str = "error") -> tuple[list[np.ndarray], list, Optional[list[str]]]:
     """A UCR/UEA .ts file: (series, targets, class names). Each series is (T_i, C); targets are
-    label strings (class names in the header's order) or floats (@targetlabel true)."""
+    label strings (class names in the header's order), floats (@targetlabel true), or None
+    where the header declares neither."""
     p = resolve_path(path)
     lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
     meta, start = _ts_header(lines, path)
     classes = meta.get("classlabel", "false").split()
     names = classes[1:] if classes and classes[0].lower() == "true" else None
     regression = meta.get("targetlabel", "false").lower().startswith("true")
+    labelled = names is not None or regression
     series, targets = [], []
     for n, line in enumerate(lines[start:], start + 1):
         if not line.strip():
             continue
-        *dims, target = line.strip().split(":")
+        *dims, target = line.strip().split(":") + ([] if labelled else [None])
         if not dims:
             raise ValueError(f"'{path}', line {n}: no values before the label")
         chans = [[_number(v, f"'{path}', line {n}") for v in d.split(",")] for d in dims]
@@ -221,7 +228,8 @@ def read_ts(path, *, missing: str = "error") -> tuple[list[np.ndarray], list, Op
             raise ValueError(f"'{path}', line {n}: its channels have different lengths")
         x = np.array(chans).T                                                    # (T, C)
         series.append(fill_missing(x, missing, where=f"'{path}', line {n}"))
-        targets.append(_number(target, f"'{path}', line {n}") if regression else target.strip())
+        targets.append(None if target is None else _number(target, f"'{path}', line {n}") if regression
+                       else target.strip())
     if not series:
         raise ValueError(f"'{path}' holds no series")
     if names is not None:
@@ -239,6 +247,11 @@ def read_labelled_series(path, *, target: Optional[str] = None, columns: Optiona
     predict may come without targets (no y in an .npz, no target column in a CSV): None each."""
     p = resolve_path(path)
     suffix = p.suffix.lower()
+    if suffix not in (".ts", ".npz", ".csv"):
+        raise ValueError(f"'{path}': labelled series come from a .ts, .npz or .csv file (a .npy holds one series, "
+                         f"for a forecast)")
+    if (columns or target) and suffix != ".csv":
+        raise ValueError(f"data.columns and data.target name CSV columns; '{path}' is not a CSV file")
     if suffix == ".ts":
         return read_ts(path, missing=missing)
     if suffix == ".npz":
@@ -253,7 +266,7 @@ def read_labelled_series(path, *, target: Optional[str] = None, columns: Optiona
         if y is None:
             return series, [None] * len(series), None
         return series, [v.item() if y.dtype.kind == "f" else str(v) for v in y], None
-    with open(p, newline="", encoding="utf-8") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:
         header = [h.strip() for h in next(csv.reader(f), [])]
     if target not in header and not unlabelled:
         if target is None:
@@ -268,7 +281,7 @@ def read_labelled_series(path, *, target: Optional[str] = None, columns: Optiona
 
 
 def _csv_rows(p: Path) -> list[list[str]]:
-    with open(p, newline="", encoding="utf-8") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:
         return [r for r in csv.reader(f) if any(cell.strip() for cell in r)][1:]
 
 
@@ -294,6 +307,11 @@ class SeriesScaler:
         steps = np.concatenate([np.asarray(s, float).reshape(len(s), -1) for s in series])
         std = steps.std(0)
         return cls(steps.mean(0), np.where(std > 1e-12, std, 1.0), columns=columns)
+
+    @classmethod
+    def identity(cls, channels: int) -> "SeriesScaler":
+        """A scaler that leaves values as they are."""
+        return cls(np.zeros(channels), np.ones(channels))
 
     @property
     def channels(self) -> int:

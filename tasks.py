@@ -283,7 +283,8 @@ class ForecastTask(_ErrorMetrics):
     def _errors(self, model, batch, *, every_position: bool):
         out, y = model(batch["input"]).float(), batch["target"]              # (B, [N,] H, C)
         if out.dim() == 4 and every_position:
-            P, N = model.config.patch_len, out.shape[1]
+            N = out.shape[1]
+            P = batch["input"].shape[1] // N                                  # the model may be wrapped (DDP)
             whole = torch.cat([batch["input"], y], dim=1)                     # (B, L + H, C)
             y = whole[:, P:].unfold(1, y.shape[1], P)[:, :N].transpose(2, 3)  # (B, N, H, C): after each patch
         elif out.dim() == 4:

@@ -63,6 +63,13 @@ from utils import (CheckpointError, JsonlLogger, RunLock, base_reference, check_
 # -----------------------------------------------------------------------------
 
 
+def tokens_in(cfg, inputs: torch.Tensor) -> int:
+    """Tokens the model reads in a batch: ids, or a series' patches (per channel, if independent)."""
+    if getattr(cfg, "input_dim", None) is None:
+        return inputs.shape[0] * inputs.shape[1]
+    return inputs.shape[0] * -(-inputs.shape[1] // cfg.patch_len) * (cfg.input_dim if cfg.channel_independent else 1)
+
+
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
     """learning_rate x linear warmup (over warmup_iters steps) x a decay that follows the
     fraction of the budget used (steps, or seconds with max_time), down to
@@ -508,8 +515,7 @@ class TransformerTrainer:
         loss_sum, tokens = torch.zeros((), device=self.device), 0
         for micro in range(cfg.grad_accum_steps):
             batch = stream.next(self.device)
-            steps_per_token = getattr(self.model.config, "patch_len", 1)      # a series' patches are its tokens
-            tokens += batch["input"].shape[0] * -(-batch["input"].shape[1] // steps_per_token)
+            tokens += tokens_in(self.model.config, batch["input"])
             with grad_sync(self.wrapped, micro == cfg.grad_accum_steps - 1):
                 with autocast(self.device, cfg.precision):
                     loss = self.task.loss(self.fwd, batch)
@@ -895,29 +901,17 @@ def pair_data(cfg: dict, tokenizer, known_task: Optional[dict]):
     return train, val, Seq2SeqTask(), tokenizer, fields
 
 
-def series_data(cfg: dict, known: Optional[dict]):
+def series_data(cfg: dict, known: Optional[dict], *, resumed: bool):
     """(train dataset, val dataset, task, input scaler, model fields) of a run on time series
     (series.py reads the file): forecasting windows of one series, split in time, or labelled
-    series for classification/regression. The per-channel scaler is fitted on the training
-    part only (a fine-tuned or resumed model keeps its own)."""
+    series for classification/regression. The per-channel scaler is fitted on the training part
+    (a resumed run keeps its own; a fine-tune fits the new data)."""
     dcfg, tcfg, mcfg = cfg["data"], cfg["training"], cfg["model"]
+    check_series_options(cfg)
     columns = [c.strip() for c in dcfg.columns.split(",")] if dcfg.columns else None
-    stored = (known or {}).get("input_scaler")
+    stored = (known or {}).get("input_scaler") if resumed else None
     if tcfg.task == "forecast":
-        if mcfg.horizon is None:
-            raise ValueError("training.task=forecast needs the steps to predict: --horizon N (model.horizon)")
-        values, names = read_series(dcfg.path, columns=columns, missing=dcfg.missing)
-        P, L = mcfg.patch_len, dcfg.lookback or mcfg.block_size * mcfg.patch_len
-        if L % P:
-            raise ValueError(f"data.lookback={L} is not a whole number of patches of model.patch_len={P}")
-        cut = forecast_cut(len(values), horizon=mcfg.horizon, val_fraction=dcfg.val_fraction)
-        scaler = SeriesScaler.from_state(stored) if stored else SeriesScaler.fit([values[:cut]], columns=names)
-        scaler.check(values, f"'{dcfg.path}'")
-        train, val = forecast_splits(scaler.transform(values), lookback=L, horizon=mcfg.horizon,
-                                     val_fraction=dcfg.val_fraction, where=f"'{dcfg.path}'")
-        C = values.shape[1]
-        return train, val, ForecastTask(lookback=L), scaler, dict(head="forecast", input_dim=C, output_dim=C,
-                                                                   block_size=L // P)
+        return forecast_data(cfg, columns, stored)
     series, targets, classes = read_labelled_series(dcfg.path, target=dcfg.target, columns=columns,
                                                     missing=dcfg.missing)
     rows = list(zip(series, targets))
@@ -927,12 +921,14 @@ def series_data(cfg: dict, known: Optional[dict]):
         train_rows, val_rows = rows, list(zip(v_series, v_targets))
     else:
         train_rows, val_rows = split_rows(rows, dcfg.val_fraction, seed=tcfg.seed)
+    if any(t is None for _, t in train_rows + val_rows):
+        raise ValueError(f"'{dcfg.path}' has series without a {tcfg.task} target")
     scaler = SeriesScaler.from_state(stored) if stored else SeriesScaler.fit([s for s, _ in train_rows])
     for s, _ in train_rows + val_rows:
         scaler.check(s, f"'{dcfg.path}'")
     if tcfg.task == "classification":
         labels = label_names([t for _, t in train_rows + val_rows], classes, (known or {}).get("task"), where=dcfg.path)
-        encode = lambda part: [(s, labels.index(t)) for s, t in part]          # noqa: E731
+        encode = lambda part: [(s, labels.index(str(t))) for s, t in part]          # noqa: E731
         task, head = ClassificationTask(len(labels), labels=labels), dict(num_classes=len(labels))
     else:
         encode = lambda part: [(s, _numbers([t], f"{dcfg.path}")) for s, t in part]   # noqa: E731
@@ -944,11 +940,76 @@ def series_data(cfg: dict, known: Optional[dict]):
     return train, val, task, scaler, fields
 
 
+def check_series_options(cfg: dict):
+    """Options that belong to one kind of series run are refused by the others."""
+    dcfg, tcfg, mcfg = cfg["data"], cfg["training"], cfg["model"]
+    if tcfg.task == "forecast":
+        unused = [name for name, on in (("data.val_path", dcfg.val_path), ("data.target", dcfg.target)) if on]
+        if mcfg.output_dim != 1:
+            unused.append("model.output_dim (a forecast predicts every input channel)")
+    else:
+        unused = [name for name, on in (("model.horizon", mcfg.horizon), ("data.lookback", dcfg.lookback)) if on]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not used by training.task={tcfg.task}")
+
+
+def forecast_data(cfg: dict, columns: Optional[list[str]], stored: Optional[dict]):
+    """series_data's forecasting part: windows of lookback + horizon steps, split in time."""
+    dcfg, mcfg = cfg["data"], cfg["model"]
+    if mcfg.horizon is None:
+        raise ValueError("training.task=forecast needs the steps to predict: --horizon N (model.horizon)")
+    values, names = read_series(dcfg.path, columns=columns, missing=dcfg.missing)
+    P, H = mcfg.patch_len, mcfg.horizon
+    L = dcfg.lookback or (mcfg.block_size - (mcfg.pooling == "cls")) * P
+    if L % P:
+        raise ValueError(f"data.lookback={L} is not a whole number of patches of model.patch_len={P}")
+    cut = forecast_cut(len(values), horizon=H, val_fraction=dcfg.val_fraction)
+    if cut < L + H:
+        raise ValueError(f"'{dcfg.path}' has {len(values)} steps; its training part ({cut} steps, before the last "
+                         f"data.val_fraction) needs at least lookback + horizon = {L} + {H} = {L + H}")
+    scaler = SeriesScaler.from_state(stored) if stored else SeriesScaler.fit([values[:cut]], columns=names)
+    scaler.check(values, f"'{dcfg.path}'")
+    train, val = forecast_splits(scaler.transform(values), lookback=L, horizon=H, val_fraction=dcfg.val_fraction,
+                                 where=f"'{dcfg.path}'")
+    C = values.shape[1]
+    return train, val, ForecastTask(lookback=L), scaler, dict(head="forecast", input_dim=C, output_dim=C,
+                                                               block_size=L // P + (mcfg.pooling == "cls"))
+
+
+def series_run(cfg: dict) -> bool:
+    """Is this a run on time series? A forecast, or classification/regression of a series file:
+    .ts, .npz, .npy, a built-in name, or a CSV with data.target (a CSV without it holds text rows)."""
+    path, task = cfg["data"].path, cfg["training"].task
+    if task == "forecast":
+        return True
+    if task not in ("classification", "regression") or not is_series_path(path):
+        return False
+    return not str(path).lower().endswith(".csv") or cfg["data"].target is not None
+
+
+def check_run_kind(cfg: dict, base: Optional[dict], *, series: bool):
+    """A run on time series and a run on text do not mix: not in the data, the base checkpoint,
+    or the options (one a run of the other kind would ignore is an error)."""
+    tcfg, d, m = cfg["training"], cfg["data"], cfg["model"]
+    if tcfg.task == "forecast" and not series:
+        raise ValueError(f"training.task=forecast reads a series: data.path a .csv or .npy file, or a built-in "
+                         f"name (statsmodels:co2); got {d.path!r}")
+    if base and (base["model_config"].get("input_dim") is not None) != series:
+        held, read = ("time series", "text") if not series else ("tokens", "time series")
+        raise ValueError(f"{tcfg.init_from} holds a model of {held}; this run reads {read}")
+    unused = [name for name, on in (("data.columns", d.columns), ("data.target", d.target),
+                                    ("data.lookback", d.lookback), ("data.val_path", d.val_path),
+                                    ("data.missing", d.missing != "error"), ("model.horizon", m.horizon)) if on]
+    if unused and not series:
+        raise ValueError(f"{', '.join(unused)}: for runs on time series; data.path is read as text here")
+
+
 def label_names(targets: list, classes: Optional[list[str]], known_task: Optional[dict], *, where) -> list[str]:
     """A classifier's label names, in the order of its outputs: those of the checkpoint's task
     it continues (a label it never saw is an error), else the file's own class list, else sorted."""
     kept = known_task.get("labels") if (known_task or {}).get("name") == "classification" else None
-    names = kept or classes or sorted(set(map(str, targets)))
+    found = sorted(set(map(str, targets)), key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v))
+    names = kept or classes or found      # integer labels in numeric order: 2 before 10
     unknown = sorted(set(map(str, targets)) - set(names))
     if unknown:
         raise ValueError(f"label {unknown[0]!r} of {where} is not one the checkpoint was trained on ({', '.join(names)})")
@@ -1037,12 +1098,11 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
                          f"here; add the tokenizer.json it was trained with")
     tokenizer = tokenizer_from_state(known["tokenizer"]) if known and known.get("tokenizer") else None
     val, scaler = None, None
-    if is_series_path(cfg["data"].path) and tcfg.task != "lm":
-        data, val, task, scaler, fields = series_data(cfg, known)
+    series = series_run(cfg)
+    check_run_kind(cfg, base, series=series)
+    if series:
+        data, val, task, scaler, fields = series_data(cfg, known, resumed=resume_from is not None)
         cfg, model = {**cfg, "model": dataclasses.replace(cfg["model"], **fields)}, None
-    elif tcfg.task == "forecast":
-        raise ValueError(f"training.task=forecast reads a series: data.path a .csv, .npy or .ts file, or a built-in "
-                         f"name (statsmodels:co2); got {cfg['data'].path!r}")
     elif tcfg.task == "lm":
         # a fine-tune's model (and its LoRA/quantize settings) is checked before any data is prepared
         model = build_model(cfg, tokenizer, device, base) if base else None

@@ -36,7 +36,8 @@ from model import (GATED, HEAD_FIELDS, QUANT_MODES, Int4Linear, Int8Linear, LoRA
                    Transformer, TransformerConfig, apply_lora, closest, dequantize_model, load_lora_state_dict,
                    merge_lora, quantize_model, use_kernels)
 from data import tokenizer_from_state
-from interop import (DTYPES, GGUF_TYPES, InteropError, atomic_path, check_out, export_gguf, export_hf, hf_weight_files, read_hf,
+from interop import (DTYPES, GGUF_TYPES, InteropError, atomic_path, check_out, export_gguf, export_hf, hf_weight_files,
+                     input_encoder, read_hf,
                      read_safetensors, weights_payload, write_safetensors)
 
 # =============================================================================
@@ -464,9 +465,10 @@ def _bytes(tensors) -> int:
 
 
 def _plain_payload(model, tokenizer, ckpt: dict, **extra) -> dict:
-    """A checkpoint of just a model: weights, configs and tokenizer (no training state)."""
-    return {"model": model.state_dict(), "model_config": model.config.to_dict(),
-            "tokenizer": tokenizer.state(), "config": ckpt.get("config", {}), **extra}
+    """A checkpoint of just a model: weights, configs, what it is and its tokenizer (or input
+    scaler); no training state."""
+    return {"model": model.state_dict(), "model_config": model.config.to_dict(), **input_encoder(tokenizer),
+            "config": ckpt.get("config", {}), **{k: ckpt[k] for k in ("kind", "task") if k in ckpt}, **extra}
 
 
 def val_perplexity(model, tokenizer, ckpt: dict, data_path: Optional[str] = None) -> float:

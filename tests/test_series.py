@@ -306,3 +306,65 @@ def test_label_smoothing_is_the_smoothed_cross_entropy_and_refused_where_it_mean
     fc = Transformer(input_dim=1, output_dim=1, head="forecast", horizon=2, d_model=16, n_heads=2, n_layers=1)
     with pytest.raises(ValueError, match="the forecast task's loss is not one"):
         TransformerTrainer(fc, label_smoothing=0.1)
+
+
+def test_review_cases_of_series_runs(tmp_path):
+    """Options a run would ignore, mixed kinds, unlabelled and numeric labels, flatten pooling,
+    a forecast head that would see its targets, and a quantized series checkpoint."""
+    with pytest.raises(ValueError, match="needs causal=True"):
+        TransformerConfig(input_dim=1, output_dim=1, head="forecast", horizon=3, pooling="none", causal=False)
+    torch.manual_seed(0)
+    flat = Transformer(input_dim=2, head="classification", num_classes=2, causal=False, pooling="flatten",
+                       d_model=16, n_heads=2, n_layers=1, block_size=10).eval()
+    x, mask = torch.randn(2, 10, 2), torch.arange(10)[None] < torch.tensor([[10], [4]])
+    torch.testing.assert_close(flat(x, attention_mask=mask)[1], flat(x[1:, :4])[0], rtol=0, atol=1e-5)
+
+    f = tmp_path / "u.ts"
+    f.write_text("@problemName u\n@univariate false\n@data\n1,2,3:4,5,6\n7,8,9:1,2,3\n")
+    series, labels, _ = read_labelled_series(f, unlabelled=True)
+    assert [s.shape for s in series] == [(3, 2), (3, 2)] and labels == [None, None]
+    (tmp_path / "bom.csv").write_text("\ufeffdate,v\n1,2\n2,3\n", encoding="utf-8")
+    assert read_series(tmp_path / "bom.csv", columns=["v"])[0].tolist() == [[2], [3]]
+
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 11
+    x = rng.standard_normal((120, 12)) * 0.1 + y[:, None]
+    np.savez(tmp_path / "c.npz", x=x, y=y)
+    np.save(tmp_path / "s.npy", seasonal(n=300))
+    common = ["--model.d_model=16", "--model.n_layers=1", "--model.n_heads=2", "--training.progress=false",
+              "--training.plot=false"]
+    r = run("train.py", "--task", "classification", "--data.path=c.npz", "--model.causal=false", "--epochs", "1",
+            *common, f"--training.out_dir={tmp_path / 'clf'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from utils import load_checkpoint
+    assert load_checkpoint(tmp_path / "clf" / "best.pt")["task"]["labels"] == [str(i) for i in range(11)]
+    for args, message in [
+            (["--task", "classification", "--data.path=c.npz", "--horizon", "3"], "model.horizon: not used by"),
+            (["--task", "classification", "--data.path=c.npz", "--data.columns=a"], "not a CSV file"),
+            (["--task", "forecast", "--data.path=s.npy", "--horizon", "3", "--data.val_path=c.npz"],
+             "data.val_path: not used by training.task=forecast"),
+            (["--task", "forecast", "--data.path=c.npz", "--horizon", "3"], "holds labelled series"),
+            (["--task", "forecast", "--data.path=s.npy", "--horizon", "290", "--lookback", "8"],
+             "needs at least lookback + horizon"),
+            (["--task", "forecast", "--data.path=s.npy", "--horizon", "3", "--lookback", "12",
+              f"--init_from={tmp_path / 'lm.pt'}"], "holds a model of tokens")]:
+        if "lm.pt" in args[-1] and not (tmp_path / "lm.pt").exists():
+            lm = Transformer(vocab_size=20, d_model=16, n_heads=2, n_layers=1, block_size=16)
+            from utils import save_model_weights_only
+            from data import ByteTokenizer
+            save_model_weights_only(lm, tmp_path / "lm.pt", tokenizer=ByteTokenizer())
+        r = run("train.py", *args, *common, f"--training.out_dir={tmp_path / 'x'}", cwd=tmp_path)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+    r = run("train.py", "--task", "forecast", "--data.path=s.npy", "--horizon", "6", "--lookback", "24",
+            "--model.patch_len=4", "--model.revin=true", "--epochs", "1", *common,
+            f"--training.out_dir={tmp_path / 'fc'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run("utils.py", "quantize", "--checkpoint", tmp_path / "fc" / "best.pt", "--mode", "int8", "--out", "q8.pt",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    outputs = [run("generate.py", "--checkpoint", ckpt, "--input", "s.npy", cwd=tmp_path)
+               for ckpt in (tmp_path / "fc" / "best.pt", tmp_path / "q8.pt")]
+    assert all(o.returncode == 0 for o in outputs), outputs[1].stderr
+    full, quantized = (np.array([row.split(",") for row in o.stdout.split()[1:]], float) for o in outputs)
+    assert full.shape == quantized.shape == (6, 2) and np.abs(full - quantized).max() < 0.05
