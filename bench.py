@@ -939,6 +939,7 @@ def bench_seq2seq(args):
         f"--training.max_time={args.minutes * 60}", f"--training.batch_size={args.batch_size}",
         f"--training.learning_rate={args.lr}", "--training.warmup_iters=500", "--training.eval_interval=1000",
         "--training.weight_decay=0.01", f"--training.precision={args.precision}", "--training.progress=false",
+        f"--training.label_smoothing={args.label_smoothing}",
         f"--training.out_dir={tmp / 'run'}", "--training.device=cpu"], sections=SECTIONS)
     summary = train(cfg)
     model, tok = load_model(tmp / "run" / "best.pt")
@@ -1113,6 +1114,7 @@ def main(argv=None):
     s2.add_argument("--batch_size", type=int, default=128)
     s2.add_argument("--lr", type=float, default=2e-3)
     s2.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    s2.add_argument("--label_smoothing", type=float, default=0.0)
     s2.add_argument("--beams", type=int, default=4)
     s2.add_argument("--beam_words", type=int, default=2000, help="test words decoded by beam search too")
     s2.add_argument("--test_words", type=int, default=12000)
