@@ -912,7 +912,7 @@ def forecast(model, scaler, values, *, horizon: Optional[int] = None, lookback: 
     """
     import numpy as np
     cfg = model.config
-    lookback = lookback or cfg.block_size * cfg.patch_len
+    lookback = lookback or cfg.max_steps
     horizon = horizon or cfg.horizon
     if horizon <= 0:
         raise ValueError(f"horizon={horizon} must be a positive number of steps")
@@ -934,7 +934,7 @@ def series_main(model, scaler, ckpt: dict, cfg: SampleConfig):
     """generate.py with a model of time series: --input FILE. A forecaster prints the forecast
     as CSV (with --holdout, beside the truth; --plot draws them); a classifier prints each
     series' label and class probabilities, a regressor its values."""
-    from series import SeriesScaler, read_labelled_series
+    from series import SeriesScaler, column_names, read_labelled_series
     if not cfg.input:
         raise ValueError("this model reads time series: give the series with --input FILE (.csv, .npy, .npz or .ts)")
     scaler = scaler or SeriesScaler.identity(model.config.input_dim)   # a model saved without one reads raw values
@@ -945,7 +945,7 @@ def series_main(model, scaler, ckpt: dict, cfg: SampleConfig):
     if model.config.head == "forecast":
         return forecast_main(model, scaler, cfg, missing=data.get("missing", "error"), lookback=task.get("lookback"))
     csv_file = cfg.input.lower().endswith(".csv")
-    columns = [c.strip() for c in data["columns"].split(",")] if data.get("columns") and csv_file else None
+    columns = column_names(data.get("columns")) if csv_file else None
     series, targets, _ = read_labelled_series(cfg.input, target=data.get("target") if csv_file else None,
                                               columns=columns, unlabelled=True, missing=data.get("missing", "error"))
     labels = task.get("labels") if model.config.head == "classification" else None

@@ -229,6 +229,12 @@ class TransformerConfig:
         return (1 if self.channel_independent else self.input_dim) * self.patch_len
 
     @property
+    def max_steps(self) -> int:
+        """Time steps a model of feature vectors reads at most: its tokens (less a [CLS] slot)
+        times patch_len."""
+        return (self.block_size - (self.pooling == "cls")) * self.patch_len
+
+    @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_pct) // 2 * 2
 
@@ -721,7 +727,7 @@ def check_inputs(cfg: TransformerConfig, idx: torch.Tensor, start: int, *, cache
     if start + T > cfg.block_size and not isinstance(cache, RingKVCache):   # a ring slides past block_size
         cls = cfg.pooling == "cls"
         if cfg.input_dim is not None:
-            most = (cfg.block_size - cls) * cfg.patch_len
+            most = cfg.max_steps
             raise ValueError(f"a series of {T * cfg.patch_len} steps is longer than the model's {most} (block_size="
                              f"{cfg.block_size} tokens of patch_len={cfg.patch_len}); crop it to its last {most} steps")
         raise ValueError(f"sequence of {start + T} positions is longer than block_size={cfg.block_size}; "

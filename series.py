@@ -136,23 +136,34 @@ def _number(cell: str, where: str) -> float:
 # -----------------------------------------------------------------------------
 
 
-def read_csv_columns(path, columns: Optional[Sequence[str]] = None) -> tuple[np.ndarray, list[str]]:
-    """The named columns of a CSV with a header row as a float array (rows, columns), NaN where
-    a cell is missing; every column when columns is None. A name not in the header gets the
-    closest one; a cell that is not a number names its row and column."""
+def column_names(text: Optional[str]) -> Optional[list[str]]:
+    """data.columns ("a, b") as a list of names; None for every column."""
+    return [c.strip() for c in text.split(",")] if text else None
+
+
+def read_csv(path) -> tuple[list[str], list[list[str]]]:
+    """A CSV's header and its data rows (blank lines skipped); at least one data row."""
     p = resolve_path(path)
     with open(p, newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f) if any(cell.strip() for cell in r)]
     if len(rows) < 2:
         raise ValueError(f"'{path}' holds no data rows (a header row, then one row per step)")
-    header = [h.strip() for h in rows[0]]
+    return [h.strip() for h in rows[0]], rows[1:]
+
+
+def read_csv_columns(path, columns: Optional[Sequence[str]] = None, *, table=None) -> tuple[np.ndarray, list[str]]:
+    """The named columns of a CSV with a header row as a float array (rows, columns), NaN where
+    a cell is missing; every column when columns is None. A name not in the header gets the
+    closest one; a cell that is not a number names its row and column. table: the file's
+    read_csv, when the caller has read it already."""
+    header, rows = table or read_csv(path)
     names = list(columns) if columns else header
     for name in names:
         if name not in header:
             raise ValueError(f"'{path}' has no column '{name}'; {closest(name, header)}")
     index = [header.index(n) for n in names]
-    out = np.empty((len(rows) - 1, len(names)))
-    for r, row in enumerate(rows[1:], 2):
+    out = np.empty((len(rows), len(names)))
+    for r, row in enumerate(rows, 2):
         if len(row) != len(header):
             raise ValueError(f"'{path}', row {r}: {len(row)} cells where the header has {len(header)}")
         for j, i in enumerate(index):
@@ -266,23 +277,16 @@ def read_labelled_series(path, *, target: Optional[str] = None, columns: Optiona
         if y is None:
             return series, [None] * len(series), None
         return series, [v.item() if y.dtype.kind == "f" else str(v) for v in y], None
-    with open(p, newline="", encoding="utf-8-sig") as f:
-        header = [h.strip() for h in next(csv.reader(f), [])]
+    header, rows = table = read_csv(path)
     if target not in header and not unlabelled:
         if target is None:
             raise ValueError(f"'{path}': name the column of each row's label with data.target")
         raise ValueError(f"'{path}' has no column '{target}'; {closest(target, header)}")
-    rows = _csv_rows(p)
-    labels = [row[header.index(target)].strip() for row in rows] if target in header else [None] * len(rows)
     steps = [c for c in (columns or header) if c != target]
-    values, _ = read_csv_columns(path, steps)
+    values, _ = read_csv_columns(path, steps, table=table)
+    labels = [row[header.index(target)].strip() for row in rows] if target in header else [None] * len(rows)
     series = [fill_missing(v[:, None], missing, where=f"'{path}', row {i + 2}") for i, v in enumerate(values)]
     return series, labels, None
-
-
-def _csv_rows(p: Path) -> list[list[str]]:
-    with open(p, newline="", encoding="utf-8-sig") as f:
-        return [r for r in csv.reader(f) if any(cell.strip() for cell in r)][1:]
 
 
 # -----------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from data import (Document, EncodedPairs, EncodedTexts, PairTokenizer, TokenData
                   prepared_dataset, read_labelled, split_rows, tokenizer_from_state)
 from model import (HEAD_FIELDS, Int4Linear, Int8Linear, Seq2SeqTransformer, Transformer, TransformerConfig,
                    apply_lora, closest, load_lora_state_dict, lora_state_dict)
-from series import (SeriesItems, SeriesScaler, forecast_cut, forecast_splits, is_series_path, read_labelled_series,
+from series import (SeriesItems, SeriesScaler, column_names, forecast_cut, forecast_splits, is_series_path, read_labelled_series,
                     read_series)
 from tasks import (HIGHER_IS_BETTER, ClassificationTask, EpochBatches, ForecastTask, LanguageModelTask, RegressionTask,
                    Seq2SeqTask, Task, WindowBatches, dataset_batches, predict_all, split_loss, task_for)
@@ -908,7 +908,7 @@ def series_data(cfg: dict, known: Optional[dict], *, resumed: bool):
     (a resumed run keeps its own; a fine-tune fits the new data)."""
     dcfg, tcfg, mcfg = cfg["data"], cfg["training"], cfg["model"]
     check_series_options(cfg)
-    columns = [c.strip() for c in dcfg.columns.split(",")] if dcfg.columns else None
+    columns = column_names(dcfg.columns)
     stored = (known or {}).get("input_scaler") if resumed else None
     if tcfg.task == "forecast":
         return forecast_data(cfg, columns, stored)
@@ -960,7 +960,7 @@ def forecast_data(cfg: dict, columns: Optional[list[str]], stored: Optional[dict
         raise ValueError("training.task=forecast needs the steps to predict: --horizon N (model.horizon)")
     values, names = read_series(dcfg.path, columns=columns, missing=dcfg.missing)
     P, H = mcfg.patch_len, mcfg.horizon
-    L = dcfg.lookback or (mcfg.block_size - (mcfg.pooling == "cls")) * P
+    L = dcfg.lookback or mcfg.max_steps
     if L % P:
         raise ValueError(f"data.lookback={L} is not a whole number of patches of model.patch_len={P}")
     cut = forecast_cut(len(values), horizon=H, val_fraction=dcfg.val_fraction)
