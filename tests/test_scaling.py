@@ -206,6 +206,29 @@ def test_ddp_trains_a_classifier_on_a_map_style_dataset_like_1_process(tmp_path)
 
 
 @needs_gloo
+def test_ddp_trains_an_encoder_decoder_like_1_process(tmp_path):
+    """python train.py --task seq2seq under torchrun: padded pairs of every length, split over
+    2 ranks, give the curve of 1 process with the same global batch (the loss is a mean over
+    the global batch's target tokens, not a mean of the ranks' means)."""
+    import random
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 7))) for _ in range(300)]
+    (tmp_path / "pairs.tsv").write_text("".join(f"{w}\t{w[::-1]}\n" for w in words))
+    single = tmp_path / "single"
+    train_mod.main(["--task", "seq2seq", "--data", str(tmp_path / "pairs.tsv"), "--model.n_layers=2",
+                    "--model.d_model=32", "--model.n_heads=4", "--model.block_size=16", "--model.dropout=0",
+                    "--training.learning_rate=3e-3", "--training.batch_size=8", "--training.grad_accum_steps=2",
+                    "--training.progress=false", "--training.plot=false", "--device", "cpu",
+                    f"--training.out_dir={single}", *SHORT])
+    proc = torchrun(single / "config.yaml", f"--training.out_dir={tmp_path / 'ddp'}", "--training.batch_size=4")
+    assert "device cpu x 2 (ddp)" in proc.stdout
+    assert_same_curve(train_rows(tmp_path / "ddp"), train_rows(single))
+    evals = [{r["step"]: r["val_loss"] for r in read_jsonl(d / "log.jsonl") if r["event"] == "eval"}
+             for d in (tmp_path / "ddp", single)]
+    assert evals[0].keys() == {5, 10} and list(evals[0].values()) == pytest.approx(list(evals[1].values()), rel=1e-5)
+
+
+@needs_gloo
 @pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
 def test_qlora_fine_tune_on_2_processes_matches_1_process(run_config, tmp_path, distributed):
     """LoRA adapters on a frozen int8 base (QLoRA) under torchrun: the same curve as 1
