@@ -917,20 +917,44 @@ def g2p_scores(predictions: list[str], references: list[list[str]]) -> tuple[flo
 
 def bench_seq2seq(args):
     """English grapheme-to-phoneme conversion on CMUdict (12,000 held-out words): an
-    encoder-decoder trained through train.py's run for --minutes, then greedy and beam WER/PER
-    against the published anchors, and decode words/s with and without the KV cache."""
-    import tempfile
-    from config import SECTIONS, load_config
+    encoder-decoder trained through train.py's run for --minutes (or the run of --checkpoint),
+    then greedy and beam WER/PER against the published anchors, and decode words/s with and
+    without the KV cache."""
     from data import cmudict_g2p
     from generate import SampleConfig, translate
-    from train import train
     from utils import load_model
     split = cmudict_g2p(test_words=args.test_words, seed=args.seed)
+    print(f"CMUdict: {len(split['train']):,} training pronunciations, {len(split['test']):,} held-out words", flush=True)
+    if args.checkpoint is None:
+        args.checkpoint = train_g2p(split, args)
+    model, tok = load_model(args.checkpoint)
+    words, refs = [w for w, _ in split["test"]], [r for _, r in split["test"]]
+    rows = []
+    for name, beams in (("greedy", 1), (f"beam {args.beams}", args.beams)):
+        start = time.perf_counter()
+        preds = [p for i in range(0, len(words), 256)        # every word's beams decode at once
+                 for p in translate(model, tok, words[i:i + 256],
+                                    SampleConfig(temperature=0.0, beam_size=beams, max_new_tokens=30))]
+        rows.append((name, *g2p_scores(preds, refs), len(words) / (time.perf_counter() - start)))
+    print("| system | WER % | PER % | words/s |\n|---|---|---|---|")
+    for name, wer, per in G2P_ANCHORS:
+        print(f"| {name} | {wer} | {per} | |")
+    shape = f"{len(model.encoder.blocks)}+{len(model.decoder.blocks)} layers x {model.config.d_model}"
+    for name, wer, per, speed in rows:
+        print(f"| ours, {name} ({shape}) | {wer:.2f} | {per:.2f} | {speed:.0f} |")
+    print(f"\ndecode words/s, greedy, batches of 256: cached {rows[0][3]:.0f}, uncached "
+          f"{_uncached_g2p_speed(model, tok, words[:1024]):.0f} (every step re-runs the decoder over the whole target)")
+
+
+def train_g2p(split: dict, args) -> Path:
+    """Train bench_seq2seq's encoder-decoder through train.py's run for args.minutes: its best.pt."""
+    import tempfile
+    from config import SECTIONS, load_config
+    from train import train
     tmp = Path(args.out_dir or tempfile.mkdtemp())
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "g2p.tsv").write_text("".join(f"{w}\t{p}\n" for w, p in split["train"]))
-    print(f"CMUdict: {len(split['train']):,} training pronunciations, {len(split['test']):,} held-out words; "
-          f"{args.minutes:g} minutes of training on {torch.get_num_threads()} threads", flush=True)
+    print(f"{args.minutes:g} minutes of training on {torch.get_num_threads()} threads", flush=True)
     cfg = load_config(None, [
         "--training.task=seq2seq", f"--data.path={tmp / 'g2p.tsv'}", "--data.tokenizer=char",
         "--data.target_tokenizer=bpe", "--data.vocab_size=400", "--data.val_fraction=0.02",
@@ -942,26 +966,9 @@ def bench_seq2seq(args):
         f"--training.label_smoothing={args.label_smoothing}",
         f"--training.out_dir={tmp / 'run'}", "--training.device=cpu"], sections=SECTIONS)
     summary = train(cfg)
-    model, tok = load_model(tmp / "run" / "best.pt")
-    words, refs = [w for w, _ in split["test"]], [r for _, r in split["test"]]
-    n = min(args.beam_words, len(words))          # beam search decodes word by word: a subset
-    rows = []
-    for name, beams, count in (("greedy", 1, len(words)), (f"greedy, first {n} words", 1, n),
-                               (f"beam {args.beams}, first {n} words", args.beams, n)):
-        start = time.perf_counter()
-        preds = [p for i in range(0, count, 256)
-                 for p in translate(model, tok, words[i:min(i + 256, count)],
-                                    SampleConfig(temperature=0.0, beam_size=beams, max_new_tokens=30))]
-        rows.append((name, *g2p_scores(preds, refs[:count]), count / (time.perf_counter() - start)))
     print(f"\ntrained {summary['step']} steps in {summary['elapsed']:.0f}s; best validation loss "
           f"{summary['best_val_loss']:.4f}; log and curve: {tmp / 'run'}\n")
-    print("| system | WER % | PER % | words/s |\n|---|---|---|---|")
-    for name, wer, per in G2P_ANCHORS:
-        print(f"| {name} | {wer} | {per} | |")
-    for name, wer, per, speed in rows:
-        print(f"| ours, {name} ({args.layers}+{args.layers} layers x {args.d_model}) | {wer:.2f} | {per:.2f} | {speed:.0f} |")
-    print(f"\ndecode words/s, greedy, batches of 256: cached {rows[0][3]:.0f}, uncached "
-          f"{_uncached_g2p_speed(model, tok, words[:1024]):.0f} (every step re-runs the decoder over the whole target)")
+    return tmp / "run" / "best.pt"
 
 
 @torch.no_grad()
@@ -1116,10 +1123,10 @@ def main(argv=None):
     s2.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     s2.add_argument("--label_smoothing", type=float, default=0.0)
     s2.add_argument("--beams", type=int, default=4)
-    s2.add_argument("--beam_words", type=int, default=2000, help="test words decoded by beam search too")
     s2.add_argument("--test_words", type=int, default=12000)
     s2.add_argument("--seed", type=int, default=0)
     s2.add_argument("--out_dir", help="keep the data and the run here (default: a temporary folder)")
+    s2.add_argument("--checkpoint", help="decode and score this trained run instead of training one")
     s2.set_defaults(func=bench_seq2seq)
     f = sub.add_parser("forecast", help="forecasting real series: transformer vs seasonal naive and DLinear")
     f.add_argument("--series", default=",".join(FORECASTS), help=f"comma-separated: {', '.join(FORECASTS)}")

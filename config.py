@@ -355,7 +355,11 @@ def load_config(path: Optional[str], argv: list[str] = (), *, sections: dict[str
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"config file '{path}' does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            where = getattr(e, "problem_mark", None)
+            raise ValueError(f"{path} is not a YAML config" + (f" (line {where.line + 1})" if where else "")) from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         layers.append((str(path), raw))

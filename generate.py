@@ -21,6 +21,7 @@ through fastpath.py's compiled step; without that file they run eagerly, with th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -467,31 +468,48 @@ def beam_search(model, prompt: list[int], max_new_tokens: int, *, beam_size: int
     compile: the steps (all beams at once) run compiled (see LMDecoder). source: an
     encoder-decoder's (ids (1, S), mask or None); prompt is then the target's start.
     """
+    [ranked] = beam_search_rows(model, torch.tensor([prompt]), max_new_tokens, beam_size=beam_size,
+                                length_penalty=length_penalty, num_return_sequences=num_return_sequences,
+                                eos_id=eos_id, compile=compile, source=source)
+    return ranked
+
+
+@torch.no_grad()
+def beam_search_rows(model, prompts: torch.Tensor, max_new_tokens: int, *, beam_size: int,
+                     length_penalty: float = 1.0, num_return_sequences: int = 1, eos_id: Optional[int] = None,
+                     compile: bool = False, source: Optional[tuple] = None) -> list[list[tuple[list[int], float]]]:
+    """beam_search for every row of prompts (B, T) at once, each row keeping its own beams
+    (B x beam_size rows decode together): one ranked list per row, each as beam_search gives
+    it alone. source: an encoder-decoder's (ids (B, S), mask or None), a source per row."""
     if beam_size < 1 or not 1 <= num_return_sequences <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= num_return_sequences <= beam_size "
                          f"(got {beam_size}, {num_return_sequences})")
+    B, T = prompts.shape
     with make_decoder(model, compile=compile, source=source) as decoder:
-        seqs = torch.tensor([prompt], device=decoder.device)              # (1, T): one beam to start
-        scores = torch.zeros(1, device=decoder.device)
-        logits = decoder.prefill(seqs)
+        seqs = prompts.to(decoder.device)[:, None]                         # (B, beams=1, T)
+        scores = torch.zeros(B, 1, device=decoder.device)
+        logits = decoder.prefill(prompts.to(decoder.device))
         for step in range(max_new_tokens):
-            logp = torch.log_softmax(logits, dim=-1)                       # (beams, vocab)
+            logp = torch.log_softmax(logits, dim=-1).view(B, seqs.shape[1], -1)   # (B, beams, vocab)
             if eos_id is not None and step:
-                done = seqs[:, -1] == eos_id                               # finished beams stay as they are
-                logp[done] = float("-inf")
-                logp[done, eos_id] = 0.0
-            total = (scores[:, None] + logp).flatten()
-            scores, flat = total.topk(min(beam_size, total.numel()))
-            rows, tokens = flat // logp.shape[1], flat % logp.shape[1]
-            seqs = torch.cat([seqs[rows], tokens[:, None]], dim=1)
+                done = seqs[..., -1] == eos_id                             # finished beams stay as they are
+                logp.masked_fill_(done[..., None], float("-inf"))
+                logp[..., eos_id].masked_fill_(done, 0.0)
+            total = (scores[..., None] + logp).flatten(1)                  # (B, beams * vocab)
+            scores, flat = total.topk(min(beam_size, total.shape[1]), dim=1)
+            beam, tokens = flat // logp.shape[2], flat % logp.shape[2]     # (B, new beams)
+            seqs = torch.cat([seqs.gather(1, beam[..., None].expand(-1, -1, seqs.shape[2])), tokens[..., None]], 2)
             if step == max_new_tokens - 1:
                 break
-            decoder.reorder(rows)                                          # caches follow their beams
-            logits = decoder.step(tokens[:, None])[:, -1]
-    outputs = [_until(ids, eos_id) for ids in seqs[:, len(prompt):].tolist()]
-    ranked = sorted(((ids, score / max(len(ids), 1) ** length_penalty) for ids, score in zip(outputs, scores.tolist())),
-                    key=lambda pair: -pair[1])
-    return ranked[:num_return_sequences]
+            rows = beam + logp.shape[1] * torch.arange(B, device=beam.device)[:, None]
+            decoder.reorder(rows.flatten())                                # caches follow their beams
+            logits = decoder.step(tokens.reshape(-1, 1))[:, -1]
+    out = []
+    for row_seqs, row_scores in zip(seqs[..., T:].tolist(), scores.tolist()):
+        outputs = [_until(ids, eos_id) for ids in row_seqs]
+        out.append(sorted(((ids, score / max(len(ids), 1) ** length_penalty) for ids, score in zip(outputs, row_scores)),
+                          key=lambda pair: -pair[1])[:num_return_sequences])
+    return out
 
 
 @torch.no_grad()
@@ -500,8 +518,8 @@ def seq2seq_generate(model, src: torch.Tensor, max_new_tokens: int, *, src_mask:
                      pad_id: int = 0, generator: Optional[torch.Generator] = None, **sampling) -> torch.Tensor:
     """Target ids (B, L <= max_new_tokens) for source ids (B, S) of an encoder-decoder (what
     Seq2SeqTransformer.generate calls): decoding starts from bos_id and a row ends at eos_id
-    (kept; pad_id after it). num_beams > 1: beam search per row; otherwise sampling (sampling:
-    temperature, top_k, top_p, min_p, repetition_penalty; temperature=0 is greedy). The ids
+    (kept; pad_id after it). num_beams > 1: beam search, every row's beams at once; otherwise
+    sampling (temperature, top_k, top_p, min_p, repetition_penalty; temperature=0 is greedy). The ids
     1 = BOS, 2 = EOS, 0 = PAD are those seq2seq data reserves (data.SEQ2SEQ_SPECIALS).
 
         >>> model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, temperature=0.7, top_p=0.9)  # doctest: +SKIP
@@ -510,9 +528,10 @@ def seq2seq_generate(model, src: torch.Tensor, max_new_tokens: int, *, src_mask:
     src_mask = None if src_mask is None else src_mask.bool()
     max_new_tokens = min(max_new_tokens, model.config.block_size - 1)     # the target's positions, BOS included
     if num_beams > 1:
-        rows = [beam_search(model, [bos_id], max_new_tokens, beam_size=num_beams, length_penalty=length_penalty,
-                            eos_id=eos_id, source=(src[i:i + 1], None if src_mask is None else src_mask[i:i + 1]))[0][0]
-                for i in range(src.shape[0])]
+        start = torch.full((src.shape[0], 1), bos_id, dtype=torch.long)
+        rows = [ranked[0][0] for ranked in beam_search_rows(model, start, max_new_tokens, beam_size=num_beams,
+                                                            length_penalty=length_penalty, eos_id=eos_id,
+                                                            source=(src, src_mask))]
         rows = [ids + ([eos_id] if eos_id is not None and len(ids) < max_new_tokens else []) for ids in rows]
     else:
         start = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=model.device)
@@ -1124,4 +1143,8 @@ def interactive(model, tokenizer, cfg: SampleConfig, generator, *, read=input):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:        # the reader left (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        sys.exit(1)

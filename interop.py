@@ -404,11 +404,21 @@ def _check_float(model: Transformer) -> None:
             raise InteropError(f"'{name}' is not a float tensor (a quantized model): export the float model")
 
 
+def _check_language_model(model, fmt: str) -> None:
+    """Only decoder-only language models go to Hugging Face and GGUF files; others are refused by name."""
+    kind = ("an encoder-decoder" if hasattr(model, "encoder") else
+            None if model.config.head == "lm" and model.config.input_dim is None else f"a {model.config.head} model")
+    if kind:
+        raise InteropError(f"--format {fmt} holds decoder-only language models and this is {kind}; "
+                           f"--format pt or safetensors keeps it whole")
+
+
 def export_hf(model: Transformer, tokenizer, out_dir, *, dtype: str = "fp32", force: bool = False) -> list[Path]:
     """Write a Hugging Face directory (config.json, model.safetensors, generation_config.json,
     tokenizer.json, tokenizer_config.json, README.md) that transformers' AutoModelForCausalLM
     and AutoTokenizer load with no code of ours. Returns the files written."""
     from safetensors.torch import save_file
+    _check_language_model(model, "hf")
     cfg = model.config
     hf = hf_config(cfg, tokenizer)       # refuses what Hugging Face cannot express, before writing
     out = check_out(out_dir, force=force, directory=True)
@@ -560,6 +570,7 @@ def export_gguf(model: Transformer, tokenizer, path, *, dtype: str = "fp16", for
     import gguf
     if dtype not in GGUF_TYPES:
         raise InteropError(f"GGUF type {dtype!r} is not supported; {closest(dtype, GGUF_TYPES)}")
+    _check_language_model(model, "gguf")
     family = hf_family(model.config)
     if family == "mistral":
         raise InteropError(f"attention_window={model.config.attention_window}: GGUF's llama architecture has no "

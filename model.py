@@ -1182,7 +1182,7 @@ class Seq2SeqTransformer(nn.Module):
         self.tie_weights()
 
     def tie_weights(self):
-        if self.config.tie_weights:
+        if self.config.tie_weights and isinstance(self.lm_head, nn.Linear):   # a quantized head keeps its codes
             self.lm_head.weight = self.decoder.tok_emb.weight
         if self.config.tgt_vocab_size is None:
             self.decoder.tok_emb = self.encoder.tok_emb

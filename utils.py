@@ -491,17 +491,24 @@ def quantize_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="utils.py quantize", description=quantize_main.__doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--mode", required=True, choices=QUANT_MODES)
-    p.add_argument("--group_size", type=int, default=QuantConfig.group_size, help="int4 group (32|64|128|256)")
+    p.add_argument("--group_size", type=int, help=f"int4 group (32|64|128|256; default {QuantConfig.group_size})")
     p.add_argument("--out", help="default: <checkpoint>-<mode>.pt beside it")
     p.add_argument("--eval", action="store_true", help="validation perplexity before and after")
     p.add_argument("--data", help="--eval on this text instead of the checkpoint's training data")
     args = p.parse_args(argv)
-    qcfg = QuantConfig(args.mode, args.group_size)
+    if args.group_size is not None and args.mode != "int4":
+        raise ValueError(f"--group_size is for int4; {args.mode} keeps one scale per output row")
+    if args.data and not args.eval:
+        raise ValueError("--data is the text --eval measures; add --eval")
+    qcfg = QuantConfig(args.mode, args.group_size or QuantConfig.group_size)
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.get("quantize"):         # its layers are quantized already: nothing to measure or redo
         raise CheckpointError(f"'{args.checkpoint}' is already quantized ({ckpt['quantize']['mode']}); "
                               f"quantize the float checkpoint it came from")
     model, tokenizer = model_from_checkpoint(ckpt)
+    if args.eval and (hasattr(model, "encoder") or model.config.head != "lm"):
+        raise ValueError("--eval measures a language model's validation perplexity; this checkpoint holds "
+                         + ("an encoder-decoder" if hasattr(model, "encoder") else f"a {model.config.head} model"))
     linear_fp32 = _bytes(m.weight for m in model.modules() if type(m) is torch.nn.Linear)
     before = val_perplexity(model, tokenizer, ckpt, args.data) if args.eval else None
     # portable int4 layout: evaluation runs big batches, where dequantize-then-matmul beats

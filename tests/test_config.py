@@ -151,6 +151,7 @@ def test_yaml_unknown_key_suggests_the_closest(tmp_path):
 @pytest.mark.parametrize("content, match", [
     ("modle:\n  n_layers: 3\n", r"unknown section 'modle' in .*c\.yaml; did you mean 'model'"),
     ("- model\n- data\n", r"c\.yaml: expected a mapping of sections, got list"),
+    ("To be\tor not: to be\n: -\n", r"c\.yaml is not a YAML config \(line 1\)"),
     ("model: 3\n", r"section 'model' in .*c\.yaml must be a mapping"),
     ("training:\n  batch_size: many\n", r"training\.batch_size \(.*c\.yaml\) expects int, got 'many'"),
     ("training:\n  batch_size: 2.5\n", r"training\.batch_size \(.*c\.yaml\) expects int, got 2\.5"),

@@ -15,7 +15,7 @@ import utils
 from config import canonical_argv
 from data import BPETokenizer, ByteTokenizer, CharTokenizer
 from interop import InteropError, export_gguf, export_hf, hf_family, read_hf
-from model import Transformer, TransformerConfig
+from model import Seq2SeqTransformer, Transformer, TransformerConfig
 
 transformers = pytest.importorskip("transformers")
 TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
@@ -98,7 +98,6 @@ def test_exported_tokenizer_encodes_and_decodes_like_ours(kind, tmp_path):
     (dict(norm="layernorm", pos_encoding="rope", activation="swiglu"), "as LlamaForCausalLM, norm=layernorm (it uses RMSNorm)"),
     (dict(GPT2, n_kv_heads=2), "as GPT2LMHeadModel, n_kv_heads=2 (it has one key/value head per query head)"),
     (dict(LLAMA, attention_window=8, bias=True), "as MistralForCausalLM, bias=True (it has no biases)"),
-    (dict(LLAMA, head="classification", num_classes=3), "head=classification (only language models export)"),
 ])
 def test_what_hugging_face_cannot_express_is_refused_by_name(kw, cause, tmp_path):
     model = Transformer(vocab_size=50, d_model=32, n_heads=4, n_layers=1, block_size=16, **kw)
@@ -106,6 +105,19 @@ def test_what_hugging_face_cannot_express_is_refused_by_name(kw, cause, tmp_path
         export_hf(model, None, tmp_path / "hf")
     assert cause in str(e.value)
     assert not (tmp_path / "hf").exists()                  # refused before anything is written
+
+
+@pytest.mark.parametrize("model, kind", [
+    (Transformer(vocab_size=50, d_model=32, n_heads=4, n_layers=1, head="classification", num_classes=3),
+     "a classification model"),
+    (Transformer(input_dim=2, d_model=32, n_heads=4, n_layers=1, head="forecast", horizon=3), "a forecast model"),
+    (Seq2SeqTransformer(vocab_size=50, d_model=32, n_heads=4, n_layers=1), "an encoder-decoder"),
+])
+def test_only_language_models_go_to_hugging_face_and_gguf(model, kind, tmp_path):
+    for fmt, export in (("hf", export_hf), ("gguf", export_gguf)):
+        with pytest.raises(InteropError, match=f"--format {fmt} holds decoder-only language models and this is {kind}"):
+            export(model, None, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
 
 
 def test_round_trip_ours_hf_ours_is_exact(tmp_path):

@@ -85,7 +85,7 @@ def test_matches_torch_nn_transformer(norm_first, activation, dtype, tol):
 
 # --- decoding through generate.py's loops ------------------------------------------
 
-from generate import Seq2SeqDecoder, beam_search, generate_tokens  # noqa: E402
+from generate import Seq2SeqDecoder, beam_search, beam_search_rows, generate_tokens  # noqa: E402
 
 
 def small(**kw):
@@ -149,6 +149,25 @@ def test_seed_example_runs_with_sampling_and_beams():
     assert (len(model.encoder.blocks), len(model.decoder.blocks)) == (3, 3)
     beams = model.generate(src_tokens, max_new_tokens=6, num_beams=3, eos_id=None)
     assert beams.shape == (1, 6)
+
+
+def test_beams_of_a_padded_batch_equal_each_source_alone():
+    """Every source's beams decode together (B x beams rows): each row's ranked beams, and
+    generate's best, equal beam search over that source alone, unpadded."""
+    model = small()
+    lengths = [9, 4, 6]
+    src = torch.randint(3, V, (3, 9))
+    src_mask = torch.arange(9)[None] < torch.tensor(lengths)[:, None]
+    rows = beam_search_rows(model, torch.ones(3, 1, dtype=torch.long), 8, beam_size=4, num_return_sequences=3,
+                            length_penalty=0.7, eos_id=5, source=(src, src_mask))
+    best = model.generate(src, max_new_tokens=8, src_mask=src_mask, num_beams=4, length_penalty=0.7, eos_id=5)
+    for i, n in enumerate(lengths):
+        alone = beam_search(model, [1], 8, beam_size=4, num_return_sequences=3, length_penalty=0.7, eos_id=5,
+                            source=(src[i:i + 1, :n], None))
+        assert [ids for ids, _ in rows[i]] == [ids for ids, _ in alone]
+        assert [score for _, score in rows[i]] == pytest.approx([score for _, score in alone], abs=1e-5)
+        ids = alone[0][0] + ([5] if len(alone[0][0]) < 8 else [])
+        assert best[i].tolist() == ids + [0] * (best.shape[1] - len(ids))
 
 
 def test_beams_reorder_the_memory_too():
@@ -252,6 +271,17 @@ def test_lora_resume_and_int8_on_the_encoder_decoder(reversal, tmp_path, capsys)
     assert capsys.readouterr().out.strip() == "dcba"
     generate.main(["--checkpoint", str(ckpt), "--prompt", "abcd", "--temperature", "0", "--quantize", "int8"])
     assert capsys.readouterr().out.strip() == "dcba"
+    for extra, message in ((["--eval"], "--eval measures a language model's validation perplexity; this checkpoint "
+                                        "holds an encoder-decoder"),
+                           (["--group_size", "32"], "--group_size is for int4; int8 keeps one scale per output row")):
+        with pytest.raises(SystemExit, match=message):
+            utils.main(["quantize", "--checkpoint", str(ckpt), "--mode", "int8", "--out", str(tmp_path / "x.pt"), *extra])
+    assert not (tmp_path / "x.pt").exists()
+    for mode in ("int8", "int4"):            # a saved quantized model, its head tied to the embedding
+        utils.main(["quantize", "--checkpoint", str(ckpt), "--mode", mode, "--out", str(tmp_path / f"{mode}.pt")])
+        capsys.readouterr()
+        generate.main(["--checkpoint", str(tmp_path / f"{mode}.pt"), "--prompt", "abcd", "--temperature", "0"])
+        assert capsys.readouterr().out.strip() == "dcba"
 
 
 def test_a_weights_only_file_of_the_encoder_decoder_translates(reversal, tmp_path, capsys):
