@@ -832,6 +832,13 @@ def save_cross_attention(model, tokenizer, source: str, target: str, path) -> st
 def translate_main(model, tokenizer, cfg: SampleConfig, generator, *, read=input):
     """generate.py on an encoder-decoder: --prompt (one source), --prompt_file (a batch, one
     source per line) or --interactive (a source per line typed); prints each target."""
+    ignored = [name for name, on in (("num_samples > 1", cfg.num_samples > 1), ("stop", bool(cfg.stop)),
+                                     ("eos=ignore", cfg.eos != "stop"), ("stream", cfg.stream), ("chat", cfg.chat),
+                                     ("num_return_sequences > 1", cfg.num_return_sequences > 1),
+                                     ("draft_checkpoint", cfg.draft_checkpoint)) if on]
+    if ignored:
+        raise ValueError(f"an encoder-decoder prints one target per source, ending at its EOS; it does not take "
+                         f"{', '.join(ignored)}")
     if cfg.interactive:
         print("Interactive translation: a source per line; Ctrl-D or 'quit' exits.")
         for line in filter(None, typed_lines(read)):

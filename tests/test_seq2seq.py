@@ -254,6 +254,9 @@ def test_trains_and_translates_from_the_command_line(reversal, tmp_path, capsys)
     generate.main(["--checkpoint", str(ckpt), "--prompt", "abcd", "--temperature", "0",
                    "--save_attention", str(tmp_path / "cross.png")])
     assert capsys.readouterr().out.strip() == "dcba" and (tmp_path / "cross.png").stat().st_size > 10_000
+    for extra in (["--num_samples", "2"], ["--stop", "a"], ["--stream"], ["--beam_size", "2", "--num_return_sequences", "2"]):
+        with pytest.raises(SystemExit, match="an encoder-decoder prints one target per source"):
+            generate.main(["--checkpoint", str(ckpt), "--prompt", "abcd", *extra])
     answers = iter(["bag", "quit"])
     generate.translate_main(model, tok, generate.SampleConfig(temperature=0.0, interactive=True), None,
                             read=lambda prompt="": next(answers))
