@@ -1016,6 +1016,19 @@ ALIASES = {**{name: f"sample.{name}" for name in SampleConfig.__dataclass_fields
            "quantize": "quantize.mode", "group_size": "quantize.group_size"}
 
 
+def check_lm_mode(cfg: SampleConfig) -> None:
+    """A language model decodes in one mode per run: beam search and speculative decoding
+    refuse the options they would otherwise ignore (prompt_file checks its own)."""
+    modes = (("beam_size > 1", cfg.beam_size > 1, (("stream", cfg.stream), ("num_samples > 1", cfg.num_samples > 1),
+                                                   ("stop", bool(cfg.stop)), ("interactive", cfg.interactive),
+                                                   ("draft_checkpoint", cfg.draft_checkpoint))),
+             ("draft_checkpoint", bool(cfg.draft_checkpoint), (("stream", cfg.stream), ("interactive", cfg.interactive))))
+    for mode, on, others in modes:
+        clash = [name for name, given in others if given]
+        if on and clash and not cfg.prompt_file:
+            raise ValueError(f"{mode} does not combine with {', '.join(clash)}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Sampling options (--prompt, --temperature, ...) are the keys of "
@@ -1044,6 +1057,7 @@ def main(argv=None):
             generator.seed()
         if hasattr(model, "encoder"):         # an encoder-decoder: a translation per source
             return translate_main(model, tokenizer, scfg, generator)
+        check_lm_mode(scfg)
         if scfg.prompt_file:
             return prompt_file_main(model, tokenizer, scfg, generator)
         if scfg.interactive:

@@ -746,6 +746,13 @@ def test_prompt_file_on_the_command_line(trained_run, tmp_path, capsys):
         generate.main([*base, "--prompt_file", str(prompts), "--stream", "--beam_size", "2"])
     with pytest.raises(SystemExit, match=r"batch_size=0 must be >= 1"):
         generate.main([*base, "--prompt_file", str(prompts), "--batch_size", "0"])
+    for extra, message in ((["--beam_size", "2", "--stream"], "beam_size > 1 does not combine with stream"),
+                           (["--beam_size", "2", "--num_samples", "2", "--stop", "x"],
+                            "beam_size > 1 does not combine with num_samples > 1, stop"),
+                           (["--draft_checkpoint", str(ckpt), "--interactive"],
+                            "draft_checkpoint does not combine with interactive")):
+        with pytest.raises(SystemExit, match=message):         # a mode never ignores an option silently
+            generate.main([*base, *extra])
 
 
 # --- the decoder, and compiled decoding ----------------------------------------------------------------
