@@ -770,11 +770,9 @@ def read_prompts(path: str) -> list[str]:
 def prompt_file_main(model, tokenizer, cfg: SampleConfig, generator):
     """generate.py --prompt_file: every prompt (num_samples times) in batched decodes, printed
     in file order."""
-    unsupported = [name for name, on in (("stream", cfg.stream), ("interactive", cfg.interactive),
-                                         ("beam_size > 1", cfg.beam_size > 1),
-                                         ("draft_checkpoint", cfg.draft_checkpoint)) if on]
-    if unsupported:
-        raise ValueError(f"prompt_file decodes a batch; it does not combine with {', '.join(unsupported)}")
+    refuse("prompt_file decodes a batch; it does not combine with",
+           (("stream", cfg.stream), ("interactive", cfg.interactive), ("beam_size > 1", cfg.beam_size > 1),
+            ("draft_checkpoint", cfg.draft_checkpoint)))
     prompts, encoded = read_prompts(cfg.prompt_file), []
     for n, prompt in enumerate(prompts, 1):        # all of them before any output; name the bad one
         try:
@@ -832,13 +830,10 @@ def save_cross_attention(model, tokenizer, source: str, target: str, path) -> st
 def translate_main(model, tokenizer, cfg: SampleConfig, generator, *, read=input):
     """generate.py on an encoder-decoder: --prompt (one source), --prompt_file (a batch, one
     source per line) or --interactive (a source per line typed); prints each target."""
-    ignored = [name for name, on in (("num_samples > 1", cfg.num_samples > 1), ("stop", bool(cfg.stop)),
-                                     ("eos=ignore", cfg.eos != "stop"), ("stream", cfg.stream), ("chat", cfg.chat),
-                                     ("num_return_sequences > 1", cfg.num_return_sequences > 1),
-                                     ("draft_checkpoint", cfg.draft_checkpoint)) if on]
-    if ignored:
-        raise ValueError(f"an encoder-decoder prints one target per source, ending at its EOS; it does not take "
-                         f"{', '.join(ignored)}")
+    refuse("an encoder-decoder prints one target per source, ending at its EOS; it does not take",
+           (("num_samples > 1", cfg.num_samples > 1), ("stop", bool(cfg.stop)), ("eos=ignore", cfg.eos != "stop"),
+            ("stream", cfg.stream), ("chat", cfg.chat), ("num_return_sequences > 1", cfg.num_return_sequences > 1),
+            ("draft_checkpoint", cfg.draft_checkpoint)))
     if cfg.interactive:
         print("Interactive translation: a source per line; Ctrl-D or 'quit' exits.")
         for line in filter(None, typed_lines(read)):
@@ -1016,17 +1011,23 @@ ALIASES = {**{name: f"sample.{name}" for name in SampleConfig.__dataclass_fields
            "quantize": "quantize.mode", "group_size": "quantize.group_size"}
 
 
+def refuse(what: str, options) -> None:
+    """A ValueError "<what> a, b" naming every option of (name, given) pairs that is given:
+    options a decoding mode would otherwise ignore."""
+    given = [name for name, on in options if on]
+    if given:
+        raise ValueError(f"{what} {', '.join(given)}")
+
+
 def check_lm_mode(cfg: SampleConfig) -> None:
-    """A language model decodes in one mode per run: beam search and speculative decoding
-    refuse the options they would otherwise ignore (prompt_file checks its own)."""
-    modes = (("beam_size > 1", cfg.beam_size > 1, (("stream", cfg.stream), ("num_samples > 1", cfg.num_samples > 1),
-                                                   ("stop", bool(cfg.stop)), ("interactive", cfg.interactive),
-                                                   ("draft_checkpoint", cfg.draft_checkpoint))),
-             ("draft_checkpoint", bool(cfg.draft_checkpoint), (("stream", cfg.stream), ("interactive", cfg.interactive))))
-    for mode, on, others in modes:
-        clash = [name for name, given in others if given]
-        if on and clash and not cfg.prompt_file:
-            raise ValueError(f"{mode} does not combine with {', '.join(clash)}")
+    """A language model decodes one prompt in one mode: beam search and speculative decoding
+    refuse the options they would otherwise ignore."""
+    if cfg.beam_size > 1:
+        refuse("beam_size > 1 does not combine with", (("stream", cfg.stream), ("num_samples > 1", cfg.num_samples > 1),
+                                                       ("stop", bool(cfg.stop)), ("interactive", cfg.interactive),
+                                                       ("draft_checkpoint", cfg.draft_checkpoint)))
+    if cfg.draft_checkpoint:
+        refuse("draft_checkpoint does not combine with", (("stream", cfg.stream), ("interactive", cfg.interactive)))
 
 
 def main(argv=None):
@@ -1057,9 +1058,9 @@ def main(argv=None):
             generator.seed()
         if hasattr(model, "encoder"):         # an encoder-decoder: a translation per source
             return translate_main(model, tokenizer, scfg, generator)
-        check_lm_mode(scfg)
         if scfg.prompt_file:
             return prompt_file_main(model, tokenizer, scfg, generator)
+        check_lm_mode(scfg)
         if scfg.interactive:
             return interactive(model, tokenizer, scfg, generator)
         if scfg.draft_checkpoint:

@@ -404,10 +404,17 @@ def _check_float(model: Transformer) -> None:
             raise InteropError(f"'{name}' is not a float tensor (a quantized model): export the float model")
 
 
+def other_than_language_model(model) -> Optional[str]:
+    """None for a decoder-only language model; otherwise what the model is, for an error message
+    ("an encoder-decoder", "a classification model", ...)."""
+    if hasattr(model, "encoder"):
+        return "an encoder-decoder"
+    return None if model.config.head == "lm" and model.config.input_dim is None else f"a {model.config.head} model"
+
+
 def _check_language_model(model, fmt: str) -> None:
     """Only decoder-only language models go to Hugging Face and GGUF files; others are refused by name."""
-    kind = ("an encoder-decoder" if hasattr(model, "encoder") else
-            None if model.config.head == "lm" and model.config.input_dim is None else f"a {model.config.head} model")
+    kind = other_than_language_model(model)
     if kind:
         raise InteropError(f"--format {fmt} holds decoder-only language models and this is {kind}; "
                            f"--format pt or safetensors keeps it whole")

@@ -37,7 +37,7 @@ from model import (GATED, HEAD_FIELDS, QUANT_MODES, Int4Linear, Int8Linear, LoRA
                    merge_lora, quantize_model, use_kernels)
 from data import tokenizer_from_state
 from interop import (DTYPES, GGUF_TYPES, InteropError, atomic_path, check_out, export_gguf, export_hf, hf_weight_files,
-                     input_encoder, read_hf,
+                     input_encoder, other_than_language_model, read_hf,
                      read_safetensors, weights_payload, write_safetensors)
 
 # =============================================================================
@@ -506,9 +506,9 @@ def quantize_main(argv: list[str]) -> None:
         raise CheckpointError(f"'{args.checkpoint}' is already quantized ({ckpt['quantize']['mode']}); "
                               f"quantize the float checkpoint it came from")
     model, tokenizer = model_from_checkpoint(ckpt)
-    if args.eval and (hasattr(model, "encoder") or model.config.head != "lm"):
+    if args.eval and other_than_language_model(model):
         raise ValueError("--eval measures a language model's validation perplexity; this checkpoint holds "
-                         + ("an encoder-decoder" if hasattr(model, "encoder") else f"a {model.config.head} model"))
+                         + other_than_language_model(model))
     linear_fp32 = _bytes(m.weight for m in model.modules() if type(m) is torch.nn.Linear)
     before = val_perplexity(model, tokenizer, ckpt, args.data) if args.eval else None
     # portable int4 layout: evaluation runs big batches, where dequantize-then-matmul beats
