@@ -24,6 +24,7 @@ import yaml
 from model import PRESETS as MODEL_PRESETS, LoRAConfig, QuantConfig, TransformerConfig, closest
 
 TOKENIZER_KINDS = ("char", "byte", "bpe")
+BPE_VOCAB = 4096                     # data.vocab_size's default: tokens a learned BPE ends with
 MISSING = ("error", "interpolate", "ffill", "zero")   # series.fill_missing's policies for missing values
 
 @dataclass
@@ -33,7 +34,7 @@ class DataConfig:
     path: Optional[str] = None     # a text file or a folder of them; None: built-in Shakespeare
     tokenizer: str = "char"        # char | byte | bpe
     bpe: str = "train"             # tokenizer=bpe: train (learn from the corpus) or a tiktoken encoding name
-    vocab_size: int = 4096         # bpe=train: tokens to learn (256 bytes + merges + <|endoftext|>)
+    vocab_size: int = BPE_VOCAB    # bpe=train: tokens to learn (256 bytes + merges + <|endoftext|>)
     val_fraction: float = 0.1      # the last fraction of the tokens is the validation split
     cache_dir: Optional[str] = None  # prepared train.bin/val.bin/meta.json; None: <training.out_dir>/data
     target_tokenizer: Optional[str] = None  # seq2seq: char | byte | bpe for the targets; None: one shared vocabulary
@@ -56,6 +57,12 @@ class DataConfig:
             raise ValueError(f"data.lookback={self.lookback} must be a positive number of steps")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if "bpe" not in (self.tokenizer, self.target_tokenizer) and (self.bpe, self.vocab_size) != ("train", BPE_VOCAB):
+            raise ValueError(f"data.bpe and data.vocab_size are for tokenizer=bpe; data.tokenizer={self.tokenizer} "
+                             f"has no merges to learn or load")
+        if self.bpe != "train" and self.vocab_size != BPE_VOCAB:
+            raise ValueError(f"data.vocab_size is the number of tokens to learn (data.bpe=train); the "
+                             f"{self.bpe} encoding has its own")
         if not 257 <= self.vocab_size <= 2 ** 32:
             raise ValueError(f"data.vocab_size={self.vocab_size} must be at least 257 (256 bytes + "
                              f"<|endoftext|>) and at most 2**32 (uint32 token files)")
@@ -137,6 +144,9 @@ class TrainConfig:
             raise ValueError(f"training.label_smoothing={self.label_smoothing} must be in [0, 1)")
         if not 0.0 <= self.dropout_final < 1.0:
             raise ValueError(f"training.dropout_final={self.dropout_final} must be in [0, 1)")
+        if self.dropout_final and self.dropout_schedule == "constant":
+            raise ValueError("training.dropout_final is where dropout_schedule=linear ends; the constant "
+                             "schedule keeps model.dropout (add --training.dropout_schedule=linear)")
         if self.log_attention and self.distributed == "fsdp":
             raise ValueError("training.log_attention reads one unsharded forward of the model; "
                              "use it with distributed=ddp (or one process)")
@@ -144,6 +154,10 @@ class TrainConfig:
             raise ValueError("training.dropout_schedule=linear changes the dropout every step, and a compiled "
                              "model recompiles for every new value: use it without training.compile")
 
+
+# A run's budget is one of these: a layer of the config that names one replaces the others an
+# earlier layer set, so `--training.max_iters=1` over a preset's max_time trains one step.
+BUDGETS = ("max_iters", "max_time", "epochs")
 
 SECTIONS = {"model": TransformerConfig, "data": DataConfig, "training": TrainConfig,
             "lora": LoRAConfig, "quantize": QuantConfig}
@@ -343,7 +357,8 @@ def load_config(path: Optional[str], argv: list[str] = (), *, sections: dict[str
     """Resolve the run configuration into one dataclass instance per section.
 
     Layers, later wins: dataclass defaults, `base` (e.g. a checkpoint's config), the YAML
-    file, the named preset, then the command-line overrides. Every key is type-checked and
+    file, the named preset, then the command-line overrides; a layer that names a budget
+    (BUDGETS) replaces the budget of the layers before it. Every key is type-checked and
     an unknown key names the closest valid one. other_sections: sections of the file that
     another script reads (train.py skips generate.py's `sample`).
     """
@@ -377,6 +392,9 @@ def load_config(path: Optional[str], argv: list[str] = (), *, sections: dict[str
                 raise ValueError(f"unknown section '{section}' in {source}; {closest(section, sections)}")
             if not isinstance(updates, dict):
                 raise ValueError(f"section '{section}' in {source} must be a mapping")
+            if section == "training" and updates.keys() & set(BUDGETS):
+                for key in set(BUDGETS) - updates.keys():
+                    values[section].pop(key, None)
             _apply(values[section], sections[section], section, updates, source)
     return {name: cls(**values[name]) for name, cls in sections.items()}
 

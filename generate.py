@@ -31,7 +31,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from config import SECTIONS as RUN_SECTIONS, canonical_argv, coerce, config_file, field_types, load_config
+from config import (SECTIONS as RUN_SECTIONS, canonical_argv, coerce, config_file, field_types, load_config,
+                    parse_overrides)
 from model import closest
 from tasks import pad_sequences, predict_all, task_for
 from utils import PRECISION_DTYPES, CheckpointError, load_checkpoint, load_model, pick_device, plot_attention
@@ -67,7 +68,7 @@ class SampleConfig:
     device: str = "auto"
     dtype: str = "fp32"                # fp32 | bf16 | fp16: the weights' dtype while generating
     compile: bool = False              # torch.compile the decode steps (fastpath.py; see LMDecoder)
-    save_attention: Optional[str] = None  # a PNG: every head of the last layer over the last sample's text
+    save_attention: Optional[str] = None  # a PNG: every head of the last layer over the sample (or classified text)
     input: Optional[str] = None        # a model of time series: the series file to forecast or classify
     horizon: Optional[int] = None      # forecast: steps ahead (None: the model's; more rolls the forecast out)
     holdout: int = 0                   # forecast: hide the input's last steps and forecast them, beside the truth
@@ -83,6 +84,9 @@ class SampleConfig:
         if self.beam_size < 1 or not 1 <= self.num_return_sequences <= self.beam_size:
             raise ValueError(f"need beam_size >= 1 and 1 <= num_return_sequences <= beam_size "
                              f"(got {self.beam_size}, {self.num_return_sequences})")
+        if self.horizon is not None and self.horizon < 1 or self.holdout < 0:
+            raise ValueError(f"need horizon >= 1 (or null: the model's own) and holdout >= 0 "
+                             f"(got {self.horizon}, {self.holdout})")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1 (or null: all prompts at once)")
         if self.dtype not in PRECISION_DTYPES:
@@ -701,15 +705,19 @@ def generate_text(model, tokenizer, prompt: str, cfg: SampleConfig, *, generator
 
 @torch.no_grad()
 def save_attention(model, tokenizer, text: str, path) -> str:
-    """Draw every head of the last layer's attention over text (its last block_size tokens)
-    into the PNG path; returns the path.
+    """Draw every head of the last layer's attention over text into the PNG path; returns the
+    path. A language model reads the text's last block_size tokens, a classifier or regressor
+    its first (as it was trained), with [CLS] in front under pooling=cls.
 
         >>> save_attention(model, tokenizer, "ROMEO: But soft!", "attn.png")   # doctest: +SKIP
         'attn.png'
     """
-    ids = encode_prompt(tokenizer, text)[-model.config.block_size:]
+    cls = model.config.pooling == "cls"
+    n = model.config.block_size - cls
+    ids = encode_prompt(tokenizer, text)
+    ids = ids[:n] if model.config.head != "lm" else ids[-n:]
     weights = model.get_attention_weights(torch.tensor([ids], device=next(model.parameters()).device))
-    tokens = [tokenizer.decode([i]) for i in ids]
+    tokens = ["[CLS]"] * cls + [tokenizer.decode([i]) for i in ids]
     plot_attention(weights, layer=-1, head=None, tokens=tokens, path=path,
                    title=f"attention of the last layer over {len(ids)} tokens")
     return str(path)
@@ -907,6 +915,8 @@ def predict_main(model, tokenizer, task: dict, cfg: SampleConfig, *, read=input)
         texts = read_prompts(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
         outputs = predict_texts(model, tokenizer, texts, labels=labels, batch_size=cfg.batch_size or 32)
         print("\n".join(prediction_table(outputs, labels)))
+        if cfg.save_attention:
+            print(f"attention: {save_attention(model, tokenizer, texts[0], cfg.save_attention)}", file=sys.stderr)
         return
     print(f"Interactive {model.config.head} ({tokenizer.kind} tokenizer): a text per line. Ctrl-D or 'quit' exits.")
     for text in typed_lines(read):
@@ -1019,6 +1029,33 @@ def refuse(what: str, options) -> None:
         raise ValueError(f"{what} {', '.join(given)}")
 
 
+# The sample options of a model that predicts (labels, values or forecasts) rather than writes
+PREDICTING = ("checkpoint", "lora", "device", "dtype", "batch_size")
+TEXT_PREDICTING = (*PREDICTING, "prompt", "prompt_file", "interactive", "save_attention")
+SERIES_PREDICTING = (*PREDICTING, "input", "horizon", "holdout", "plot")
+
+
+def check_prediction_options(model, given) -> None:
+    """A classifier, regressor or forecaster refuses the command-line sample options it would
+    ignore (sampling, beams, lengths), naming them."""
+    series = model.config.input_dim is not None
+    used = SERIES_PREDICTING if series else TEXT_PREDICTING
+    prints = {"classification": "labels and probabilities", "forecast": "a forecast"}.get(model.config.head, "values")
+    refuse(f"a {model.config.head} model{' of time series' * series} prints {prints}; it does not use",
+           ((f"--{k}", k not in used) for k in given))
+
+
+def check_mode_options(cfg: SampleConfig) -> None:
+    """An option of a decoding mode that this command does not run is an error."""
+    refuse("options for a mode this command does not run:", (
+        ("--length_penalty (needs --beam_size > 1)", cfg.length_penalty != SampleConfig.length_penalty
+         and cfg.beam_size == 1),
+        ("--speculative_k (needs --draft_checkpoint)", cfg.speculative_k != SampleConfig.speculative_k
+         and not cfg.draft_checkpoint),
+        ("--chat (needs --interactive)", cfg.chat and not cfg.interactive),
+        ("--batch_size (needs --prompt_file)", cfg.batch_size is not None and not cfg.prompt_file)))
+
+
 def check_lm_mode(cfg: SampleConfig) -> None:
     """A language model decodes one prompt in one mode: beam search and speculative decoding
     refuse the options they would otherwise ignore."""
@@ -1047,6 +1084,8 @@ def main(argv=None):
         series_options = [f"--{k}" for k in ("input", "horizon", "holdout", "plot") if getattr(scfg, k)]
         if model.config.input_dim is None and series_options:
             raise ValueError(f"{', '.join(series_options)}: for a model of time series; {path} holds a model of text")
+        if model.config.head != "lm":
+            check_prediction_options(model, parse_overrides(rest, sections=SECTIONS, aliases=ALIASES).get("sample", {}))
         if model.config.input_dim is not None:   # time series: forecasts, labels or values
             return series_main(model, tokenizer, load_checkpoint(scfg.lora or path), scfg)
         if model.config.head != "lm":        # a classifier or regressor: outputs, not text
@@ -1056,6 +1095,7 @@ def main(argv=None):
             generator.manual_seed(scfg.seed)
         else:
             generator.seed()
+        check_mode_options(scfg)
         if hasattr(model, "encoder"):         # an encoder-decoder: a translation per source
             return translate_main(model, tokenizer, scfg, generator)
         if scfg.prompt_file:

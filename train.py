@@ -45,7 +45,7 @@ import torch.distributed as dist
 import yaml
 
 from config import (ALIASES, PRESETS, SECTIONS, TrainConfig, canonical_argv, config_file, config_to_dict,
-                    load_config)
+                    load_config, parse_overrides)
 from data import (Document, EncodedPairs, EncodedTexts, PairTokenizer, TokenDataset, build_tokenizer,
                   prepared_dataset, read_labelled, split_rows, tokenizer_from_state)
 from model import (HEAD_FIELDS, Int4Linear, Int8Linear, Seq2SeqTransformer, Transformer, TransformerConfig,
@@ -456,6 +456,11 @@ class TransformerTrainer:
         if cfg.compile and self.fwd is self.wrapped:
             self.fwd = compile_model(self.wrapped, lambda fwd: self._trial(fwd, stream))
         spent = lambda: self.elapsed / cfg.max_time if cfg.max_time else self.step / total_steps  # noqa: E731
+        if self._resume is not None and spent() >= 1.0:
+            budget = f"max_time={cfg.max_time:g} s" if cfg.max_time else (
+                f"epochs={epochs:g}" if epochs else f"max_iters={cfg.max_iters}")
+            raise ValueError(f"nothing to train: the resumed run is at step {self.step} and its budget "
+                             f"(training.{budget}) is spent; raise it to go on")
         last_eval, stop, losses = -1, False, list((self._resume or {}).get("losses", []))
         with Record(self, resumed=self._resume is not None, total=cfg.max_time or total_steps) as record, \
                 SignalStop() as signals:
@@ -809,6 +814,21 @@ def base_checkpoint(cfg: dict, resume_from: Optional[dict]) -> tuple[Optional[di
     return base, base_reference(init)
 
 
+def check_fine_tune_options(cfg: dict, overrides: dict, base: dict):
+    """A fine-tune keeps its base's architecture and tokenizer (the head and dropout are the
+    run's own): an option the user gave that would change them is an error, not dropped."""
+    stored = TransformerConfig.from_dict(base["model_config"]).to_dict()
+    changed = [f"model.{k}" for k in overrides.get("model", {})
+               if k not in (*HEAD_FIELDS, "dropout", "vocab_size") and getattr(cfg["model"], k) != stored[k]]
+    tokenizer = base.get("tokenizer") or {}
+    kind = tokenizer.get("source", tokenizer).get("kind")      # a seq2seq pair: its source side
+    changed += [f"data.{k}" for k in overrides.get("data", {}) if k in ("bpe", "vocab_size", "target_tokenizer")
+                or k == "tokenizer" and kind and cfg["data"].tokenizer != kind]
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: a fine-tune keeps the architecture and tokenizer of "
+                         f"training.init_from={cfg['training'].init_from}")
+
+
 def build_model(cfg: dict, tokenizer, device: str, base: Optional[dict]) -> Transformer:
     """The model to train: fresh, or the base's weights (quantized, with LoRA adapters
     trained on top, when asked) under this run's head."""
@@ -851,6 +871,7 @@ def labelled_data(cfg: dict, tokenizer, known_task: Optional[dict]):
     if tokenizer is None:   # from every text, so that no validation character is unknown
         tokenizer = build_tokenizer(dcfg, [Document("texts", 0, text="\n".join(t for t, _ in rows))])
     if tcfg.task == "classification":
+        check_two_columns(rows, dcfg.path, "classification rows are text<TAB>label")
         labels = label_names([target[0] for _, target in rows], None, known_task, where=dcfg.path)
         task, head = ClassificationTask(len(labels), labels=labels), dict(num_classes=len(labels))
         rows = [(text, labels.index(target[0])) for text, target in rows]
@@ -869,6 +890,11 @@ def labelled_data(cfg: dict, tokenizer, known_task: Optional[dict]):
     return train, val, task, tokenizer, dict(head=tcfg.task, **head)
 
 
+def check_two_columns(rows: list, path, what: str):
+    if len(rows[0][1]) != 1:
+        raise ValueError(f"{path}: {what}, two columns; these have {len(rows[0][1]) + 1}")
+
+
 def pair_data(cfg: dict, tokenizer, known_task: Optional[dict]):
     """(train dataset, val dataset, task, tokenizer, model fields) of a seq2seq run: the
     source<TAB>target rows of data.path, a seeded data.val_fraction of them held out. One
@@ -878,8 +904,7 @@ def pair_data(cfg: dict, tokenizer, known_task: Optional[dict]):
     if dcfg.path is None:
         raise ValueError("training.task=seq2seq reads data.path: a file of source<TAB>target lines")
     rows = read_labelled(dcfg.path)
-    if len(rows[0][1]) != 1:
-        raise ValueError(f"{dcfg.path}: seq2seq rows are source<TAB>target, two columns; these have {len(rows[0][1]) + 1}")
+    check_two_columns(rows, dcfg.path, "seq2seq rows are source<TAB>target")
     rows = [(source, target[0]) for source, target in rows]
     if tokenizer is None:
         def side(kind, texts):
@@ -999,9 +1024,27 @@ def check_run_kind(cfg: dict, base: Optional[dict], *, series: bool):
         raise ValueError(f"{tcfg.init_from} holds a model of {held}; this run reads {read}")
     unused = [name for name, on in (("data.columns", d.columns), ("data.target", d.target),
                                     ("data.lookback", d.lookback), ("data.val_path", d.val_path),
-                                    ("data.missing", d.missing != "error"), ("model.horizon", m.horizon)) if on]
+                                    ("data.missing", d.missing != "error"), ("model.horizon", m.horizon),
+                                    ("model.patch_len", m.patch_len != 1), ("model.revin", m.revin),
+                                    ("model.channel_independent", m.channel_independent)) if on]
     if unused and not series:
         raise ValueError(f"{', '.join(unused)}: for runs on time series; data.path is read as text here")
+    if series and (d.tokenizer != "char" or d.target_tokenizer):
+        raise ValueError("data.tokenizer: a run on time series reads numbers, not tokens")
+
+
+def check_task_options(cfg: dict):
+    """An option that only other tasks read is an error, never silently ignored."""
+    d, m, task = cfg["data"], cfg["model"], cfg["training"].task
+    pooled = ("classification", "regression", "forecast")
+    readers = (("model.pooling", m.pooling != "last", pooled), ("model.causal=false", not m.causal, pooled),
+               ("model.n_encoder_layers", m.n_encoder_layers is not None, ("seq2seq",)),
+               ("model.n_decoder_layers", m.n_decoder_layers is not None, ("seq2seq",)),
+               ("data.target_tokenizer", d.target_tokenizer is not None, ("seq2seq",)),
+               ("data.truncate", d.truncate, ("seq2seq",)), ("data.cache_dir", d.cache_dir is not None, ("lm",)))
+    unused = [name for name, given, tasks in readers if given and task not in tasks]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not read by training.task={task}")
 
 
 def label_names(targets: list, classes: Optional[list[str]], known_task: Optional[dict], *, where) -> list[str]:
@@ -1060,25 +1103,26 @@ def open_record(out_dir: Path, cfg: dict, *, resumed: bool) -> JsonlLogger:
     return JsonlLogger(out_dir / "log.jsonl", tensorboard_dir=tensorboard)
 
 
-def train(cfg: dict, *, resume_from: Optional[dict] = None) -> dict:
-    """Train a language model with a resolved config ({'model', 'data', 'training', 'lora',
-    'quantize'} dataclasses), in this process or, launched by torchrun, as one rank of a DDP
-    or FSDP job.
+def train(cfg: dict, *, resume_from: Optional[dict] = None, overrides: Optional[dict] = None) -> dict:
+    """Train a model with a resolved config ({'model', 'data', 'training', 'lora', 'quantize'}
+    dataclasses), in this process or, launched by torchrun, as one rank of a DDP or FSDP job.
 
-    resume_from: a loaded last.pt checkpoint to continue from. Returns a summary dict
+    resume_from: a loaded last.pt checkpoint to continue from. overrides: the options the user
+    gave ({section: {key: value}}); a fine-tune refuses those that would change its base's
+    architecture or tokenizer, which it keeps. Returns a summary dict
     (steps, best and final validation loss, whether it stopped early, the output folder).
     """
     device = init_distributed(cfg["training"].device)
     out_dir = cfg["training"].out_dir
     try:     # the lock first: data preparation writes in out_dir too
         with RunLock(out_dir) if out_dir and rank_and_world()[0] == 0 else contextlib.nullcontext():
-            return _train(cfg, device, resume_from)
+            return _train(cfg, device, resume_from, overrides or {})
     finally:
         if rank_and_world()[1] > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
+def _train(cfg: dict, device: str, resume_from: Optional[dict], overrides: dict) -> dict:
     tcfg: TrainConfig = cfg["training"]
     torch.manual_seed(tcfg.seed)
     np.random.seed(tcfg.seed)
@@ -1089,6 +1133,7 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
                          f"sets the head (--task {cfg['model'].head})")
     base, base_ref = base_checkpoint(cfg, resume_from)
     if base:   # a fine-tune keeps the base's architecture and tokenizer, under this run's head
+        check_fine_tune_options(cfg, overrides, base)
         head = {k: getattr(cfg["model"], k) for k in HEAD_FIELDS}
         cfg = {**cfg, "model": TransformerConfig.from_dict({**base["model_config"], **head,
                                                             "dropout": cfg["model"].dropout})}
@@ -1100,6 +1145,7 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict]) -> dict:
     val, scaler = None, None
     series = series_run(cfg)
     check_run_kind(cfg, base, series=series)
+    check_task_options(cfg)
     if series:
         data, val, task, scaler, fields = series_data(cfg, known, resumed=resume_from is not None)
         cfg, model = {**cfg, "model": dataclasses.replace(cfg["model"], **fields)}, None
@@ -1143,8 +1189,9 @@ def draw_plot(out_dir: Path):
 # -----------------------------------------------------------------------------
 
 
-def resolve(argv: list[str]) -> tuple[dict, Optional[dict]]:
-    """The run config and, with --resume, the checkpoint to resume from."""
+def resolve(argv: list[str]) -> tuple[dict, Optional[dict], dict]:
+    """The run config; with --resume, the checkpoint to resume from; otherwise the command
+    line's options ({section: {key: value}}), which a fine-tune checks against its base."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Any key of config.yaml: --section.key=value (e.g. "
                                             "--model.n_layers=4 --training.max_iters=200 --data.tokenizer=byte)")
@@ -1155,7 +1202,7 @@ def resolve(argv: list[str]) -> tuple[dict, Optional[dict]]:
     cfg = load_config(config_file(args.config), rest, sections=SECTIONS, presets=PRESETS, preset=args.preset,
                       aliases=ALIASES, other_sections=("sample",))
     if not args.resume:
-        return cfg, None
+        return cfg, None, parse_overrides(rest, sections=SECTIONS, aliases=ALIASES)
     last = Path(cfg["training"].out_dir) / "last.pt"
     ckpt = load_checkpoint(last)
     # resume with the checkpoint's own configuration; only the command line changes it
@@ -1165,16 +1212,16 @@ def resolve(argv: list[str]) -> tuple[dict, Optional[dict]]:
         if key != "vocab_size" and stored[key] != value:
             raise ValueError(f"cannot change model.{key} when resuming "
                              f"({stored[key]!r} in {last}, {value!r} requested)")
-    return resumed, ckpt
+    return resumed, ckpt, {}
 
 
 def main(argv=None):
     tune_cpu_allocator()
     try:
-        cfg, ckpt = resolve(sys.argv[1:] if argv is None else argv)
+        cfg, ckpt, overrides = resolve(sys.argv[1:] if argv is None else argv)
         if ckpt and os.environ.get("RANK", "0") == "0":         # under torchrun, rank 0 speaks
             print(f"resuming from step {ckpt['step']} of {Path(cfg['training'].out_dir) / 'last.pt'}")
-        train(cfg, resume_from=ckpt)
+        train(cfg, resume_from=ckpt, overrides=overrides)
     except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except Interrupted as e:

@@ -487,7 +487,7 @@ def val_perplexity(model, tokenizer, ckpt: dict, data_path: Optional[str] = None
 
 def quantize_main(argv: list[str]) -> None:
     """python utils.py quantize --checkpoint out/best.pt --mode int8|int4 [--group_size 64]
-    [--out q.pt] [--eval]: write a weight-only quantized checkpoint."""
+    [--out q.pt] [--eval] [--force]: write a weight-only quantized checkpoint."""
     p = argparse.ArgumentParser(prog="utils.py quantize", description=quantize_main.__doc__)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--mode", required=True, choices=QUANT_MODES)
@@ -495,12 +495,15 @@ def quantize_main(argv: list[str]) -> None:
     p.add_argument("--out", help="default: <checkpoint>-<mode>.pt beside it")
     p.add_argument("--eval", action="store_true", help="validation perplexity before and after")
     p.add_argument("--data", help="--eval on this text instead of the checkpoint's training data")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     args = p.parse_args(argv)
     if args.group_size is not None and args.mode != "int4":
         raise ValueError(f"--group_size is for int4; {args.mode} keeps one scale per output row")
     if args.data and not args.eval:
         raise ValueError("--data is the text --eval measures; add --eval")
     qcfg = QuantConfig(args.mode, args.group_size or QuantConfig.group_size)
+    src = Path(str(args.checkpoint).removeprefix("hf:"))
+    out = check_out(args.out or src.with_name(f"{src.stem}-{args.mode}.pt"), force=args.force, directory=False)
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.get("quantize"):         # its layers are quantized already: nothing to measure or redo
         raise CheckpointError(f"'{args.checkpoint}' is already quantized ({ckpt['quantize']['mode']}); "
@@ -516,8 +519,6 @@ def quantize_main(argv: list[str]) -> None:
     quantize_model(model, qcfg, kernels=False)
     linear_q = sum(_bytes(b for n, b in m.state_dict().items() if n != "bias")
                    for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
-    src = Path(str(args.checkpoint).removeprefix("hf:"))
-    out = Path(args.out or src.with_name(f"{src.stem}-{args.mode}.pt"))
     save_checkpoint(out, _plain_payload(model, tokenizer, ckpt, quantize=qcfg.stored()))
     print(f"{out}: {out.stat().st_size / 1e6:.2f} MB (from {checkpoint_bytes(args.checkpoint) / 1e6:.2f} MB); linear "
           f"weights {linear_fp32 / 1e6:.2f} -> {linear_q / 1e6:.2f} MB ({linear_fp32 / linear_q:.1f}x smaller)")
@@ -528,13 +529,15 @@ def quantize_main(argv: list[str]) -> None:
 
 
 def merge_lora_main(argv: list[str]) -> None:
-    """python utils.py merge-lora --lora adapter.pt [--checkpoint base.pt] --out merged.pt:
+    """python utils.py merge-lora --lora adapter.pt [--checkpoint base.pt] --out merged.pt [--force]:
     fold a LoRA adapter into its base and write a plain float checkpoint."""
     p = argparse.ArgumentParser(prog="utils.py merge-lora", description=merge_lora_main.__doc__)
     p.add_argument("--lora", required=True, help="the adapter checkpoint")
     p.add_argument("--checkpoint", help="its base (default: the base the adapter refers to)")
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     args = p.parse_args(argv)
+    check_out(args.out, force=args.force, directory=False)
     adapter = load_checkpoint(args.lora)
     if "lora" not in adapter:
         raise CheckpointError(f"'{args.lora}' is not a LoRA adapter (it holds a full model)")

@@ -211,6 +211,15 @@ def test_run_preset_sets_model_and_training_and_cli_wins():
     assert cfg["model"].d_model == preset["model"]["d_model"]
 
 
+def test_a_budget_on_the_command_line_replaces_the_presets():
+    cfg = cfg_of("--training.max_iters=1", presets=train.PRESETS, preset="cpu-fast")
+    assert (cfg["training"].max_iters, cfg["training"].max_time, cfg["training"].epochs) == (1, None, None)
+    cfg = cfg_of("--training.epochs=2", presets=train.PRESETS, preset="cpu-fast")
+    assert (cfg["training"].max_time, cfg["training"].epochs) == (None, 2.0)
+    cfg = cfg_of("--training.learning_rate=1e-3", presets=train.PRESETS, preset="cpu-fast")
+    assert cfg["training"].max_time == train.PRESETS["cpu-fast"]["training"]["max_time"]   # no budget given
+
+
 def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown preset 'tinyy'; did you mean 'tiny'\?") as err:
         cfg_of(presets=train.PRESETS, preset="tinyy")
@@ -231,7 +240,7 @@ def test_aliases():
 
 def test_train_resolve_uses_the_command_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                           # no config.yaml here: defaults
-    cfg, ckpt = train.resolve(["--preset", "tiny", "--data", "x.txt", "--model.n_layers=1"])
+    cfg, ckpt, _ = train.resolve(["--preset", "tiny", "--data", "x.txt", "--model.n_layers=1"])
     assert ckpt is None and cfg["data"].path == "x.txt"
     assert cfg["model"].n_layers == 1 and cfg["model"].d_model == train.PRESETS["tiny"]["model"]["d_model"]
 
@@ -337,6 +346,7 @@ def test_whitespace_prompt_is_a_valid_str_value(tmp_path, prompt):
     (dict(learning_rate=0.0), r"need learning_rate > 0"),
     (dict(min_lr_ratio=1.5), r"0 <= min_lr_ratio <= 1"),
     (dict(warmup_iters=-1), r"warmup_iters >= 0"),
+    (dict(dropout_final=0.1), r"training\.dropout_final is where dropout_schedule=linear ends"),
 ])
 def test_train_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -358,6 +368,8 @@ def test_train_config_validation_through_the_command_line():
     (dict(top_k=-1), r"top_k=-1 must be >= 0"),
     (dict(max_new_tokens=-1), r"max_new_tokens=-1 must be >= 0"),
     (dict(num_samples=0), r"num_samples=0 must be >= 1"),
+    (dict(horizon=0), r"need horizon >= 1 \(or null: the model's own\) and holdout >= 0 \(got 0, 0\)"),
+    (dict(holdout=-2), r"holdout >= 0 \(got None, -2\)"),
 ])
 def test_sample_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

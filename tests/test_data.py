@@ -356,6 +356,9 @@ def test_load_dataset_builds_or_reuses_the_tokenizer(tmp_path):
     (dict(tokenizer="bytes"), r"data.tokenizer='bytes'; did you mean 'byte'"),
     (dict(val_fraction=0.0), r"val_fraction=0.0 must be in \(0, 1\)"),
     (dict(val_fraction=1.0), r"val_fraction=1.0 must be in \(0, 1\)"),
+    (dict(vocab_size=300), r"data.bpe and data.vocab_size are for tokenizer=bpe; data.tokenizer=char has no merges"),
+    (dict(tokenizer="byte", bpe="gpt2"), r"data.bpe and data.vocab_size are for tokenizer=bpe"),
+    (dict(tokenizer="bpe", bpe="mini_test", vocab_size=300), r"data.vocab_size is the number of tokens to learn"),
 ])
 def test_data_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -750,7 +750,11 @@ def test_prompt_file_on_the_command_line(trained_run, tmp_path, capsys):
                            (["--beam_size", "2", "--num_samples", "2", "--stop", "x"],
                             "beam_size > 1 does not combine with num_samples > 1, stop"),
                            (["--draft_checkpoint", str(ckpt), "--interactive"],
-                            "draft_checkpoint does not combine with interactive")):
+                            "draft_checkpoint does not combine with interactive"),
+                           (["--length_penalty", "0.5", "--speculative_k", "2", "--chat", "--batch_size", "4"],
+                            r"options for a mode this command does not run: --length_penalty \(needs --beam_size > 1\), "
+                            r"--speculative_k \(needs --draft_checkpoint\), --chat \(needs --interactive\), "
+                            r"--batch_size \(needs --prompt_file\)$")):
         with pytest.raises(SystemExit, match=message):         # a mode never ignores an option silently
             generate.main([*base, *extra])
 

@@ -333,7 +333,7 @@ def test_seed_option_names_are_aliases_that_print_the_canonical_name_once(capsys
                            "--use_rotary_embeddings", "--gradient_checkpointing",
                            "--gradient_accumulation_steps", "2", "--batch_size", "8", "--max_seq_len", "64"],
                           log=notes.append)
-    cfg, _ = train_mod.resolve(argv)
+    cfg, _, _ = train_mod.resolve(argv)
     assert (cfg["model"].d_model, cfg["model"].block_size, cfg["model"].pos_encoding) == (256, 64, "rope")
     t = cfg["training"]
     assert (t.batch_size, t.epochs, t.grad_accum_steps, t.gradient_checkpointing) == (8, 10, 2, True)

@@ -135,7 +135,8 @@ def test_a_folder_of_only_bad_files_is_an_error(tmp_path):
 def test_prepare_writes_documents_separated_by_end_of_text(tmp_path, tokenizer, separator):
     root = make_corpus(tmp_path / "corpus")
     log = Log()
-    meta = prepare(DataConfig(path=str(root), tokenizer=tokenizer, vocab_size=300), tmp_path / "prep",
+    vocab = dict(vocab_size=300) if tokenizer == "bpe" else {}
+    meta = prepare(DataConfig(path=str(root), tokenizer=tokenizer, **vocab), tmp_path / "prep",
                    progress=False, log=log)
     assert {p.name for p in (tmp_path / "prep").iterdir()} == {"train.bin", "val.bin", "meta.json"}
     assert json.loads((tmp_path / "prep" / "meta.json").read_text()) == meta
@@ -165,7 +166,6 @@ def test_prepared_files_are_reused_and_rebuilt_as_promised(tmp_path, text_file):
     assert run() == (f"reusing the prepared data in {where} ({int(len(TEXT)) - int(len(TEXT) * 0.1):,} train + "
                      f"{int(len(TEXT) * 0.1):,} val tokens, char tokenizer): same inputs and settings")
     assert (where / "train.bin").stat().st_mtime_ns == before                        # untouched
-    assert run(DataConfig(path=str(text_file), vocab_size=999)).startswith("reusing")  # not a char setting
     assert run(DataConfig(path=str(text_file), tokenizer="byte")).endswith(
         "the settings changed: data.tokenizer 'char' -> 'byte'")
     assert run(DataConfig(path=str(text_file), tokenizer="bpe", vocab_size=300)).endswith(
@@ -216,7 +216,8 @@ def test_a_checkpoint_tokenizer_that_misses_characters_is_a_clear_error(tmp_path
 
 @pytest.mark.parametrize("tokenizer", ["char", "byte", "bpe"])
 def test_memmap_batches_equal_the_in_memory_batches(tmp_path, tokenizer):
-    cfg = DataConfig(path=str(make_corpus(tmp_path / "corpus")), tokenizer=tokenizer, vocab_size=300)
+    cfg = DataConfig(path=str(make_corpus(tmp_path / "corpus")), tokenizer=tokenizer,
+                     **(dict(vocab_size=300) if tokenizer == "bpe" else {}))
     memory = load_dataset(cfg, block_size=8, log=Log())
     disk = prepared_dataset(cfg, out_dir=tmp_path / "out", block_size=8, progress=False, log=Log())
     assert (tmp_path / "out" / "data" / "train.bin").exists()            # the default place
@@ -314,7 +315,7 @@ def test_train_and_generate_with_a_learned_bpe(tmp_path, text_file, capsys):
     text = capsys.readouterr().out
     assert text.startswith("the quick") and len(text) > len("the quick") + 10
     # resuming reads the same prepared files, tokenized with the checkpoint's tokenizer
-    resumed, last = train_mod.resolve(["--resume", f"--training.out_dir={tmp_path / 'out'}",
+    resumed, last, _ = train_mod.resolve(["--resume", f"--training.out_dir={tmp_path / 'out'}",
                                        "--training.max_iters=40"])
     train_mod.train(resumed, resume_from=last)
     assert "reusing the prepared data" in capsys.readouterr().out

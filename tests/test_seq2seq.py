@@ -285,6 +285,13 @@ def test_lora_resume_and_int8_on_the_encoder_decoder(reversal, tmp_path, capsys)
         capsys.readouterr()
         generate.main(["--checkpoint", str(tmp_path / f"{mode}.pt"), "--prompt", "abcd", "--temperature", "0"])
         assert capsys.readouterr().out.strip() == "dcba"
+    with pytest.raises(SystemExit, match="int4.pt' exists; choose another --out or add --force"):
+        utils.main(["quantize", "--checkpoint", str(ckpt), "--mode", "int8", "--out", str(tmp_path / "int4.pt")])
+    utils.main(["quantize", "--checkpoint", str(ckpt), "--mode", "int8", "--out", str(tmp_path / "int4.pt"), "--force"])
+    assert utils.load_checkpoint(tmp_path / "int4.pt")["quantize"]["mode"] == "int8"
+    capsys.readouterr()
+    generate.main(["--checkpoint", str(ckpt), "--prompt", "abcd", "--beam_size", "2", "--dtype", "bf16"])
+    assert capsys.readouterr().out.strip() == "dcba"
 
 
 def test_a_weights_only_file_of_the_encoder_decoder_translates(reversal, tmp_path, capsys):

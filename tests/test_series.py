@@ -223,6 +223,10 @@ def test_forecast_command_line_end_to_end(tmp_path):
     for args, message in [(["--input", "two.npy"], "2 channels per step; the model was trained on input_dim=1"),
                           (["--input", "short.csv"], "10 steps; the model forecasts from the last lookback=24"),
                           (["--input", "empty.csv"], "holds no data rows"),
+                          (["--input", "s.csv", "--horizon", "0"], "need horizon >= 1"),
+                          (["--input", "s.csv", "--temperature", "0.5", "--save_attention", "a.png"],
+                           "a forecast model of time series prints a forecast; it does not use --temperature, "
+                           "--save_attention"),
                           ([], "--input FILE")]:
         r = run("generate.py", "--checkpoint", ckpt, *args, cwd=tmp_path)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

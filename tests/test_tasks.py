@@ -303,8 +303,13 @@ def test_generate_py_prints_labels_and_probabilities(classifier_run, tmp_path):
     model, tok = load_model(root / "out" / "best.pt")
     probs = torch.softmax(model(torch.tensor([tok.encode(texts[1])])), -1)[0]
     assert [float(v) for v in rows[1][1:]] == pytest.approx(probs.tolist(), abs=1e-4)
-    one = cli(generate, "--checkpoint", root / "out" / "best.pt", "--prompt", texts[1]).splitlines()
-    assert one == [printed[0], printed[2]]
+    one = cli(generate, "--checkpoint", root / "out" / "best.pt", "--prompt", texts[1],
+              "--save_attention", tmp_path / "attention.png").splitlines()
+    assert one == [printed[0], printed[2]] and (tmp_path / "attention.png").stat().st_size > 10_000
+    refused = cli(generate, "--checkpoint", root / "out" / "best.pt", "--prompt", "x", "--temperature", "0.5",
+                  "--max_new_tokens", "5")
+    assert refused == ("error: a classification model prints labels and probabilities; it does not use "
+                       "--temperature, --max_new_tokens")
 
 
 def test_an_lm_checkpoint_fine_tunes_as_a_classifier_with_lora(classifier_run, tmp_path):
@@ -314,8 +319,15 @@ def test_an_lm_checkpoint_fine_tunes_as_a_classifier_with_lora(classifier_run, t
     lm_dir, clf_dir = tmp_path / "lm", tmp_path / "clf"
     text = tmp_path / "text.txt"
     text.write_text(" ".join(l.split("\t")[0] for l in data.read_text().splitlines()[1:]) * 3)
-    cli(train_mod, "--data", text, "--training.max_iters=20", f"--training.out_dir={lm_dir}", *TASK_CLI)
+    lm_cli = [a for a in TASK_CLI if "pooling" not in a]
+    assert cli(train_mod, "--data", text, "--training.max_iters=1", *TASK_CLI) == (
+        "error: model.pooling: not read by training.task=lm")
+    cli(train_mod, "--data", text, "--training.max_iters=20", f"--training.out_dir={lm_dir}", *lm_cli)
     lm = load_checkpoint(lm_dir / "best.pt")
+    assert cli(train_mod, "--task", "classification", "--data", data, "--init_from", lm_dir / "best.pt",
+               *TASK_CLI, "--model.n_layers=2", "--data.tokenizer=byte") == (
+        f"error: model.n_layers, data.tokenizer: a fine-tune keeps the architecture and tokenizer of "
+        f"training.init_from={lm_dir / 'best.pt'}")
     printed = cli(train_mod, "--task", "classification", "--data", data, "--init_from", lm_dir / "best.pt",
                   "--lora.r=4", "--epochs", 6, f"--training.out_dir={clf_dir}", *TASK_CLI)
     adapter = load_checkpoint(clf_dir / "best.pt")
@@ -344,6 +356,9 @@ def test_train_py_trains_a_regressor_and_generate_py_prints_its_values(tmp_path)
     (None, ["--data.path=null"], "training.task=classification reads data.path"),
     (["a b\tx", "c\ty\tz"], [], r"line 2: 3 tab-separated columns where 2 are expected"),
     (["a b\tx", "\ty"], [], "line 2: the text is empty"),
+    (["a b\tx\ty", "c\ty\tz"], [], r"classification rows are text<TAB>label, two columns; these have 3"),
+    (["a b\tx", "c d\ty"], ["--data.truncate=true", "--model.n_encoder_layers=2"],
+     r"error: model.n_encoder_layers, data.truncate: not read by training.task=classification$"),
     (["a b\tx", "c d\tx"], [], r"one label \('x'\); classification needs at least 2"),
     (["a b\t1.5", "c d\tmany"], ["--task", "regression"], r"row 2: regression targets are numbers, got \['many'\]"),
     (["a b\tx", "c d\ty"], ["--model.head=regression"], "model.head=regression contradicts training.task"),

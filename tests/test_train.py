@@ -256,7 +256,7 @@ def test_resume_with_a_larger_max_iters_via_resolve(run_config, tmp_path, monkey
     out_b = tmp_path / "b"
     train_mod.train(run_config(*args, "--training.max_iters=10", out_dir=out_b))
     monkeypatch.chdir(tmp_path)
-    cfg, ckpt = train_mod.resolve(["--resume", f"--training.out_dir={out_b}", "--training.max_iters=20"])
+    cfg, ckpt, _ = train_mod.resolve(["--resume", f"--training.out_dir={out_b}", "--training.max_iters=20"])
     assert ckpt["step"] == 10 and cfg["training"].max_iters == 20
     assert cfg["model"].to_dict() == ckpt["model_config"]     # the checkpoint's own configuration
     assert cfg["data"].path == run_config()["data"].path
@@ -272,7 +272,7 @@ def test_resume_cannot_change_the_model(trained_run, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"cannot change model\.n_layers when resuming \(2 in .*last\.pt, "
                                          r"3 requested\)"):
         train_mod.resolve(["--resume", f"--training.out_dir={out}", "--model.n_layers=3"])
-    cfg, ckpt = train_mod.resolve(["--resume", f"--training.out_dir={out}", "--model.n_layers=2",
+    cfg, ckpt, _ = train_mod.resolve(["--resume", f"--training.out_dir={out}", "--model.n_layers=2",
                                    "--training.learning_rate=1e-4"])
     assert cfg["training"].learning_rate == 1e-4 and ckpt["step"] == 80
     with pytest.raises(CheckpointError, match=r"last\.pt' does not exist"):
@@ -492,6 +492,10 @@ def test_cli_resume_continues_from_last_pt(cli_run, tmp_path):
     assert [(r["step"], r["resumed"]) for r in starts] == [(0, False), (30, True)]
     assert [r["step"] for r in rows if r["event"] == "final"] == [30, 40]
     assert load_checkpoint(out2 / "last.pt")["step"] == 40
+    spent = run_script(*argv, "--resume", "--training.max_iters=20")
+    assert spent.returncode == 1 and spent.stderr.strip().splitlines()[-1] == (
+        "error: nothing to train: the resumed run is at step 40 and its budget (training.max_iters=20) is spent; "
+        "raise it to go on")
 
 
 def test_a_new_run_starts_a_new_log_and_resume_appends(run_config):
