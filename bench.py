@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -496,15 +497,15 @@ def bench_quant(args):
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for mode in args.modes.split(","):
-            model = base
+            model, qcfg = base, None
             if mode in ("int8", "int4"):
-                import copy
-                model = quantize_model(copy.deepcopy(base), QuantConfig(mode, args.group_size), kernels=False)
+                qcfg = QuantConfig(mode, args.group_size if mode == "int4" else QuantConfig.group_size)
+                model = quantize_model(copy.deepcopy(base), qcfg, kernels=False)
             path = Path(tmp) / f"{mode}.pt"
             payload = {"model": model.state_dict(), "model_config": cfg.to_dict(),
                        "tokenizer": ByteTokenizer().state()}   # a stand-in: decoding never decodes text
-            if mode in ("int8", "int4"):
-                payload["quantize"] = {"mode": mode, "group_size": args.group_size}
+            if qcfg:
+                payload["quantize"] = qcfg.stored()
             save_checkpoint(path, payload)
             del model
             cmd = [sys.executable, __file__, "quant-row", str(path), "--tokens", str(args.tokens),
@@ -807,12 +808,13 @@ def bench_forecast(args):
 
 # aeon's copy of the UCR/UEA archive, and each dataset's transformer: patch length, dropout,
 # learning rate, epochs per member, and how many members (seeds) are trained, their class
-# probabilities averaged (InceptionTime, the anchor, is itself an ensemble of five networks).
+# probabilities averaged (InceptionTime, the anchor, is itself an ensemble of five networks);
+# time_shift moves each training series by up to that many steps each epoch (augmentation).
 # Epochs, not a time budget, so that a run repeats exactly; each ensemble trains in under 2 minutes
 # on the 2-core machine (the seconds column).
 UCR = {
     "ItalyPowerDemand": dict(patch_len=1, dropout=0.5, lr=1e-3, epochs=550, members=3),
-    "GunPoint": dict(patch_len=5, dropout=0.3, lr=1e-3, epochs=1000, members=2),
+    "GunPoint": dict(patch_len=5, dropout=0.3, lr=1e-3, epochs=1000, members=2, time_shift=8),
     "BasicMotions": dict(patch_len=5, dropout=0.3, lr=1e-3, epochs=800, members=2),
     "JapaneseVowels": dict(patch_len=1, dropout=0.3, lr=1e-3, epochs=100, members=2),
 }
@@ -853,8 +855,10 @@ def ucr_ensemble(spec: dict, train, test, *, input_dim: int, classes: int, longe
                             block_size=-(-longest // spec["patch_len"]), d_model=64, n_heads=4, n_layers=2)
         trainer = TransformerTrainer(model, learning_rate=spec["lr"], batch_size=16, warmup_iters=20,
                                      eval_interval=10 ** 9, seed=seed + member)
+        items = copy.copy(train)                       # this member's augmentation draws
+        items.time_shift, items.seed = spec.get("time_shift", 0), seed + member
         with contextlib.redirect_stdout(sys.stderr):
-            trainer.train(train, epochs=spec["epochs"])
+            trainer.train(items, epochs=spec["epochs"])
         probs.append(trainer.predict(test).numpy())
     return np.mean(probs, 0)
 
@@ -888,6 +892,9 @@ def bench_ucr(args):
               f"({', '.join(f'{a:.3f}' for a in accs)}) | {took:.0f} | {show(ref['InceptionTime'])} | "
               f"{show(ref['HIVE-COTE 2'])} |", flush=True)
 
+
+G2P_RUN = dict(minutes=30.0, d_model=128, n_heads=4, layers=3, dropout=0.1, batch_size=128, lr=2e-3,
+               precision="fp32", label_smoothing=0.0)   # bench_seq2seq's training defaults; layers: each side
 
 G2P_ANCHORS = [("Sequitur joint-sequence model (Bisani & Ney 2008)", 24.53, 5.88),
                ("Bi-LSTM with alignment (Yao & Zweig 2015)", 23.55, 5.45),
@@ -923,6 +930,11 @@ def bench_seq2seq(args):
     from data import cmudict_g2p
     from generate import SampleConfig, translate
     from utils import load_model
+    training = [f"--{k}" for k in (*G2P_RUN, "out_dir") if getattr(args, k) is not None]
+    if args.checkpoint and training:
+        raise ValueError(f"--checkpoint scores a trained run; {', '.join(training)} would train one")
+    for name, default in G2P_RUN.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     split = cmudict_g2p(test_words=args.test_words, seed=args.seed)
     print(f"CMUdict: {len(split['train']):,} training pronunciations, {len(split['test']):,} held-out words", flush=True)
     if args.checkpoint is None:
@@ -1113,15 +1125,9 @@ def main(argv=None):
                    help="first train the backbone as a language model on the training passages, then LoRA")
     c.set_defaults(func=bench_classify)
     s2 = sub.add_parser("seq2seq", help="grapheme-to-phoneme on CMUdict: WER/PER against published results")
-    s2.add_argument("--minutes", type=float, default=30.0, help="the training budget")
-    s2.add_argument("--d_model", type=int, default=128)
-    s2.add_argument("--n_heads", type=int, default=4)
-    s2.add_argument("--layers", type=int, default=3, help="encoder and decoder layers each")
-    s2.add_argument("--dropout", type=float, default=0.1)
-    s2.add_argument("--batch_size", type=int, default=128)
-    s2.add_argument("--lr", type=float, default=2e-3)
-    s2.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    s2.add_argument("--label_smoothing", type=float, default=0.0)
+    for name, default in G2P_RUN.items():          # None: not given (--checkpoint refuses them)
+        s2.add_argument(f"--{name}", type=type(default), help=f"training (default {default})",
+                        choices=["fp32", "bf16"] if name == "precision" else None)
     s2.add_argument("--beams", type=int, default=4)
     s2.add_argument("--test_words", type=int, default=12000)
     s2.add_argument("--seed", type=int, default=0)
@@ -1176,7 +1182,10 @@ def main(argv=None):
     mrow.add_argument("--device", default="auto")
     mrow.set_defaults(func=bench_memory_row)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ class DataConfig:
     target: Optional[str] = None   # a CSV of one series per row: the column holding each row's label
     lookback: Optional[int] = None  # task=forecast: steps the model reads; None: model.block_size * patch_len
     missing: str = "error"         # missing values: error | interpolate | ffill | zero
+    time_shift: int = 0            # series classification/regression: move each training series by up to this many steps
 
     def __post_init__(self):
         for name in ("tokenizer", "target_tokenizer"):
@@ -53,6 +54,8 @@ class DataConfig:
                 raise ValueError(f"data.{name}={kind!r}; {closest(kind, TOKENIZER_KINDS)}")
         if self.missing not in MISSING:
             raise ValueError(f"data.missing={self.missing!r}; {closest(self.missing, MISSING)}")
+        if self.time_shift < 0:
+            raise ValueError(f"data.time_shift={self.time_shift} must be >= 0 steps (0: no augmentation)")
         if self.lookback is not None and self.lookback <= 0:
             raise ValueError(f"data.lookback={self.lookback} must be a positive number of steps")
         if not 0.0 < self.val_fraction < 1.0:

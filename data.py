@@ -1062,18 +1062,31 @@ def main(argv=None):
                "--data.vocab_size=4096; the files go to data.cache_dir, or <training.out_dir>/data.")
     parser.add_argument("command", choices=["prepare", "genres"])
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
-    parser.add_argument("--out", default="genres.tsv", help="genres: the file to write")
+    parser.add_argument("--out", help="genres: the file to write (default: genres.tsv)")
     args, rest = parser.parse_known_args(argv)
-    from config import ALIASES, SECTIONS, config_file, load_config
+    from config import ALIASES, SECTIONS, config_file, load_config, parse_overrides
     try:
         if args.command == "genres":
-            print(f"wrote {write_genres(args.out):,} passages labelled by genre to {args.out}")
+            if rest or args.config != "config.yaml":
+                raise ValueError(f"genres takes only --out; not {' '.join(rest) or '--config'}")
+            out = args.out or "genres.tsv"
+            print(f"wrote {write_genres(out):,} passages labelled by genre to {out}")
             return
+        if args.out:
+            raise ValueError("--out is the file genres writes; prepare writes to data.cache_dir or "
+                             "<training.out_dir>/data")
         cfg = load_config(config_file(args.config), rest, sections=SECTIONS, aliases=ALIASES,
                           other_sections=("sample",))
+        read = {"data": {"path", "tokenizer", "bpe", "vocab_size", "val_fraction", "cache_dir"},
+                "training": {"out_dir", "progress"}}
+        unused = [f"--{section}.{key}" for section, keys in parse_overrides(rest, sections=SECTIONS,
+                                                                             aliases=ALIASES).items()
+                  for key in keys if key not in read.get(section, ())]
+        if unused:
+            raise ValueError(f"prepare tokenizes a language model's corpus; it does not use {', '.join(unused)}")
         directory = prepared_dir(cfg["data"], out_dir=cfg["training"].out_dir)
         prepare(cfg["data"], directory, progress=cfg["training"].progress)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -21,6 +21,7 @@ through fastpath.py's compiled step; without that file they run eagerly, with th
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -35,7 +36,7 @@ from config import (SECTIONS as RUN_SECTIONS, canonical_argv, coerce, config_fil
                     parse_overrides)
 from model import closest
 from tasks import pad_sequences, predict_all, task_for
-from utils import PRECISION_DTYPES, CheckpointError, load_checkpoint, load_model, pick_device, plot_attention
+from utils import PRECISION_DTYPES, CheckpointError, load_checkpoint, load_model, pick_device, plot_attention, png
 
 
 @dataclass
@@ -170,14 +171,28 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: Optional[int
         logits = penalize_repetition(logits, context, repetition_penalty)
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
+    probs = next_distribution(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def next_distribution(logits: torch.Tensor, *, temperature: float, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, min_p: Optional[float] = None) -> torch.Tensor:
+    """The distribution (B, vocab) a token is drawn from: softmax of the logits / temperature
+    after top-k, top-p and min-p, or one-hot at the argmax when temperature is 0.
+
+        >>> next_distribution(torch.tensor([[2.0, 1.0, 0.0]]), temperature=1.0, top_k=1)
+        tensor([[1., 0., 0.]])
+    """
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits.float() / temperature
     if top_k:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1:
         logits = top_p_filter(logits, top_p)
     if min_p:
         logits = min_p_filter(logits, min_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+    return torch.softmax(logits, dim=-1)
 
 # -----------------------------------------------------------------------------
 # Decoding: the loops reach the model only through a decoder
@@ -557,23 +572,18 @@ def _until(ids: list[int], eos_id: Optional[int]) -> list[int]:
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
-def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The distribution a token is drawn from: softmax(logits / T), or one-hot argmax at T = 0."""
-    if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return torch.softmax(logits.float() / temperature, dim=-1)
-
-
 @torch.no_grad()
 def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, *, k: int = 4,
-                         temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+                         temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                         min_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
                          eos_id: Optional[int] = None, compile: bool = False):
     """Speculative decoding: the draft proposes k tokens, the target checks them in one forward.
 
     Token x drawn from the draft's q is kept with probability min(1, p(x) / q(x)) under the
     target's p; the first rejected one is replaced by a draw from normalize(max(0, p - q)),
     and when all k are kept the target adds one more. Outputs are distributed exactly as
-    sampling from the target alone; at temperature 0 they equal its greedy output. The output
+    sampling from the target alone (both distributions filtered by top_k, top_p and min_p, as
+    sample_next does); at temperature 0 they equal its greedy output. The output
     ends before the first eos_id, if one is given and drawn. compile: the draft's one-token
     steps and the target's checks of k + 1 tokens run compiled (see LMDecoder).
     Returns (new token ids, acceptance rate of the draft's proposals).
@@ -582,6 +592,8 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
         raise ValueError(f"speculative_k={k} must be >= 1")
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError("the draft and target models have different vocabularies")
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    dist = functools.partial(next_distribution, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     checker = make_decoder(target, compile=compile, chunk_len=k + 1)
     proposer = make_decoder(draft, compile=compile)
     device = checker.device
@@ -598,7 +610,7 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
                 logits = proposer.step(ids(seq[fed_d:]))[:, -1]
             xs, qs = [], []
             for i in range(k):                                   # the draft proposes k tokens
-                q = _probs(logits, temperature)[0]
+                q = dist(logits)[0]
                 x = torch.multinomial(q, 1, generator=generator).item()
                 xs.append(x)
                 qs.append(q)
@@ -608,7 +620,7 @@ def speculative_generate(target, draft, prompt: list[int], max_new_tokens: int, 
             checked = checker.step(ids(chunk))[0]
             if len(chunk) == k:                                  # the first round: the prompt's last
                 checked = torch.cat([after_prompt, checked])     # position was the prefill's
-            ps = _probs(checked, temperature)                    # (k+1, vocab)
+            ps = dist(checked)                                   # (k+1, vocab)
             before = len(seq)
             for i, (x, q) in enumerate(zip(xs, qs)):
                 proposed += 1
@@ -720,7 +732,7 @@ def save_attention(model, tokenizer, text: str, path) -> str:
     tokens = ["[CLS]"] * cls + [tokenizer.decode([i]) for i in ids]
     plot_attention(weights, layer=-1, head=None, tokens=tokens, path=path,
                    title=f"attention of the last layer over {len(ids)} tokens")
-    return str(path)
+    return str(png(path))
 
 
 def generate_batch(model, tokenizer, prompts: list[str], cfg: SampleConfig, *, generator=None) -> list[str]:
@@ -832,16 +844,16 @@ def save_cross_attention(model, tokenizer, source: str, target: str, path) -> st
     produced = [tokenizer.decode([i]) or "<eos>" for i in tgt[0, 1:].tolist()]
     plot_attention(weights, layer=-1, head=None, tokens=keys, queries=produced, path=path,
                    title=f"cross-attention of the last decoder layer: {source!r} -> {target!r}")
-    return str(path)
+    return str(png(path))
 
 
-def translate_main(model, tokenizer, cfg: SampleConfig, generator, *, read=input):
+def translate_main(model, tokenizer, cfg: SampleConfig, generator, *, read=input, given=()):
     """generate.py on an encoder-decoder: --prompt (one source), --prompt_file (a batch, one
     source per line) or --interactive (a source per line typed); prints each target."""
     refuse("an encoder-decoder prints one target per source, ending at its EOS; it does not take",
            (("num_samples > 1", cfg.num_samples > 1), ("stop", bool(cfg.stop)), ("eos=ignore", cfg.eos != "stop"),
             ("stream", cfg.stream), ("chat", cfg.chat), ("num_return_sequences > 1", cfg.num_return_sequences > 1),
-            ("draft_checkpoint", cfg.draft_checkpoint)))
+            ("draft_checkpoint", cfg.draft_checkpoint), ("compile", cfg.compile), *sampling_knobs(cfg, given)))
     if cfg.interactive:
         print("Interactive translation: a source per line; Ctrl-D or 'quit' exits.")
         for line in filter(None, typed_lines(read)):
@@ -1002,6 +1014,9 @@ def forecast_main(model, scaler, cfg: SampleConfig, *, missing: str, lookback: O
     scaler.check(values, f"'{cfg.input}'")
     if not 0 <= cfg.holdout < len(values):
         raise ValueError(f"holdout={cfg.holdout} must leave some of the {len(values)} steps as history")
+    if cfg.horizon and cfg.holdout > cfg.horizon:
+        raise ValueError(f"holdout={cfg.holdout} is longer than horizon={cfg.horizon}: the forecast would stop "
+                         f"before the held-out truth does")
     history, truth = (values[:-cfg.holdout], values[-cfg.holdout:]) if cfg.holdout else (values, values[:0])
     pred = forecast(model, scaler, history, horizon=cfg.horizon or cfg.holdout or None, lookback=lookback)
     print(",".join(["step", *names] + [f"{n}_true" for n in names] * bool(cfg.holdout)))
@@ -1035,36 +1050,52 @@ TEXT_PREDICTING = (*PREDICTING, "prompt", "prompt_file", "interactive", "save_at
 SERIES_PREDICTING = (*PREDICTING, "input", "horizon", "holdout", "plot")
 
 
-def check_prediction_options(model, given) -> None:
+def check_prediction_options(model, cfg: SampleConfig, given) -> None:
     """A classifier, regressor or forecaster refuses the command-line sample options it would
-    ignore (sampling, beams, lengths), naming them."""
+    ignore (sampling, beams, lengths; a batch size for one input), naming them."""
     series = model.config.input_dim is not None
     used = SERIES_PREDICTING if series else TEXT_PREDICTING
+    one_input = model.config.head == "forecast" or not (series or cfg.prompt_file)
     prints = {"classification": "labels and probabilities", "forecast": "a forecast"}.get(model.config.head, "values")
     refuse(f"a {model.config.head} model{' of time series' * series} prints {prints}; it does not use",
-           ((f"--{k}", k not in used) for k in given))
+           ((f"--{k}", k not in used or k == "batch_size" and one_input) for k in given))
 
 
-def check_mode_options(cfg: SampleConfig) -> None:
-    """An option of a decoding mode that this command does not run is an error."""
+SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
+def check_mode_options(cfg: SampleConfig, given=()) -> None:
+    """An option of a decoding mode that this command does not run is an error. given: the
+    sample options on the command line (a default cannot tell a --prompt from config.yaml's)."""
     refuse("options for a mode this command does not run:", (
         ("--length_penalty (needs --beam_size > 1)", cfg.length_penalty != SampleConfig.length_penalty
          and cfg.beam_size == 1),
         ("--speculative_k (needs --draft_checkpoint)", cfg.speculative_k != SampleConfig.speculative_k
          and not cfg.draft_checkpoint),
         ("--chat (needs --interactive)", cfg.chat and not cfg.interactive),
-        ("--batch_size (needs --prompt_file)", cfg.batch_size is not None and not cfg.prompt_file)))
+        ("--batch_size (needs --prompt_file)", cfg.batch_size is not None and not cfg.prompt_file),
+        ("--prompt (--prompt_file and --interactive read their own)",
+         "prompt" in given and (cfg.prompt_file or cfg.interactive)),
+        ("--num_samples (--interactive writes one per prompt)", cfg.num_samples > 1 and cfg.interactive)))
 
 
-def check_lm_mode(cfg: SampleConfig) -> None:
+def sampling_knobs(cfg: SampleConfig, given) -> tuple:
+    """(name, given) pairs for refuse(): the sampling options on the command line, which
+    deterministic beam search would ignore."""
+    return tuple((f"{k} (beam search is deterministic)", cfg.beam_size > 1 and k in given) for k in SAMPLING_KNOBS)
+
+
+def check_lm_mode(cfg: SampleConfig, given=()) -> None:
     """A language model decodes one prompt in one mode: beam search and speculative decoding
-    refuse the options they would otherwise ignore."""
+    refuse the options they would otherwise ignore (given: the sample options typed)."""
     if cfg.beam_size > 1:
         refuse("beam_size > 1 does not combine with", (("stream", cfg.stream), ("num_samples > 1", cfg.num_samples > 1),
                                                        ("stop", bool(cfg.stop)), ("interactive", cfg.interactive),
-                                                       ("draft_checkpoint", cfg.draft_checkpoint)))
+                                                       ("draft_checkpoint", cfg.draft_checkpoint),
+                                                       *sampling_knobs(cfg, given)))
     if cfg.draft_checkpoint:
-        refuse("draft_checkpoint does not combine with", (("stream", cfg.stream), ("interactive", cfg.interactive)))
+        refuse("draft_checkpoint does not combine with", (("stream", cfg.stream), ("interactive", cfg.interactive),
+                                                          ("repetition_penalty", cfg.repetition_penalty != 1.0)))
 
 
 def main(argv=None):
@@ -1077,6 +1108,11 @@ def main(argv=None):
                                                             log=lambda s: print(s, file=sys.stderr)))
         cfg = load_config(config_file(args.config), rest, sections=SECTIONS, aliases=ALIASES)
         scfg: SampleConfig = cfg["sample"]
+        overrides = parse_overrides(rest, sections=SECTIONS, aliases=ALIASES)
+        refuse("generate.py reads the model from its checkpoint; it does not use",
+               ((f"--{section}.{key}", section not in ("sample", "quantize") and (section, key) != ("training", "out_dir"))
+                for section, keys in overrides.items() for key in keys))
+        given = overrides.get("sample", {})
         path = scfg.checkpoint or str(Path(cfg["training"].out_dir) / "best.pt")
         device = pick_device(scfg.device)
         model, tokenizer = load_model(path, lora=scfg.lora, quantize=cfg["quantize"], device=device)
@@ -1085,7 +1121,7 @@ def main(argv=None):
         if model.config.input_dim is None and series_options:
             raise ValueError(f"{', '.join(series_options)}: for a model of time series; {path} holds a model of text")
         if model.config.head != "lm":
-            check_prediction_options(model, parse_overrides(rest, sections=SECTIONS, aliases=ALIASES).get("sample", {}))
+            check_prediction_options(model, scfg, given)
         if model.config.input_dim is not None:   # time series: forecasts, labels or values
             return series_main(model, tokenizer, load_checkpoint(scfg.lora or path), scfg)
         if model.config.head != "lm":        # a classifier or regressor: outputs, not text
@@ -1095,12 +1131,14 @@ def main(argv=None):
             generator.manual_seed(scfg.seed)
         else:
             generator.seed()
-        check_mode_options(scfg)
+        check_mode_options(scfg, given)
         if hasattr(model, "encoder"):         # an encoder-decoder: a translation per source
-            return translate_main(model, tokenizer, scfg, generator)
+            return translate_main(model, tokenizer, scfg, generator, given=given)
+        if scfg.eos != "stop" and tokenizer.eot_id is None:
+            raise ValueError(f"eos=ignore: the {tokenizer.kind} tokenizer has no end-of-text token to ignore")
         if scfg.prompt_file:
             return prompt_file_main(model, tokenizer, scfg, generator)
-        check_lm_mode(scfg)
+        check_lm_mode(scfg, given)
         if scfg.interactive:
             return interactive(model, tokenizer, scfg, generator)
         if scfg.draft_checkpoint:
@@ -1158,7 +1196,8 @@ def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
     for i in range(cfg.num_samples):
         start = time.perf_counter()
         new, rate = speculative_generate(model, draft, ids, cfg.max_new_tokens, k=cfg.speculative_k,
-                                         temperature=cfg.temperature, generator=generator,
+                                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                         min_p=cfg.min_p, generator=generator,
                                          eos_id=cfg.eos_id(tokenizer), compile=cfg.compile)
         spec_s = time.perf_counter() - start
         stream = TextStream(tokenizer, cfg.stop)

@@ -628,6 +628,18 @@ def _write_gguf(w, model: Transformer, tokenizer, dtype: str) -> None:
     w.close()
 
 
+def gguf_tokenizer_note(tokenizer) -> Optional[str]:
+    """What a reader of the GGUF tokenizer should know: a character vocabulary with multi-byte
+    characters needs merges of byte pieces that are not tokens themselves, which llama.cpp
+    accepts and transformers' GGUF reader refuses (it still loads the model)."""
+    wide = [c for c in getattr(tokenizer, "chars", "") if len(c.encode()) > 1]
+    if not isinstance(tokenizer, CharTokenizer) or not wide:
+        return None
+    shown = "".join(wide[:5]) + "..." * (len(wide) > 5)
+    return (f"the character vocabulary holds {len(wide)} multi-byte characters ({shown}): llama.cpp "
+            f"reads its tokenizer, transformers' GGUF reader only the model (--format hf carries the tokenizer there)")
+
+
 def _gguf_tokenizer(w, tokenizer, vocab_size: int):
     """llama.cpp's "gpt2" (byte-level BPE) tokenizer: tokens spelled in byte-level characters,
     merges as "a b", special tokens marked as control; unused ids are padding entries."""

@@ -1290,6 +1290,10 @@ class LoRAConfig:
             raise ValueError(f"lora.alpha={self.alpha} must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        default = {"alpha": LoRAConfig.alpha, "dropout": LoRAConfig.dropout, "targets": list(LORA_TARGETS)}
+        off = [f"lora.{k}" for k, v in default.items() if getattr(self, k) != v]
+        if not self.r and off:
+            raise ValueError(f"{', '.join(off)}: LoRA is off (lora.r=0); set lora.r to train adapters")
 
 
 @dataclass
@@ -1306,10 +1310,18 @@ class QuantConfig:
             raise ValueError(f"quantize mode {self.mode!r}; {closest(str(self.mode), QUANT_MODES)}")
         if self.group_size not in (32, 64, 128, 256):
             raise ValueError(f"quantize group_size={self.group_size}; valid: 32, 64, 128, 256")
+        if self.group_size != QuantConfig.group_size and self.mode != "int4":
+            raise ValueError(f"quantize group_size={self.group_size} is an int4 option (the mode here is "
+                             f"{self.mode}); int8 keeps one scale per output row")
 
     def stored(self) -> dict:
         """What a checkpoint records: the weights' format (the kernel choice is the runtime's)."""
         return {"mode": self.mode, "group_size": self.group_size}
+
+    @classmethod
+    def from_stored(cls, stored: dict) -> "QuantConfig":
+        """The config stored() wrote; the group size older int8 files recorded is dropped."""
+        return cls(stored["mode"], stored["group_size"] if stored["mode"] == "int4" else cls.group_size)
 
 
 class LoRALinear(nn.Module):

@@ -41,6 +41,7 @@ from model import closest
 NA = {"", "nan", "na", "n/a", "null", "?", "none"}
 BUILT_IN = {"statsmodels:co2": "statsmodels/datasets/co2/co2.csv",
             "statsmodels:macrodata": "statsmodels/datasets/macrodata/macrodata.csv"}
+CALENDAR = {"statsmodels:co2": ("date",), "statsmodels:macrodata": ("year", "quarter")}   # an index, not a channel
 SERIES_SUFFIXES = (".csv", ".npy", ".npz", ".ts")
 
 
@@ -179,7 +180,8 @@ def read_csv_columns(path, columns: Optional[Sequence[str]] = None, *, table=Non
 def read_series(path, *, columns: Optional[Sequence[str]] = None,
                 missing: str = "error") -> tuple[np.ndarray, list[str]]:
     """One time series (T, C) and its channel names, from a CSV (a row per step, columns by
-    name) or .npy ((T,) or (T, C)), its gaps filled as `missing` says.
+    name; a built-in's calendar columns are left out unless named) or .npy ((T,) or (T, C)),
+    its gaps filled as `missing` says.
 
         >>> values, names = read_series("statsmodels:co2", columns=["co2"], missing="interpolate")  # doctest: +SKIP
         >>> values.shape, names                                                                     # doctest: +SKIP
@@ -200,6 +202,9 @@ def read_series(path, *, columns: Optional[Sequence[str]] = None,
         names = [f"x{c}" for c in range(values.shape[1])]
     else:
         values, names = read_csv_columns(path, columns)
+    if not columns and str(path) in CALENDAR:      # a built-in's dates are its index: every other column
+        keep = [i for i, name in enumerate(names) if name not in CALENDAR[str(path)]]
+        values, names = values[:, keep], [names[i] for i in keep]
     return fill_missing(values, missing, where=f"'{path}'"), names
 
 
@@ -384,14 +389,41 @@ def forecast_splits(values: np.ndarray, *, lookback: int, horizon: int, val_frac
 
 
 class SeriesItems(torch.utils.data.Dataset):
-    """(series (T_i, C) float32 tensor, target) items, scaled by a SeriesScaler."""
+    """(series (T_i, C) float32 tensor, target) items, scaled by a SeriesScaler. With
+    time_shift=N (augmentation, for a training set) each series moves by a random number of
+    steps in [-N, N], drawn anew each epoch from (seed, epoch, item): EpochBatches calls
+    set_epoch, so a resumed run draws the same shifts."""
 
-    def __init__(self, series: Sequence[np.ndarray], targets: Sequence, scaler: SeriesScaler):
+    def __init__(self, series: Sequence[np.ndarray], targets: Sequence, scaler: SeriesScaler, *,
+                 time_shift: int = 0, seed: int = 0):
         self.items = [(torch.as_tensor(scaler.transform(np.asarray(s, float)), dtype=torch.float32), t)
                       for s, t in zip(series, targets)]
+        self.time_shift, self.seed, self.epoch = time_shift, seed, 0
 
     def __len__(self):
         return len(self.items)
 
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
     def __getitem__(self, i):
-        return self.items[i]
+        x, y = self.items[i]
+        if self.time_shift:
+            steps = int(np.random.default_rng((self.seed, self.epoch, i)).integers(-self.time_shift, self.time_shift + 1))
+            x = shifted(x, steps)
+        return x, y
+
+
+def shifted(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The series (T, C) moved later by steps (earlier when negative), its first or last value
+    held over the steps it leaves; the length stays T.
+
+        >>> shifted(torch.tensor([[1.], [2.], [3.], [4.]]), 1).flatten().tolist()
+        [1.0, 1.0, 2.0, 3.0]
+    """
+    steps = max(-len(x) + 1, min(steps, len(x) - 1))
+    if steps > 0:
+        return torch.cat([x[:1].expand(steps, -1), x[:-steps]])
+    if steps < 0:
+        return torch.cat([x[-steps:], x[-1:].expand(-steps, -1)])
+    return x

@@ -435,6 +435,8 @@ class EpochBatches:
     def next(self, device) -> dict:
         epoch, i = divmod(self.drawn, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
+            if hasattr(self.dataset, "set_epoch"):      # per-epoch draws (augmentation), as DistributedSampler's
+                self.dataset.set_epoch(epoch)
             g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
             self._order = (epoch, torch.randperm(len(self.dataset), generator=g))
             if hasattr(self.task, "length"):   # batches of similar lengths: less padding

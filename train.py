@@ -44,8 +44,8 @@ import torch.nn.functional as F
 import torch.distributed as dist
 import yaml
 
-from config import (ALIASES, PRESETS, SECTIONS, TrainConfig, canonical_argv, config_file, config_to_dict,
-                    load_config, parse_overrides)
+from config import (ALIASES, PRESETS, SECTIONS, DataConfig, TrainConfig, canonical_argv, config_file,
+                    config_to_dict, load_config, parse_overrides)
 from data import (Document, EncodedPairs, EncodedTexts, PairTokenizer, TokenDataset, build_tokenizer,
                   prepared_dataset, read_labelled, split_rows, tokenizer_from_state)
 from model import (HEAD_FIELDS, Int4Linear, Int8Linear, Seq2SeqTransformer, Transformer, TransformerConfig,
@@ -357,10 +357,13 @@ def attention_diagnostics(model, idx: torch.Tensor, *, attention_mask: Optional[
     finally:
         for hook in hooks:
             hook.remove()
-    real = (torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool())
     out = {}
     for layer, (w, x) in enumerate(zip(weights, outputs)):
-        rows = real if w.shape[-2] == real.shape[1] else F.pad(real, (1, 0), value=True)   # a [CLS] slot
+        if attention_mask is None:   # (B, T) tokens: series rows may be channels, series tokens patches
+            rows = torch.ones(w.shape[0], w.shape[-2], dtype=torch.bool, device=w.device)
+        else:
+            real = attention_mask.bool()
+            rows = real if w.shape[-2] == real.shape[1] else F.pad(real, (1, 0), value=True)   # a [CLS] slot
         entropy = torch.special.entr(w.float()).sum(-1)                     # (B, H, T)
         per_head = (entropy * rows[:, None]).sum((0, 2)) / rows.sum()       # (H,)
         out.update({f"attn_entropy/L{layer}/H{h}": round(v, 5) for h, v in enumerate(per_head.tolist())})
@@ -961,7 +964,8 @@ def series_data(cfg: dict, known: Optional[dict], *, resumed: bool):
     longest = max(len(s) for s, _ in train_rows + val_rows)
     fields = dict(head=tcfg.task, input_dim=series[0].shape[1],
                   block_size=-(-longest // mcfg.patch_len) + (mcfg.pooling == "cls"), **head)
-    train, val = (SeriesItems(*zip(*encode(part)), scaler) for part in (train_rows, val_rows))
+    train = SeriesItems(*zip(*encode(train_rows)), scaler, time_shift=dcfg.time_shift, seed=tcfg.seed)
+    val = SeriesItems(*zip(*encode(val_rows)), scaler)
     return train, val, task, scaler, fields
 
 
@@ -969,11 +973,12 @@ def check_series_options(cfg: dict):
     """Options that belong to one kind of series run are refused by the others."""
     dcfg, tcfg, mcfg = cfg["data"], cfg["training"], cfg["model"]
     if tcfg.task == "forecast":
-        unused = [name for name, on in (("data.val_path", dcfg.val_path), ("data.target", dcfg.target)) if on]
-        if mcfg.output_dim != 1:
-            unused.append("model.output_dim (a forecast predicts every input channel)")
+        unused = [name for name, on in (("data.val_path", dcfg.val_path), ("data.target", dcfg.target),
+                                        ("data.time_shift", dcfg.time_shift)) if on]
     else:
-        unused = [name for name, on in (("model.horizon", mcfg.horizon), ("data.lookback", dcfg.lookback)) if on]
+        unused = [name for name, on in (("model.horizon", mcfg.horizon), ("data.lookback", dcfg.lookback),
+                                        ("data.val_fraction (data.val_path is the validation split)",
+                                         dcfg.val_path and dcfg.val_fraction != DataConfig.val_fraction)) if on]
     if unused:
         raise ValueError(f"{', '.join(unused)}: not used by training.task={tcfg.task}")
 
@@ -1026,25 +1031,44 @@ def check_run_kind(cfg: dict, base: Optional[dict], *, series: bool):
                                     ("data.lookback", d.lookback), ("data.val_path", d.val_path),
                                     ("data.missing", d.missing != "error"), ("model.horizon", m.horizon),
                                     ("model.patch_len", m.patch_len != 1), ("model.revin", m.revin),
-                                    ("model.channel_independent", m.channel_independent)) if on]
+                                    ("model.channel_independent", m.channel_independent),
+                                    ("data.time_shift", d.time_shift)) if on]
     if unused and not series:
         raise ValueError(f"{', '.join(unused)}: for runs on time series; data.path is read as text here")
     if series and (d.tokenizer != "char" or d.target_tokenizer):
         raise ValueError("data.tokenizer: a run on time series reads numbers, not tokens")
 
 
-def check_task_options(cfg: dict):
+def check_task_options(cfg: dict, overrides: dict):
     """An option that only other tasks read is an error, never silently ignored."""
-    d, m, task = cfg["data"], cfg["model"], cfg["training"].task
+    d, m, t = cfg["data"], cfg["model"], cfg["training"]
     pooled = ("classification", "regression", "forecast")
     readers = (("model.pooling", m.pooling != "last", pooled), ("model.causal=false", not m.causal, pooled),
+               ("model.num_classes", m.num_classes is not None, ("classification",)),
+               ("model.output_dim", m.output_dim != 1, ("regression", "forecast")),
+               ("model.tie_weights=false", not m.tie_weights, ("lm", "seq2seq")),
                ("model.n_encoder_layers", m.n_encoder_layers is not None, ("seq2seq",)),
                ("model.n_decoder_layers", m.n_decoder_layers is not None, ("seq2seq",)),
+               ("model.tgt_vocab_size", m.tgt_vocab_size is not None, ("seq2seq",)),
                ("data.target_tokenizer", d.target_tokenizer is not None, ("seq2seq",)),
-               ("data.truncate", d.truncate, ("seq2seq",)), ("data.cache_dir", d.cache_dir is not None, ("lm",)))
-    unused = [name for name, given, tasks in readers if given and task not in tasks]
+               ("data.truncate", d.truncate, ("seq2seq",)), ("data.cache_dir", d.cache_dir is not None, ("lm",)),
+               ("training.eval_iters (other tasks evaluate every validation row)",
+                "eval_iters" in overrides.get("training", {}), ("lm",)),
+               ("training.log_attention", t.log_attention, ("lm", *pooled)))
+    unused = [name for name, given, tasks in readers if given and t.task not in tasks]
     if unused:
-        raise ValueError(f"{', '.join(unused)}: not read by training.task={task}")
+        raise ValueError(f"{', '.join(unused)}: not read by training.task={t.task}")
+
+
+def with_data_fields(cfg: dict, fields: dict, overrides: dict) -> dict:
+    """The run config with the model fields its data decides (vocabularies, input size,
+    classes, block_size of a series); one the user gave otherwise is an error."""
+    given = overrides.get("model", {})
+    clash = [f"model.{k}={getattr(cfg['model'], k)} (the data makes it {v})" for k, v in fields.items()
+             if k in given and getattr(cfg["model"], k) != v]
+    if clash:
+        raise ValueError(f"{', '.join(clash)}: leave it to the data")
+    return {**cfg, "model": dataclasses.replace(cfg["model"], **fields)}
 
 
 def label_names(targets: list, classes: Optional[list[str]], known_task: Optional[dict], *, where) -> list[str]:
@@ -1145,10 +1169,10 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict], overrides: dict)
     val, scaler = None, None
     series = series_run(cfg)
     check_run_kind(cfg, base, series=series)
-    check_task_options(cfg)
+    check_task_options(cfg, overrides)
     if series:
         data, val, task, scaler, fields = series_data(cfg, known, resumed=resume_from is not None)
-        cfg, model = {**cfg, "model": dataclasses.replace(cfg["model"], **fields)}, None
+        cfg, model = with_data_fields(cfg, fields, overrides), None
     elif tcfg.task == "lm":
         # a fine-tune's model (and its LoRA/quantize settings) is checked before any data is prepared
         model = build_model(cfg, tokenizer, device, base) if base else None
@@ -1157,7 +1181,7 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict], overrides: dict)
     else:
         read = pair_data if tcfg.task == "seq2seq" else labelled_data
         data, val, task, tokenizer, fields = read(cfg, tokenizer, known and known.get("task"))
-        cfg, model = {**cfg, "model": dataclasses.replace(cfg["model"], **fields)}, None
+        cfg, model = with_data_fields(cfg, fields, overrides), None
     if model is None:    # the same seed: the same weights on every rank
         model = build_model(cfg, tokenizer, device, base)
     cfg = {**cfg, "model": model.config}           # the vocabulary belongs to the tokenizer

@@ -36,8 +36,8 @@ from model import (GATED, HEAD_FIELDS, QUANT_MODES, Int4Linear, Int8Linear, LoRA
                    Transformer, TransformerConfig, apply_lora, closest, dequantize_model, load_lora_state_dict,
                    merge_lora, quantize_model, use_kernels)
 from data import tokenizer_from_state
-from interop import (DTYPES, GGUF_TYPES, InteropError, atomic_path, check_out, export_gguf, export_hf, hf_weight_files,
-                     input_encoder, other_than_language_model, read_hf,
+from interop import (DTYPES, GGUF_TYPES, InteropError, atomic_path, check_out, export_gguf, export_hf,
+                     gguf_tokenizer_note, hf_weight_files, input_encoder, other_than_language_model, read_hf,
                      read_safetensors, weights_payload, write_safetensors)
 
 # =============================================================================
@@ -202,7 +202,7 @@ def model_from_checkpoint(ckpt: dict, *, device="cpu", quantize: Optional[QuantC
     cfg = TransformerConfig.from_dict({**ckpt["model_config"], **config_overrides})
     with torch.device("meta"):                      # shapes only: the checkpoint's tensors become the
         model = MODEL_KINDS[kind](cfg)              # weights, so float copies are never allocated
-    stored = QuantConfig(**ckpt["quantize"]) if ckpt.get("quantize") else None
+    stored = QuantConfig.from_stored(ckpt["quantize"]) if ckpt.get("quantize") else None
     if stored:
         quantize_model(model, stored, kernels=False)
     state = dict(ckpt["model"])
@@ -281,7 +281,7 @@ def load_model(path, *, lora=None, quantize: Optional[QuantConfig] = None, devic
         raise CheckpointError(f"'{lora}' is not a LoRA adapter (it holds a full model)")
     check_base(adapter, path)
     if quantize is None or quantize.mode is None:
-        quantize = QuantConfig(**adapter["quantize"]) if adapter.get("quantize") else quantize
+        quantize = QuantConfig.from_stored(adapter["quantize"]) if adapter.get("quantize") else quantize
     model, tokenizer = model_from_checkpoint(ckpt, device=device, quantize=quantize, kernels=kernels)
     head = {k: adapter["model_config"][k] for k in HEAD_FIELDS if k in adapter["model_config"]}
     if any(getattr(model.config, k) != v for k, v in head.items()):   # e.g. a classifier fine-tuned from an LM
@@ -601,10 +601,12 @@ def export_main(argv: list[str]) -> None:
         export_hf(model, tokenizer, out, dtype=dtype, force=args.force)
     elif args.format == "gguf":
         export_gguf(model, tokenizer, out, dtype=dtype, force=args.force)
+        if gguf_tokenizer_note(tokenizer):
+            print(f"note: {gguf_tokenizer_note(tokenizer)}", file=sys.stderr)
     else:
-        check_out(out, force=args.force, directory=False)
-        out = save_model_weights_only(model, out.with_suffix(f".{args.format}") if not out.suffix else out,
-                                      tokenizer=tokenizer, dtype=dtype, config=ckpt.get("config"), task=ckpt["task"])
+        out = check_out(out.with_suffix(f".{args.format}") if not out.suffix else out, force=args.force, directory=False)
+        save_model_weights_only(model, out, tokenizer=tokenizer, dtype=dtype, config=ckpt.get("config"),
+                                task=ckpt["task"])
     print(f"{out}: {args.format} {dtype}, {checkpoint_bytes(out) / 1e6:.2f} MB (the checkpoint {args.checkpoint} is "
           f"{checkpoint_bytes(args.checkpoint) / 1e6:.2f} MB)")
 
@@ -672,9 +674,15 @@ def plot_run(run_dir, path=None) -> Path:
         ax.grid(alpha=0.3)
     loss_ax.legend()
     fig.suptitle(str(run_dir.resolve().name))
-    path = Path(path) if path else run_dir / "plot.png"
+    path = png(path or run_dir / "plot.png")
     fig.savefig(path, dpi=100)
     return path
+
+
+def png(path) -> Path:
+    """The file a figure saved to path lands in: matplotlib adds .png to a name without a suffix."""
+    path = Path(path)
+    return path if path.suffix else path.with_suffix(".png")
 
 
 def plot_forecast(history, forecast, truth=None, *, names=None, path="forecast.png", context: int = 200) -> Path:
@@ -702,7 +710,7 @@ def plot_forecast(history, forecast, truth=None, *, names=None, path="forecast.p
     axes[0, 0].set_title(f"forecast of {len(forecast)} steps from {T} steps of history")
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    path = Path(path)
+    path = png(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -761,7 +769,7 @@ def plot_attention(weights, *, layer: int = 0, head: Optional[int] = 0, tokens=N
     if title:
         fig.suptitle(title)
     if path is not None:
-        fig.savefig(path, dpi=100)
+        fig.savefig(png(path), dpi=100)
     return fig
 
 

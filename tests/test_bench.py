@@ -208,3 +208,6 @@ def test_seq2seq_trains_then_scores_greedy_and_beams_and_rescores_a_checkpoint(t
     assert [r[0] for r in rows] == ["| ours, greedy", "| ours, beam 2"] * 2
     assert rows[:2] == rows[2:]                         # the same checkpoint scores the same
     assert all(0 <= float(wer) <= 100 and float(per) >= 0 for _, wer, per in rows)   # PER may pass 100%
+    refused = subprocess.run([sys.executable, "bench.py", "seq2seq", "--checkpoint", str(tmp_path / "run" / "best.pt"),
+                              "--d_model", "64"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stderr == "error: --checkpoint scores a trained run; --d_model would train one\n"

@@ -220,6 +220,15 @@ def test_a_budget_on_the_command_line_replaces_the_presets():
     assert cfg["training"].max_time == train.PRESETS["cpu-fast"]["training"]["max_time"]   # no budget given
 
 
+def test_lora_and_quantize_options_need_their_mode():
+    with pytest.raises(ValueError, match=r"lora.alpha, lora.targets: LoRA is off \(lora.r=0\)"):
+        cfg_of("--lora.alpha=8", "--lora.targets=q")
+    assert cfg_of("--lora.r=4", "--lora.targets=q")["lora"].targets == ["q"]
+    with pytest.raises(ValueError, match=r"quantize group_size=32 is an int4 option \(the mode here is int8\)"):
+        cfg_of("--quantize.mode=int8", "--quantize.group_size=32")
+    assert cfg_of("--quantize.mode=int4", "--quantize.group_size=32")["quantize"].group_size == 32
+
+
 def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown preset 'tinyy'; did you mean 'tiny'\?") as err:
         cfg_of(presets=train.PRESETS, preset="tinyy")

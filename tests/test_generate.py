@@ -512,25 +512,28 @@ def test_compiled_speculative_decoding_is_still_the_target_greedy_output():
     assert out == greedy and 0 < rate < 1
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_sampled_speculative_follows_the_target_distribution(compile):
-    # the joint law of the first two new tokens (16 cells) vs the target's exact probabilities
+@pytest.mark.parametrize("compile, top_k", [(False, None), (True, None), (False, 2)])
+def test_sampled_speculative_follows_the_target_distribution(compile, top_k):
+    # the joint law of the first two new tokens (16 cells) vs the target's exact probabilities,
+    # after the same top-k filter as plain sampling
     target, draft = _pair(1)
     prompt = [1, 2]
+    law = lambda ids: generate.next_distribution(target(torch.tensor([ids]))[:, -1], temperature=1.0,  # noqa: E731
+                                                 top_k=top_k)[0]
     with torch.no_grad():
-        p1 = torch.softmax(target(torch.tensor([prompt]))[0, -1], -1)
-        exact = torch.stack([p1[a] * torch.softmax(target(torch.tensor([prompt + [a]]))[0, -1], -1)
-                             for a in range(4)]).flatten()
+        exact = torch.stack([law(prompt)[a] * law(prompt + [a]) for a in range(4)]).flatten()
     g = torch.Generator().manual_seed(0)
     n = 1500
     counts = torch.zeros(16)
     for _ in range(n):
-        (a, b), _ = generate.speculative_generate(target, draft, prompt, 2, k=3, temperature=1.0, generator=g,
-                                                  compile=compile)
+        (a, b), _ = generate.speculative_generate(target, draft, prompt, 2, k=3, temperature=1.0, top_k=top_k,
+                                                  generator=g, compile=compile)
         counts[a * 4 + b] += 1
-    expected = n * exact
-    chi2 = ((counts - expected) ** 2 / expected).sum().item()
-    assert chi2 < 37.7          # chi-square, 15 degrees of freedom, p = 0.001
+    seen = exact > 0
+    assert counts[~seen].sum() == 0                 # what top-k removes is never drawn
+    expected = n * exact[seen]
+    chi2 = ((counts[seen] - expected) ** 2 / expected).sum().item()
+    assert chi2 < {16: 37.7, 4: 16.3}[int(seen.sum())]   # chi-square, p = 0.001 (15 or 3 degrees of freedom)
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -751,6 +754,16 @@ def test_prompt_file_on_the_command_line(trained_run, tmp_path, capsys):
                             "beam_size > 1 does not combine with num_samples > 1, stop"),
                            (["--draft_checkpoint", str(ckpt), "--interactive"],
                             "draft_checkpoint does not combine with interactive"),
+                           (["--beam_size", "2", "--top_k", "3"],
+                            r"beam_size > 1 does not combine with temperature \(beam search is deterministic\), "
+                            r"top_k \(beam search is deterministic\)$"),
+                           (["--draft_checkpoint", str(ckpt), "--repetition_penalty", "1.3"],
+                            "draft_checkpoint does not combine with repetition_penalty"),
+                           (["--model.n_layers=3", "--lora.r=2"], "generate.py reads the model from its checkpoint; "
+                                                                   "it does not use --model.n_layers, --lora.r$"),
+                           (["--eos", "ignore"], "eos=ignore: the char tokenizer has no end-of-text token to ignore"),
+                           (["--prompt", "x", "--prompt_file", str(prompts), "--num_samples", "2", "--interactive"],
+                            r"--prompt \(--prompt_file and --interactive read their own\), --num_samples"),
                            (["--length_penalty", "0.5", "--speculative_k", "2", "--chat", "--batch_size", "4"],
                             r"options for a mode this command does not run: --length_penalty \(needs --beam_size > 1\), "
                             r"--speculative_k \(needs --draft_checkpoint\), --chat \(needs --interactive\), "

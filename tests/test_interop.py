@@ -257,6 +257,32 @@ def trained(tmp_path_factory):
     return Path(out["out_dir"]) / "best.pt"
 
 
+def test_an_export_without_a_suffix_is_kept_without_force(trained, tmp_path):
+    args = ["export", "--checkpoint", str(trained), "--format", "pt", "--out", str(tmp_path / "small")]
+    utils.main(args)
+    with pytest.raises(SystemExit, match=r"small\.pt' exists; choose another --out or add --force"):
+        utils.main(args)
+    utils.main([*args, "--force"])
+
+
+def test_a_character_vocabulary_goes_to_gguf_with_a_note(trained, tmp_path, capsys):
+    """Its multi-byte characters are merges of byte pieces that are not tokens: llama.cpp
+    tokenizes as we do, transformers' GGUF reader takes the model only, and the export says so."""
+    pytest.importorskip("gguf")
+    capsys.readouterr()
+    utils.main(["export", "--checkpoint", str(trained), "--format", "gguf", "--dtype", "fp32",
+                "--out", str(tmp_path / "c.gguf")])
+    assert capsys.readouterr().err.startswith("note: the character vocabulary holds 2 multi-byte characters (éï): "
+                                              "llama.cpp reads its tokenizer, transformers' GGUF reader only the model")
+    model, tok = utils.load_model(trained)
+    ids = torch.tensor([tok.encode(SAMPLES[1])])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="c.gguf", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(hf, ids), logits(model, ids), atol=1e-4, rtol=0)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "c.gguf"), n_ctx=32, verbose=False)
+    assert llm.tokenize(SAMPLES[1].encode(), add_bos=False, special=False) == ids[0].tolist()
+
+
 @pytest.mark.parametrize("fmt, dtype", [("safetensors", "fp16"), ("pt", "bf16"), ("safetensors", "fp32")])
 def test_weights_only_file_is_smaller_and_generates(fmt, dtype, trained, tmp_path, capsys, monkeypatch):
     out = tmp_path / f"small.{fmt}"

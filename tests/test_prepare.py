@@ -296,6 +296,13 @@ def test_prepare_command_line_reuses_and_reports_errors(tmp_path, text_file, cap
         data.main(["prepare", "--data.tokenzer=bpe"])
     with pytest.raises(SystemExit, match=r"error: data.path '.*nope' does not exist"):
         data.main(["prepare", f"--data={tmp_path / 'nope'}"])
+    with pytest.raises(SystemExit, match=r"error: prepare tokenizes a language model's corpus; it does not use "
+                                         r"--training.task, --model.pooling$"):
+        data.main(["prepare", "--task", "classification", "--model.pooling=mean"])
+    with pytest.raises(SystemExit, match=r"error: genres takes only --out; not --data.path=x"):
+        data.main(["genres", "--data.path=x"])
+    with pytest.raises(SystemExit, match=r"error: \[Errno 21\] Is a directory"):
+        data.main(["genres", "--out", str(tmp_path)])
 
 
 # --- training and generation with a learned BPE ----------------------------------------------------------

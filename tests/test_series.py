@@ -1,6 +1,7 @@
 """Feature vectors and time series: the model's input layer, patches, RevIN and the forecast
 head; series files, missing values and scaling; training and prediction from the command line."""
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -237,6 +238,43 @@ def test_forecast_command_line_end_to_end(tmp_path):
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_time_shift_moves_training_series_by_epoch_and_keeps_their_length():
+    from series import SeriesItems, shifted
+    x = torch.arange(6.0)[:, None]
+    assert shifted(x, 2).flatten().tolist() == [0, 0, 0, 1, 2, 3]
+    assert shifted(x, -2).flatten().tolist() == [2, 3, 4, 5, 5, 5] and shifted(x, 0) is x
+    series = [np.sin(np.arange(40) / 3)[:, None] + i for i in range(20)]
+    items = SeriesItems(series, list(range(20)), SeriesScaler.fit(series), time_shift=4, seed=1)
+    plain = SeriesItems(series, list(range(20)), SeriesScaler.fit(series))
+    first = [items[i][0] for i in range(20)]
+    assert all(torch.equal(a, items[i][0]) for i, a in enumerate(first))       # one epoch: the same draws
+    moved = [a for i, a in enumerate(first) if not torch.equal(a, plain[i][0])]
+    assert len(moved) >= 10 and all(a.shape == (40, 1) for a in first)
+    assert all(any(torch.equal(a, shifted(plain[i][0], k)) for k in range(-4, 5)) for i, a in enumerate(first))
+    items.set_epoch(1)
+    assert any(not torch.equal(a, items[i][0]) for i, a in enumerate(first))    # a new epoch: new draws
+
+
+def test_a_two_channel_forecaster_logs_attention_and_resumes(tmp_path):
+    values = seasonal(n=200, period=12, channels=2)
+    (tmp_path / "two.csv").write_text("a,b\n" + "".join(f"{x:.5f},{y:.5f}\n" for x, y in values))
+    common = ["--task", "forecast", "--data.path=two.csv", "--horizon", "4", "--lookback", "24", "--model.d_model=16",
+              "--model.n_layers=1", "--model.n_heads=2", "--training.eval_interval=2",
+              "--training.progress=false", "--training.plot=false", f"--training.out_dir={tmp_path / 'out'}"]
+    r = run("train.py", *common, "--training.max_iters=2", "--training.log_attention=true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run("train.py", "--resume", "--training.max_iters=4", f"--training.out_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if row["event"] == "eval"]
+    assert [row["step"] for row in evals] == [2, 4] and any("attn_entropy/L0/H1" in row for row in rows)
+    r = run("train.py", *common, "--model.output_dim=3", "--data.time_shift=2", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == "error: data.time_shift: not used by training.task=forecast"
+    r = run("train.py", *common, "--model.output_dim=3", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "error: model.output_dim=3 (the data makes it 2): leave it to the data"), r.stderr
+
+
 def test_series_classification_command_line(tmp_path):
     rng = np.random.default_rng(0)
     def make(n):
@@ -248,7 +286,7 @@ def test_series_classification_command_line(tmp_path):
     test_series, test_labels = make(20)
     write_ts(tmp_path / "test.ts", test_series, test_labels, classes=["flat", "wavy"])
     r = run("train.py", "--task", "classification", "--data.path=train.ts", "--data.val_path=test.ts",
-            "--model.causal=false", "--model.pooling=mean", "--model.patch_len=2", "--model.d_model=32",
+            "--model.causal=false", "--model.pooling=mean", "--model.patch_len=2", "--data.time_shift=2", "--model.d_model=32",
             "--model.n_layers=1", "--model.n_heads=4", "--epochs", "15", "--training.batch_size=16",
             "--training.progress=false", "--training.plot=false", f"--training.out_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -261,6 +299,10 @@ def test_series_classification_command_line(tmp_path):
     r = run("generate.py", "--checkpoint", tmp_path / "out" / "best.pt", "--input", "test.ts", "--plot", "p.png",
             cwd=tmp_path)
     assert r.returncode == 1 and "--plot: for a forecaster; this model is a classification model" in r.stderr
+    r = run("train.py", "--task", "classification", "--data.path=train.ts", "--data.val_path=test.ts",
+            "--data.val_fraction=0.3", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "error: data.val_fraction (data.val_path is the validation split): not used by training.task=classification")
     write_ts(tmp_path / "odd.ts", test_series[:2], ["flat", "round"], classes=["flat", "round"])
     r = run("generate.py", "--checkpoint", tmp_path / "out" / "best.pt", "--input", "odd.ts", cwd=tmp_path)
     assert r.returncode == 1 and "label 'round', which training never saw (flat, wavy)" in r.stderr
@@ -270,6 +312,11 @@ def test_built_in_series_names(tmp_path):
     from series import resolve_path
     with pytest.raises(FileNotFoundError, match="statsmodels:co2"):
         resolve_path("statsmodels:co3")
+    if importlib.util.find_spec("statsmodels") is not None:     # the calendar is an index, not a channel
+        assert read_series("statsmodels:co2", missing="interpolate")[1] == ["co2"]
+        names = read_series("statsmodels:macrodata")[1]
+        assert names[:2] == ["realgdp", "realcons"] and len(names) == 12
+        assert read_series("statsmodels:macrodata", columns=["year", "infl"])[1] == ["year", "infl"]
     if importlib.util.find_spec("aeon") is None:
         pytest.skip("aeon is not installed (requirements-extras.txt)")
     assert resolve_path("aeon:GunPoint_TEST").name == "GunPoint_TEST.ts"

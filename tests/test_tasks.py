@@ -307,9 +307,9 @@ def test_generate_py_prints_labels_and_probabilities(classifier_run, tmp_path):
               "--save_attention", tmp_path / "attention.png").splitlines()
     assert one == [printed[0], printed[2]] and (tmp_path / "attention.png").stat().st_size > 10_000
     refused = cli(generate, "--checkpoint", root / "out" / "best.pt", "--prompt", "x", "--temperature", "0.5",
-                  "--max_new_tokens", "5")
+                  "--max_new_tokens", "5", "--batch_size", "4")
     assert refused == ("error: a classification model prints labels and probabilities; it does not use "
-                       "--temperature, --max_new_tokens")
+                       "--temperature, --max_new_tokens, --batch_size")
 
 
 def test_an_lm_checkpoint_fine_tunes_as_a_classifier_with_lora(classifier_run, tmp_path):
@@ -359,6 +359,12 @@ def test_train_py_trains_a_regressor_and_generate_py_prints_its_values(tmp_path)
     (["a b\tx\ty", "c\ty\tz"], [], r"classification rows are text<TAB>label, two columns; these have 3"),
     (["a b\tx", "c d\ty"], ["--data.truncate=true", "--model.n_encoder_layers=2"],
      r"error: model.n_encoder_layers, data.truncate: not read by training.task=classification$"),
+    (["a b\tx", "c d\ty"], ["--training.eval_iters=3", "--model.tie_weights=false"],
+     r"model.tie_weights=false, training.eval_iters \(other tasks evaluate every validation row\): not read"),
+    (["a b\tx", "c d\ty"], ["--task", "seq2seq", "--training.log_attention=true"],
+     r"training.log_attention: not read by training.task=seq2seq$"),
+    (["a b\tx", "c d\ty"], ["--model.num_classes=5"], r"model.num_classes=5 \(the data makes it 2\): leave it to the data"),
+    (["a b\tx", "c d\ty"], ["--lora.alpha=8"], r"lora.alpha: LoRA is off \(lora.r=0\); set lora.r"),
     (["a b\tx", "c d\tx"], [], r"one label \('x'\); classification needs at least 2"),
     (["a b\t1.5", "c d\tmany"], ["--task", "regression"], r"row 2: regression targets are numbers, got \['many'\]"),
     (["a b\tx", "c d\ty"], ["--model.head=regression"], "model.head=regression contradicts training.task"),
