@@ -1107,64 +1107,79 @@ def main(argv=None):
         args, rest = parser.parse_known_args(canonical_argv(sys.argv[1:] if argv is None else argv, own=ALIASES,
                                                             log=lambda s: print(s, file=sys.stderr)))
         cfg = load_config(config_file(args.config), rest, sections=SECTIONS, aliases=ALIASES)
-        scfg: SampleConfig = cfg["sample"]
         overrides = parse_overrides(rest, sections=SECTIONS, aliases=ALIASES)
         refuse("generate.py reads the model from its checkpoint; it does not use",
                ((f"--{section}.{key}", section not in ("sample", "quantize") and (section, key) != ("training", "out_dir"))
                 for section, keys in overrides.items() for key in keys))
-        given = overrides.get("sample", {})
+        scfg: SampleConfig = cfg["sample"]
         path = scfg.checkpoint or str(Path(cfg["training"].out_dir) / "best.pt")
         device = pick_device(scfg.device)
         model, tokenizer = load_model(path, lora=scfg.lora, quantize=cfg["quantize"], device=device)
         model = set_dtype(model, scfg.dtype, device)
-        series_options = [f"--{k}" for k in ("input", "horizon", "holdout", "plot") if getattr(scfg, k)]
-        if model.config.input_dim is None and series_options:
-            raise ValueError(f"{', '.join(series_options)}: for a model of time series; {path} holds a model of text")
-        if model.config.head != "lm":
-            check_prediction_options(model, scfg, given)
-        if model.config.input_dim is not None:   # time series: forecasts, labels or values
-            return series_main(model, tokenizer, load_checkpoint(scfg.lora or path), scfg)
-        if model.config.head != "lm":        # a classifier or regressor: outputs, not text
-            return predict_main(model, tokenizer, load_checkpoint(scfg.lora or path)["task"], scfg)
-        generator = torch.Generator(device=device)
-        if scfg.seed is not None:
-            generator.manual_seed(scfg.seed)
-        else:
-            generator.seed()
-        check_mode_options(scfg, given)
-        if hasattr(model, "encoder"):         # an encoder-decoder: a translation per source
-            return translate_main(model, tokenizer, scfg, generator, given=given)
-        if scfg.eos != "stop" and tokenizer.eot_id is None:
-            raise ValueError(f"eos=ignore: the {tokenizer.kind} tokenizer has no end-of-text token to ignore")
-        if scfg.prompt_file:
-            return prompt_file_main(model, tokenizer, scfg, generator)
-        check_lm_mode(scfg, given)
-        if scfg.interactive:
-            return interactive(model, tokenizer, scfg, generator)
-        if scfg.draft_checkpoint:
-            return speculative_main(model, tokenizer, scfg, generator, device)
-        if scfg.beam_size > 1:
-            ranked = beam_search(model, encode_prompt(tokenizer, scfg.prompt), scfg.max_new_tokens,
-                                 beam_size=scfg.beam_size, length_penalty=scfg.length_penalty,
-                                 num_return_sequences=scfg.num_return_sequences,
-                                 eos_id=scfg.eos_id(tokenizer), compile=scfg.compile)
-            for i, (ids, score) in enumerate(ranked):
-                print(("\n" if i else "") + f"[beam {i + 1}, score {score:.4f}]\n{scfg.prompt}{tokenizer.decode(ids)}")
-            return
-        for i in range(scfg.num_samples):
-            if i:
-                print("\n" + "-" * 40)
-            if scfg.stream:
-                sys.stdout.write(scfg.prompt)
-                text = generate_text(model, tokenizer, scfg.prompt, scfg, generator=generator, out=sys.stdout)
-                print()
-            else:
-                text = generate_text(model, tokenizer, scfg.prompt, scfg, generator=generator)
-                print(text)
-        if scfg.save_attention:
-            print(f"attention: {save_attention(model, tokenizer, text, scfg.save_attention)}", file=sys.stderr)
+        dispatch(model, tokenizer, scfg, overrides.get("sample", {}), path=path, device=device)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+
+
+def dispatch(model, tokenizer, cfg: SampleConfig, given, *, path: str, device: str):
+    """What generate.py does with a loaded model: predict (a classifier, regressor or model of
+    series), translate (an encoder-decoder), or write text in the mode cfg asks for. given:
+    the sample options typed on the command line."""
+    series_options = [f"--{k}" for k in ("input", "horizon", "holdout", "plot") if getattr(cfg, k)]
+    if model.config.input_dim is None and series_options:
+        raise ValueError(f"{', '.join(series_options)}: for a model of time series; {path} holds a model of text")
+    if model.config.head != "lm":
+        check_prediction_options(model, cfg, given)
+    if model.config.input_dim is not None:   # time series: forecasts, labels or values
+        return series_main(model, tokenizer, load_checkpoint(cfg.lora or path), cfg)
+    if model.config.head != "lm":            # a classifier or regressor: outputs, not text
+        return predict_main(model, tokenizer, load_checkpoint(cfg.lora or path)["task"], cfg)
+    generator = torch.Generator(device=device)
+    if cfg.seed is not None:
+        generator.manual_seed(cfg.seed)
+    else:
+        generator.seed()
+    check_mode_options(cfg, given)
+    if hasattr(model, "encoder"):             # an encoder-decoder: a translation per source
+        return translate_main(model, tokenizer, cfg, generator, given=given)
+    if cfg.eos != "stop" and tokenizer.eot_id is None:
+        raise ValueError(f"eos=ignore: the {tokenizer.kind} tokenizer has no end-of-text token to ignore")
+    if cfg.prompt_file:
+        return prompt_file_main(model, tokenizer, cfg, generator)
+    check_lm_mode(cfg, given)
+    if cfg.interactive:
+        return interactive(model, tokenizer, cfg, generator)
+    if cfg.draft_checkpoint:
+        return speculative_main(model, tokenizer, cfg, generator, device)
+    if cfg.beam_size > 1:
+        return beam_main(model, tokenizer, cfg)
+    sample_main(model, tokenizer, cfg, generator)
+
+
+def beam_main(model, tokenizer, cfg: SampleConfig):
+    """generate.py --beam_size K: the num_return_sequences best beams, each with its score."""
+    ranked = beam_search(model, encode_prompt(tokenizer, cfg.prompt), cfg.max_new_tokens, beam_size=cfg.beam_size,
+                         length_penalty=cfg.length_penalty, num_return_sequences=cfg.num_return_sequences,
+                         eos_id=cfg.eos_id(tokenizer), compile=cfg.compile)
+    for i, (ids, score) in enumerate(ranked):
+        print(("\n" if i else "") + f"[beam {i + 1}, score {score:.4f}]\n{cfg.prompt}{tokenizer.decode(ids)}")
+
+
+def sample_main(model, tokenizer, cfg: SampleConfig, generator):
+    """generate.py's default mode: num_samples texts from the prompt (streamed with --stream),
+    then --save_attention over the last."""
+    for i in range(cfg.num_samples):
+        if i:
+            print("\n" + "-" * 40)
+        if cfg.stream:
+            sys.stdout.write(cfg.prompt)
+            text = generate_text(model, tokenizer, cfg.prompt, cfg, generator=generator, out=sys.stdout)
+            print()
+        else:
+            text = generate_text(model, tokenizer, cfg.prompt, cfg, generator=generator)
+            print(text)
+    if cfg.save_attention:
+        print(f"attention: {save_attention(model, tokenizer, text, cfg.save_attention)}", file=sys.stderr)
 
 
 SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "stop", "eos",

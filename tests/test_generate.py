@@ -523,7 +523,7 @@ def test_sampled_speculative_follows_the_target_distribution(compile, top_k):
     with torch.no_grad():
         exact = torch.stack([law(prompt)[a] * law(prompt + [a]) for a in range(4)]).flatten()
     g = torch.Generator().manual_seed(0)
-    n = 1500
+    n = 1500 if top_k is None else 600                # top-2 of each step leaves 4 cells to fill
     counts = torch.zeros(16)
     for _ in range(n):
         (a, b), _ = generate.speculative_generate(target, draft, prompt, 2, k=3, temperature=1.0, top_k=top_k,

@@ -14,6 +14,7 @@ import torch
 from model import Transformer, TransformerConfig
 from series import (ForecastWindows, SeriesScaler, fill_missing, read_labelled_series, read_series)
 from tasks import ForecastTask
+import train as train_mod
 from train import TransformerTrainer
 from utils import load_model
 
@@ -268,11 +269,11 @@ def test_a_two_channel_forecaster_logs_attention_and_resumes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     evals = [row for row in rows if row["event"] == "eval"]
     assert [row["step"] for row in evals] == [2, 4] and any("attn_entropy/L0/H1" in row for row in rows)
-    r = run("train.py", *common, "--model.output_dim=3", "--data.time_shift=2", cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.strip() == "error: data.time_shift: not used by training.task=forecast"
-    r = run("train.py", *common, "--model.output_dim=3", cwd=tmp_path)
-    assert r.returncode == 1 and r.stderr.strip() == (
-        "error: model.output_dim=3 (the data makes it 2): leave it to the data"), r.stderr
+    here = [a.replace("two.csv", str(tmp_path / "two.csv")) for a in common]
+    with pytest.raises(SystemExit, match="^error: data.time_shift: not used by training.task=forecast$"):
+        train_mod.main([*here, "--data.time_shift=2"])
+    with pytest.raises(SystemExit, match=r"^error: model.output_dim=3 \(the data makes it 2\): leave it to the data$"):
+        train_mod.main([*here, "--model.output_dim=3"])
 
 
 def test_series_classification_command_line(tmp_path):
