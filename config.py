@@ -395,11 +395,33 @@ def load_config(path: Optional[str], argv: list[str] = (), *, sections: dict[str
                 raise ValueError(f"unknown section '{section}' in {source}; {closest(section, sections)}")
             if not isinstance(updates, dict):
                 raise ValueError(f"section '{section}' in {source} must be a mapping")
-            if section == "training" and updates.keys() & set(BUDGETS):
-                for key in set(BUDGETS) - updates.keys():
-                    values[section].pop(key, None)
+            named = [k for k in BUDGETS if section == "training" and k in updates
+                     and coerce(updates[k], field_types(TrainConfig)[k], f"training.{k} ({source})") is not None]
+            for key in (set(BUDGETS) - set(named)) if named else ():
+                values[section].pop(key, None)
             _apply(values[section], sections[section], section, updates, source)
     return {name: cls(**values[name]) for name, cls in sections.items()}
+
+
+def saved_config(config: dict) -> dict:
+    """A run config saved in a checkpoint, as today's checks accept it: an option that run
+    ignored (an int8 group size, a vocabulary size without BPE, LoRA settings without LoRA, a
+    final dropout without its schedule) goes back to its default."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    q, d, lora, t = (out.get(name) or {} for name in ("quantize", "data", "lora", "training"))
+    if q.get("mode") != "int4":
+        q.pop("group_size", None)
+    bpe = "bpe" in (d.get("tokenizer", "char"), d.get("target_tokenizer"))
+    if not bpe:
+        d.pop("bpe", None)
+    if not bpe or d.get("bpe", "train") != "train":
+        d.pop("vocab_size", None)
+    if not lora.get("r"):
+        for key in ("alpha", "dropout", "targets"):
+            lora.pop(key, None)
+    if t.get("dropout_schedule", "constant") == "constant":
+        t.pop("dropout_final", None)
+    return out
 
 
 def config_file(path: str, default: str = "config.yaml") -> Optional[str]:

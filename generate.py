@@ -98,7 +98,7 @@ class SampleConfig:
                                        ("draft_checkpoint", self.draft_checkpoint),
                                        ("beam_size", self.beam_size > 1)) if on]
         if self.save_attention and other:
-            raise ValueError(f"save_attention draws one sampled text; it does not combine with {other[0]}")
+            raise ValueError(f"save_attention draws one text; it does not combine with {other[0]}")
 
     def eos_id(self, tokenizer) -> Optional[int]:
         """The token that ends the output: the tokenizer's end-of-text token with eos=stop, else None."""
@@ -927,8 +927,8 @@ def predict_main(model, tokenizer, task: dict, cfg: SampleConfig, *, read=input)
         texts = read_prompts(cfg.prompt_file) if cfg.prompt_file else [cfg.prompt]
         outputs = predict_texts(model, tokenizer, texts, labels=labels, batch_size=cfg.batch_size or 32)
         print("\n".join(prediction_table(outputs, labels)))
-        if cfg.save_attention:
-            print(f"attention: {save_attention(model, tokenizer, texts[0], cfg.save_attention)}", file=sys.stderr)
+        if cfg.save_attention:             # one --prompt: SampleConfig refuses it beside --prompt_file
+            print(f"attention: {save_attention(model, tokenizer, cfg.prompt, cfg.save_attention)}", file=sys.stderr)
         return
     print(f"Interactive {model.config.head} ({tokenizer.kind} tokenizer): a text per line. Ctrl-D or 'quit' exits.")
     for text in typed_lines(read):
@@ -1204,7 +1204,8 @@ def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
     ids = encode_prompt(tokenizer, cfg.prompt)
     if cfg.compile:      # compile the draft's step, and the target's for the comparison, before timing
         speculative_generate(model, draft, ids, min(cfg.max_new_tokens, cfg.speculative_k + 2), k=cfg.speculative_k,
-                             temperature=cfg.temperature, generator=torch.Generator(device=device), compile=True)
+                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
+                             generator=torch.Generator(device=device), compile=True)
         for _ in generate_tokens(model, torch.tensor([ids], device=device), 2, temperature=cfg.temperature,
                                  generator=torch.Generator(device=device), compile=True):
             pass
@@ -1224,6 +1225,7 @@ def speculative_main(model, tokenizer, cfg: SampleConfig, generator, device):
         n = max(len(new), 1)                  # as many tokens as the output (fewer after an eos)
         start = time.perf_counter()
         for _ in generate_tokens(model, torch.tensor([ids], device=device), n, temperature=cfg.temperature,
+                                 top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
                                  generator=torch.Generator(device=device), compile=cfg.compile):
             pass
         plain_s = time.perf_counter() - start

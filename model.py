@@ -1290,8 +1290,8 @@ class LoRAConfig:
             raise ValueError(f"lora.alpha={self.alpha} must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
-        default = {"alpha": LoRAConfig.alpha, "dropout": LoRAConfig.dropout, "targets": list(LORA_TARGETS)}
-        off = [f"lora.{k}" for k, v in default.items() if getattr(self, k) != v]
+        off = [f"lora.{f.name}" for f in dataclasses.fields(self) if f.name != "r" and getattr(self, f.name) != (
+            f.default_factory() if f.default is dataclasses.MISSING else f.default)]
         if not self.r and off:
             raise ValueError(f"{', '.join(off)}: LoRA is off (lora.r=0); set lora.r to train adapters")
 

@@ -45,7 +45,7 @@ import torch.distributed as dist
 import yaml
 
 from config import (ALIASES, PRESETS, SECTIONS, DataConfig, TrainConfig, canonical_argv, config_file,
-                    config_to_dict, load_config, parse_overrides)
+                    config_to_dict, load_config, parse_overrides, saved_config)
 from data import (Document, EncodedPairs, EncodedTexts, PairTokenizer, TokenDataset, build_tokenizer,
                   prepared_dataset, read_labelled, split_rows, tokenizer_from_state)
 from model import (HEAD_FIELDS, Int4Linear, Int8Linear, Seq2SeqTransformer, Transformer, TransformerConfig,
@@ -456,14 +456,14 @@ class TransformerTrainer:
             _set_rng_state(self._resume["rng"], self.device)
         if rank > 0 and self._resume is None:
             torch.manual_seed(cfg.seed + rank)          # each rank its own dropout masks
-        if cfg.compile and self.fwd is self.wrapped:
-            self.fwd = compile_model(self.wrapped, lambda fwd: self._trial(fwd, stream))
         spent = lambda: self.elapsed / cfg.max_time if cfg.max_time else self.step / total_steps  # noqa: E731
         if self._resume is not None and spent() >= 1.0:
             budget = f"max_time={cfg.max_time:g} s" if cfg.max_time else (
                 f"epochs={epochs:g}" if epochs else f"max_iters={cfg.max_iters}")
             raise ValueError(f"nothing to train: the resumed run is at step {self.step} and its budget "
                              f"(training.{budget}) is spent; raise it to go on")
+        if cfg.compile and self.fwd is self.wrapped:
+            self.fwd = compile_model(self.wrapped, lambda fwd: self._trial(fwd, stream))
         last_eval, stop, losses = -1, False, list((self._resume or {}).get("losses", []))
         with Record(self, resumed=self._resume is not None, total=cfg.max_time or total_steps) as record, \
                 SignalStop() as signals:
@@ -1035,8 +1035,10 @@ def check_run_kind(cfg: dict, base: Optional[dict], *, series: bool):
                                     ("data.time_shift", d.time_shift)) if on]
     if unused and not series:
         raise ValueError(f"{', '.join(unused)}: for runs on time series; data.path is read as text here")
-    if series and (d.tokenizer != "char" or d.target_tokenizer):
-        raise ValueError("data.tokenizer: a run on time series reads numbers, not tokens")
+    tokens = [name for name, on in (("data.tokenizer", d.tokenizer != "char"),
+                                    ("data.target_tokenizer", d.target_tokenizer)) if on]
+    if series and tokens:
+        raise ValueError(f"{', '.join(tokens)}: a run on time series reads numbers, not tokens")
 
 
 def check_task_options(cfg: dict, overrides: dict):
@@ -1054,7 +1056,8 @@ def check_task_options(cfg: dict, overrides: dict):
                ("data.truncate", d.truncate, ("seq2seq",)), ("data.cache_dir", d.cache_dir is not None, ("lm",)),
                ("training.eval_iters (other tasks evaluate every validation row)",
                 "eval_iters" in overrides.get("training", {}), ("lm",)),
-               ("training.log_attention", t.log_attention, ("lm", *pooled)))
+               ("training.log_attention", t.log_attention, ("lm", *pooled)),
+               ("model.vocab_size (the tokenizer sets it)", "vocab_size" in overrides.get("model", {}), ()))
     unused = [name for name, given, tasks in readers if given and t.task not in tasks]
     if unused:
         raise ValueError(f"{', '.join(unused)}: not read by training.task={t.task}")
@@ -1155,6 +1158,8 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict], overrides: dict)
     if cfg["model"].head not in ("lm", tcfg.task):
         raise ValueError(f"model.head={cfg['model'].head} contradicts training.task={tcfg.task}; the task "
                          f"sets the head (--task {cfg['model'].head})")
+    if resume_from is None:       # the user's options (a resumed run's were checked when it started)
+        check_task_options(cfg, overrides)
     base, base_ref = base_checkpoint(cfg, resume_from)
     if base:   # a fine-tune keeps the base's architecture and tokenizer, under this run's head
         check_fine_tune_options(cfg, overrides, base)
@@ -1169,7 +1174,6 @@ def _train(cfg: dict, device: str, resume_from: Optional[dict], overrides: dict)
     val, scaler = None, None
     series = series_run(cfg)
     check_run_kind(cfg, base, series=series)
-    check_task_options(cfg, overrides)
     if series:
         data, val, task, scaler, fields = series_data(cfg, known, resumed=resume_from is not None)
         cfg, model = with_data_fields(cfg, fields, overrides), None
@@ -1230,7 +1234,7 @@ def resolve(argv: list[str]) -> tuple[dict, Optional[dict], dict]:
     last = Path(cfg["training"].out_dir) / "last.pt"
     ckpt = load_checkpoint(last)
     # resume with the checkpoint's own configuration; only the command line changes it
-    resumed = load_config(None, rest, sections=SECTIONS, base=ckpt["config"], aliases=ALIASES)
+    resumed = load_config(None, rest, sections=SECTIONS, base=saved_config(ckpt["config"]), aliases=ALIASES)
     stored = TransformerConfig.from_dict(ckpt["model_config"]).to_dict()   # keys newer than the file: defaults
     for key, value in dataclasses.asdict(resumed["model"]).items():
         if key != "vocab_size" and stored[key] != value:

@@ -474,10 +474,10 @@ def _plain_payload(model, tokenizer, ckpt: dict, **extra) -> dict:
 def val_perplexity(model, tokenizer, ckpt: dict, data_path: Optional[str] = None) -> float:
     """Perplexity over every validation token once, on the data the checkpoint trained on
     (or data_path), split as in training."""
-    from config import DataConfig
+    from config import DataConfig, saved_config
     from data import load_dataset
     from tasks import split_loss
-    data_cfg = DataConfig(**{**ckpt.get("config", {}).get("data", {}),
+    data_cfg = DataConfig(**{**saved_config(ckpt.get("config", {})).get("data", {}),
                              **({"path": data_path} if data_path else {})})
     block = model.config.block_size
     data = load_dataset(data_cfg, block_size=block, tokenizer=tokenizer)
@@ -601,8 +601,8 @@ def export_main(argv: list[str]) -> None:
         export_hf(model, tokenizer, out, dtype=dtype, force=args.force)
     elif args.format == "gguf":
         export_gguf(model, tokenizer, out, dtype=dtype, force=args.force)
-        if gguf_tokenizer_note(tokenizer):
-            print(f"note: {gguf_tokenizer_note(tokenizer)}", file=sys.stderr)
+        if note := gguf_tokenizer_note(tokenizer):
+            print(f"note: {note}", file=sys.stderr)
     else:
         out = check_out(out.with_suffix(f".{args.format}") if not out.suffix else out, force=args.force, directory=False)
         save_model_weights_only(model, out, tokenizer=tokenizer, dtype=dtype, config=ckpt.get("config"),

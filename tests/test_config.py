@@ -16,7 +16,7 @@ from data import DataConfig
 from generate import SampleConfig
 from model import TransformerConfig
 from train import TrainConfig
-from config import coerce, load_config, parse_overrides
+from config import coerce, load_config, parse_overrides, saved_config
 
 S = train.SECTIONS
 REPO = Path(__file__).resolve().parents[1]
@@ -211,11 +211,22 @@ def test_run_preset_sets_model_and_training_and_cli_wins():
     assert cfg["model"].d_model == preset["model"]["d_model"]
 
 
+def test_a_saved_config_loads_under_todays_checks():
+    """Options a run ignored when it was saved (before they were errors) go back to defaults."""
+    saved = {"quantize": {"mode": "int8", "group_size": 32}, "data": {"tokenizer": "char", "vocab_size": 300},
+             "lora": {"r": 0, "alpha": 8.0}, "training": {"dropout_schedule": "constant", "dropout_final": 0.1,
+                                                         "max_iters": 40}}
+    cfg = cfg_of(base=saved_config(saved))
+    assert cfg["quantize"].mode == "int8" and cfg["training"].max_iters == 40 and cfg["lora"].r == 0
+    assert saved["quantize"]["group_size"] == 32          # the checkpoint's own dict is left alone
+
+
 def test_a_budget_on_the_command_line_replaces_the_presets():
     cfg = cfg_of("--training.max_iters=1", presets=train.PRESETS, preset="cpu-fast")
     assert (cfg["training"].max_iters, cfg["training"].max_time, cfg["training"].epochs) == (1, None, None)
     cfg = cfg_of("--training.epochs=2", presets=train.PRESETS, preset="cpu-fast")
     assert (cfg["training"].max_time, cfg["training"].epochs) == (None, 2.0)
+    assert cfg_of("--training.max_time=null", base={"training": {"max_iters": 7}})["training"].max_iters == 7
     cfg = cfg_of("--training.learning_rate=1e-3", presets=train.PRESETS, preset="cpu-fast")
     assert cfg["training"].max_time == train.PRESETS["cpu-fast"]["training"]["max_time"]   # no budget given
 

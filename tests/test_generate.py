@@ -962,4 +962,4 @@ def test_save_attention_with_another_mode_is_a_clear_error(trained_run, tmp_path
                            "--beam_size", "2", "--save_attention", str(tmp_path / "a.png")], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == "error: save_attention draws one sampled text; it does not combine with beam_size"
+    assert proc.stderr.strip() == "error: save_attention draws one text; it does not combine with beam_size"

@@ -319,7 +319,7 @@ def test_an_lm_checkpoint_fine_tunes_as_a_classifier_with_lora(classifier_run, t
     lm_dir, clf_dir = tmp_path / "lm", tmp_path / "clf"
     text = tmp_path / "text.txt"
     text.write_text(" ".join(l.split("\t")[0] for l in data.read_text().splitlines()[1:]) * 3)
-    lm_cli = [a for a in TASK_CLI if "pooling" not in a]
+    lm_cli = [a for a in TASK_CLI if "pooling" not in a] + ["--model.tie_weights=false"]   # as Llama bases are
     assert cli(train_mod, "--data", text, "--training.max_iters=1", *TASK_CLI) == (
         "error: model.pooling: not read by training.task=lm")
     cli(train_mod, "--data", text, "--training.max_iters=20", f"--training.out_dir={lm_dir}", *lm_cli)
@@ -365,6 +365,7 @@ def test_train_py_trains_a_regressor_and_generate_py_prints_its_values(tmp_path)
      r"training.log_attention: not read by training.task=seq2seq$"),
     (["a b\tx", "c d\ty"], ["--model.num_classes=5"], r"model.num_classes=5 \(the data makes it 2\): leave it to the data"),
     (["a b\tx", "c d\ty"], ["--lora.alpha=8"], r"lora.alpha: LoRA is off \(lora.r=0\); set lora.r"),
+    (["a b\tx", "c d\ty"], ["--model.vocab_size=99"], r"model.vocab_size \(the tokenizer sets it\): not read"),
     (["a b\tx", "c d\tx"], [], r"one label \('x'\); classification needs at least 2"),
     (["a b\t1.5", "c d\tmany"], ["--task", "regression"], r"row 2: regression targets are numbers, got \['many'\]"),
     (["a b\tx", "c d\ty"], ["--model.head=regression"], "model.head=regression contradicts training.task"),
