@@ -981,7 +981,7 @@ def series_main(model, scaler, ckpt: dict, cfg: SampleConfig):
     if not cfg.input:
         raise ValueError("this model reads time series: give the series with --input FILE (.csv, .npy, .npz or .ts)")
     scaler = scaler or SeriesScaler.identity(model.config.input_dim)   # a model saved without one reads raw values
-    forecast_only = [f"--{k}" for k in ("horizon", "holdout", "plot") if getattr(cfg, k)]
+    forecast_only = [f"--{k}" for k in FORECASTING if getattr(cfg, k)]
     if model.config.head != "forecast" and forecast_only:
         raise ValueError(f"{', '.join(forecast_only)}: for a forecaster; this model is a {model.config.head} model")
     data, task = ckpt.get("config", {}).get("data", {}), ckpt.get("task") or {}
@@ -1047,7 +1047,8 @@ def refuse(what: str, options) -> None:
 # The sample options of a model that predicts (labels, values or forecasts) rather than writes
 PREDICTING = ("checkpoint", "lora", "device", "dtype", "batch_size")
 TEXT_PREDICTING = (*PREDICTING, "prompt", "prompt_file", "interactive", "save_attention")
-SERIES_PREDICTING = (*PREDICTING, "input", "horizon", "holdout", "plot")
+FORECASTING = ("horizon", "holdout", "plot")           # the options only a forecaster reads
+SERIES_PREDICTING = (*PREDICTING, "input", *FORECASTING)
 
 
 def check_prediction_options(model, cfg: SampleConfig, given) -> None:
@@ -1125,7 +1126,7 @@ def dispatch(model, tokenizer, cfg: SampleConfig, given, *, path: str, device: s
     """What generate.py does with a loaded model: predict (a classifier, regressor or model of
     series), translate (an encoder-decoder), or write text in the mode cfg asks for. given:
     the sample options typed on the command line."""
-    series_options = [f"--{k}" for k in ("input", "horizon", "holdout", "plot") if getattr(cfg, k)]
+    series_options = [f"--{k}" for k in ("input", *FORECASTING) if getattr(cfg, k)]
     if model.config.input_dim is None and series_options:
         raise ValueError(f"{', '.join(series_options)}: for a model of time series; {path} holds a model of text")
     if model.config.head != "lm":
