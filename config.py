@@ -424,6 +424,19 @@ def saved_config(config: dict) -> dict:
     return out
 
 
+def refuse(message: str, options) -> None:
+    """Raise a one-line ValueError naming every option of (name, given) pairs that is given,
+    in place of the {} in message; nothing when none is. An option a run would ignore is an error.
+
+        >>> refuse("{}: not read by training.task=lm", [("model.pooling", True), ("data.truncate", False)])
+        Traceback (most recent call last):
+        ValueError: model.pooling: not read by training.task=lm
+    """
+    given = [name for name, on in options if on]
+    if given:
+        raise ValueError(message.replace("{}", ", ".join(given)))
+
+
 def config_file(path: str, default: str = "config.yaml") -> Optional[str]:
     """The YAML file to read: a path the user named must exist (load_config says so);
     the default may be absent, and then only defaults and overrides apply."""

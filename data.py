@@ -1064,7 +1064,7 @@ def main(argv=None):
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml)")
     parser.add_argument("--out", help="genres: the file to write (default: genres.tsv)")
     args, rest = parser.parse_known_args(argv)
-    from config import ALIASES, SECTIONS, config_file, load_config, parse_overrides
+    from config import ALIASES, SECTIONS, config_file, load_config, parse_overrides, refuse
     try:
         if args.command == "genres":
             if rest or args.config != "config.yaml":
@@ -1079,11 +1079,9 @@ def main(argv=None):
                           other_sections=("sample",))
         read = {"data": {"path", "tokenizer", "bpe", "vocab_size", "val_fraction", "cache_dir"},
                 "training": {"out_dir", "progress"}}
-        unused = [f"--{section}.{key}" for section, keys in parse_overrides(rest, sections=SECTIONS,
-                                                                             aliases=ALIASES).items()
-                  for key in keys if key not in read.get(section, ())]
-        if unused:
-            raise ValueError(f"prepare tokenizes a language model's corpus; it does not use {', '.join(unused)}")
+        refuse("prepare tokenizes a language model's corpus; it does not use {}",
+               ((f"--{section}.{key}", key not in read.get(section, ()))
+                for section, keys in parse_overrides(rest, sections=SECTIONS, aliases=ALIASES).items() for key in keys))
         directory = prepared_dir(cfg["data"], out_dir=cfg["training"].out_dir)
         prepare(cfg["data"], directory, progress=cfg["training"].progress)
     except (ValueError, OSError) as e:

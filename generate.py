@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from config import (SECTIONS as RUN_SECTIONS, canonical_argv, coerce, config_file, field_types, load_config,
-                    parse_overrides)
+                    parse_overrides, refuse)
 from model import closest
 from tasks import pad_sequences, predict_all, task_for
 from utils import PRECISION_DTYPES, CheckpointError, load_checkpoint, load_model, pick_device, plot_attention, png
@@ -790,7 +790,7 @@ def read_prompts(path: str) -> list[str]:
 def prompt_file_main(model, tokenizer, cfg: SampleConfig, generator):
     """generate.py --prompt_file: every prompt (num_samples times) in batched decodes, printed
     in file order."""
-    refuse("prompt_file decodes a batch; it does not combine with",
+    refuse("prompt_file decodes a batch; it does not combine with {}",
            (("stream", cfg.stream), ("interactive", cfg.interactive), ("beam_size > 1", cfg.beam_size > 1),
             ("draft_checkpoint", cfg.draft_checkpoint)))
     prompts, encoded = read_prompts(cfg.prompt_file), []
@@ -850,7 +850,7 @@ def save_cross_attention(model, tokenizer, source: str, target: str, path) -> st
 def translate_main(model, tokenizer, cfg: SampleConfig, generator, *, read=input, given=()):
     """generate.py on an encoder-decoder: --prompt (one source), --prompt_file (a batch, one
     source per line) or --interactive (a source per line typed); prints each target."""
-    refuse("an encoder-decoder prints one target per source, ending at its EOS; it does not take",
+    refuse("an encoder-decoder prints one target per source, ending at its EOS; it does not take {}",
            (("num_samples > 1", cfg.num_samples > 1), ("stop", bool(cfg.stop)), ("eos=ignore", cfg.eos != "stop"),
             ("stream", cfg.stream), ("chat", cfg.chat), ("num_return_sequences > 1", cfg.num_return_sequences > 1),
             ("draft_checkpoint", cfg.draft_checkpoint), ("compile", cfg.compile), *sampling_knobs(cfg, given)))
@@ -981,9 +981,9 @@ def series_main(model, scaler, ckpt: dict, cfg: SampleConfig):
     if not cfg.input:
         raise ValueError("this model reads time series: give the series with --input FILE (.csv, .npy, .npz or .ts)")
     scaler = scaler or SeriesScaler.identity(model.config.input_dim)   # a model saved without one reads raw values
-    forecast_only = [f"--{k}" for k in FORECASTING if getattr(cfg, k)]
-    if model.config.head != "forecast" and forecast_only:
-        raise ValueError(f"{', '.join(forecast_only)}: for a forecaster; this model is a {model.config.head} model")
+    if model.config.head != "forecast":
+        refuse(f"{{}}: for a forecaster; this model is a {model.config.head} model",
+               ((f"--{k}", getattr(cfg, k)) for k in FORECASTING))
     data, task = ckpt.get("config", {}).get("data", {}), ckpt.get("task") or {}
     if model.config.head == "forecast":
         return forecast_main(model, scaler, cfg, missing=data.get("missing", "error"), lookback=task.get("lookback"))
@@ -1036,14 +1036,6 @@ ALIASES = {**{name: f"sample.{name}" for name in SampleConfig.__dataclass_fields
            "quantize": "quantize.mode", "group_size": "quantize.group_size"}
 
 
-def refuse(what: str, options) -> None:
-    """A ValueError "<what> a, b" naming every option of (name, given) pairs that is given:
-    options a decoding mode would otherwise ignore."""
-    given = [name for name, on in options if on]
-    if given:
-        raise ValueError(f"{what} {', '.join(given)}")
-
-
 # The sample options of a model that predicts (labels, values or forecasts) rather than writes
 PREDICTING = ("checkpoint", "lora", "device", "dtype", "batch_size")
 TEXT_PREDICTING = (*PREDICTING, "prompt", "prompt_file", "interactive", "save_attention")
@@ -1058,7 +1050,7 @@ def check_prediction_options(model, cfg: SampleConfig, given) -> None:
     used = SERIES_PREDICTING if series else TEXT_PREDICTING
     one_input = model.config.head == "forecast" or not (series or cfg.prompt_file)
     prints = {"classification": "labels and probabilities", "forecast": "a forecast"}.get(model.config.head, "values")
-    refuse(f"a {model.config.head} model{' of time series' * series} prints {prints}; it does not use",
+    refuse(f"a {model.config.head} model{' of time series' * series} prints {prints}; it does not use {{}}",
            ((f"--{k}", k not in used or k == "batch_size" and one_input) for k in given))
 
 
@@ -1068,7 +1060,7 @@ SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"
 def check_mode_options(cfg: SampleConfig, given=()) -> None:
     """An option of a decoding mode that this command does not run is an error. given: the
     sample options on the command line (a default cannot tell a --prompt from config.yaml's)."""
-    refuse("options for a mode this command does not run:", (
+    refuse("options for a mode this command does not run: {}", (
         ("--length_penalty (needs --beam_size > 1)", cfg.length_penalty != SampleConfig.length_penalty
          and cfg.beam_size == 1),
         ("--speculative_k (needs --draft_checkpoint)", cfg.speculative_k != SampleConfig.speculative_k
@@ -1090,12 +1082,12 @@ def check_lm_mode(cfg: SampleConfig, given=()) -> None:
     """A language model decodes one prompt in one mode: beam search and speculative decoding
     refuse the options they would otherwise ignore (given: the sample options typed)."""
     if cfg.beam_size > 1:
-        refuse("beam_size > 1 does not combine with", (("stream", cfg.stream), ("num_samples > 1", cfg.num_samples > 1),
+        refuse("beam_size > 1 does not combine with {}", (("stream", cfg.stream), ("num_samples > 1", cfg.num_samples > 1),
                                                        ("stop", bool(cfg.stop)), ("interactive", cfg.interactive),
                                                        ("draft_checkpoint", cfg.draft_checkpoint),
                                                        *sampling_knobs(cfg, given)))
     if cfg.draft_checkpoint:
-        refuse("draft_checkpoint does not combine with", (("stream", cfg.stream), ("interactive", cfg.interactive),
+        refuse("draft_checkpoint does not combine with {}", (("stream", cfg.stream), ("interactive", cfg.interactive),
                                                           ("repetition_penalty", cfg.repetition_penalty != 1.0)))
 
 
@@ -1109,7 +1101,7 @@ def main(argv=None):
                                                             log=lambda s: print(s, file=sys.stderr)))
         cfg = load_config(config_file(args.config), rest, sections=SECTIONS, aliases=ALIASES)
         overrides = parse_overrides(rest, sections=SECTIONS, aliases=ALIASES)
-        refuse("generate.py reads the model from its checkpoint; it does not use",
+        refuse("generate.py reads the model from its checkpoint; it does not use {}",
                ((f"--{section}.{key}", section not in ("sample", "quantize") and (section, key) != ("training", "out_dir"))
                 for section, keys in overrides.items() for key in keys))
         scfg: SampleConfig = cfg["sample"]
@@ -1126,9 +1118,9 @@ def dispatch(model, tokenizer, cfg: SampleConfig, given, *, path: str, device: s
     """What generate.py does with a loaded model: predict (a classifier, regressor or model of
     series), translate (an encoder-decoder), or write text in the mode cfg asks for. given:
     the sample options typed on the command line."""
-    series_options = [f"--{k}" for k in ("input", *FORECASTING) if getattr(cfg, k)]
-    if model.config.input_dim is None and series_options:
-        raise ValueError(f"{', '.join(series_options)}: for a model of time series; {path} holds a model of text")
+    if model.config.input_dim is None:
+        refuse(f"{{}}: for a model of time series; {path} holds a model of text",
+               ((f"--{k}", getattr(cfg, k)) for k in ("input", *FORECASTING)))
     if model.config.head != "lm":
         check_prediction_options(model, cfg, given)
     if model.config.input_dim is not None:   # time series: forecasts, labels or values

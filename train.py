@@ -45,7 +45,7 @@ import torch.distributed as dist
 import yaml
 
 from config import (ALIASES, PRESETS, SECTIONS, DataConfig, TrainConfig, canonical_argv, config_file,
-                    config_to_dict, load_config, parse_overrides, saved_config)
+                    config_to_dict, load_config, parse_overrides, refuse, saved_config)
 from data import (Document, EncodedPairs, EncodedTexts, PairTokenizer, TokenDataset, build_tokenizer,
                   prepared_dataset, read_labelled, split_rows, tokenizer_from_state)
 from model import (HEAD_FIELDS, Int4Linear, Int8Linear, Seq2SeqTransformer, Transformer, TransformerConfig,
@@ -972,15 +972,13 @@ def series_data(cfg: dict, known: Optional[dict], *, resumed: bool):
 def check_series_options(cfg: dict):
     """Options that belong to one kind of series run are refused by the others."""
     dcfg, tcfg, mcfg = cfg["data"], cfg["training"], cfg["model"]
-    if tcfg.task == "forecast":
-        unused = [name for name, on in (("data.val_path", dcfg.val_path), ("data.target", dcfg.target),
-                                        ("data.time_shift", dcfg.time_shift)) if on]
-    else:
-        unused = [name for name, on in (("model.horizon", mcfg.horizon), ("data.lookback", dcfg.lookback),
-                                        ("data.val_fraction (data.val_path is the validation split)",
-                                         dcfg.val_path and dcfg.val_fraction != DataConfig.val_fraction)) if on]
-    if unused:
-        raise ValueError(f"{', '.join(unused)}: not used by training.task={tcfg.task}")
+    forecast = tcfg.task == "forecast"
+    refuse(f"{{}}: not used by training.task={tcfg.task}", (
+        ("data.val_path", forecast and dcfg.val_path), ("data.target", forecast and dcfg.target),
+        ("data.time_shift", forecast and dcfg.time_shift), ("model.horizon", not forecast and mcfg.horizon),
+        ("data.lookback", not forecast and dcfg.lookback),
+        ("data.val_fraction (data.val_path is the validation split)",
+         not forecast and dcfg.val_path and dcfg.val_fraction != DataConfig.val_fraction)))
 
 
 def forecast_data(cfg: dict, columns: Optional[list[str]], stored: Optional[dict]):
@@ -1027,18 +1025,15 @@ def check_run_kind(cfg: dict, base: Optional[dict], *, series: bool):
     if base and (base["model_config"].get("input_dim") is not None) != series:
         held, read = ("time series", "text") if not series else ("tokens", "time series")
         raise ValueError(f"{tcfg.init_from} holds a model of {held}; this run reads {read}")
-    unused = [name for name, on in (("data.columns", d.columns), ("data.target", d.target),
-                                    ("data.lookback", d.lookback), ("data.val_path", d.val_path),
-                                    ("data.missing", d.missing != "error"), ("model.horizon", m.horizon),
-                                    ("model.patch_len", m.patch_len != 1), ("model.revin", m.revin),
-                                    ("model.channel_independent", m.channel_independent),
-                                    ("data.time_shift", d.time_shift)) if on]
-    if unused and not series:
-        raise ValueError(f"{', '.join(unused)}: for runs on time series; data.path is read as text here")
-    tokens = [name for name, on in (("data.tokenizer", d.tokenizer != "char"),
-                                    ("data.target_tokenizer", d.target_tokenizer)) if on]
-    if series and tokens:
-        raise ValueError(f"{', '.join(tokens)}: a run on time series reads numbers, not tokens")
+    if not series:
+        refuse("{}: for runs on time series; data.path is read as text here", (
+            ("data.columns", d.columns), ("data.target", d.target), ("data.lookback", d.lookback),
+            ("data.val_path", d.val_path), ("data.missing", d.missing != "error"), ("model.horizon", m.horizon),
+            ("model.patch_len", m.patch_len != 1), ("model.revin", m.revin),
+            ("model.channel_independent", m.channel_independent), ("data.time_shift", d.time_shift)))
+    else:
+        refuse("{}: a run on time series reads numbers, not tokens", (
+            ("data.tokenizer", d.tokenizer != "char"), ("data.target_tokenizer", d.target_tokenizer)))
 
 
 def check_task_options(cfg: dict, overrides: dict):
@@ -1058,19 +1053,16 @@ def check_task_options(cfg: dict, overrides: dict):
                 "eval_iters" in overrides.get("training", {}), ("lm",)),
                ("training.log_attention", t.log_attention, ("lm", *pooled)),
                ("model.vocab_size (the tokenizer sets it)", "vocab_size" in overrides.get("model", {}), ()))
-    unused = [name for name, given, tasks in readers if given and t.task not in tasks]
-    if unused:
-        raise ValueError(f"{', '.join(unused)}: not read by training.task={t.task}")
+    refuse(f"{{}}: not read by training.task={t.task}", ((name, given and t.task not in tasks)
+                                                         for name, given, tasks in readers))
 
 
 def with_data_fields(cfg: dict, fields: dict, overrides: dict) -> dict:
     """The run config with the model fields its data decides (vocabularies, input size,
     classes, block_size of a series); one the user gave otherwise is an error."""
     given = overrides.get("model", {})
-    clash = [f"model.{k}={getattr(cfg['model'], k)} (the data makes it {v})" for k, v in fields.items()
-             if k in given and getattr(cfg["model"], k) != v]
-    if clash:
-        raise ValueError(f"{', '.join(clash)}: leave it to the data")
+    refuse("{}: leave it to the data", ((f"model.{k}={getattr(cfg['model'], k)} (the data makes it {v})",
+                                         k in given and getattr(cfg["model"], k) != v) for k, v in fields.items()))
     return {**cfg, "model": dataclasses.replace(cfg["model"], **fields)}
 
 
