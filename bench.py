@@ -639,11 +639,19 @@ def bench_classify(args):
     Every passage is tested once, by models that never saw its play."""
     from data import shakespeare_genres
     from tasks import macro_f1
+    if args.vocab_size is not None and args.tokenizer != "bpe":
+        raise ValueError(f"--vocab_size is the BPE's; --tokenizer {args.tokenizer} has a fixed vocabulary")
+    args.vocab_size = args.vocab_size or 2048
+    if args.pretrain_epochs and args.ngram_buckets:    # a decoding step has no earlier tokens to hash
+        raise ValueError("--pretrain_epochs trains a language model, which has no n-gram embeddings: "
+                         "add --ngram_buckets 0")
     folds = range(args.folds) if args.fold is None else [args.fold]
     names = ["majority class (of the training passages)", "linear, hashed char 1-4-grams (logistic regression)",
-             f"transformer ({args.n_layers} layers x {args.d_model}, BPE {args.vocab_size}, "
+             f"transformer ({args.n_layers} layers x {args.d_model}, "
+             + (f"BPE {args.vocab_size}, " if args.tokenizer == "bpe" else f"{args.tokenizer}s, ")
+             + (f"hashed 2-4-grams of {args.ngram_buckets} rows, " if args.ngram_buckets else "")
              + (f"{args.pretrain_epochs:g} epochs as an LM, then LoRA " if args.pretrain_epochs else "")
-             + f"{args.epochs:g} epochs)"]
+             + f"{args.epochs:g} epoch{'s' * (args.epochs != 1)})"]
     preds, seconds, truth = {n: [] for n in names}, {n: 0.0 for n in names}, []
     for k in folds:
         split = shakespeare_genres(chars=args.chars, folds=args.folds, fold=k, seed=args.seed)
@@ -673,18 +681,20 @@ def genre_transformer(train, test, labels, args) -> np.ndarray:
     test passages. With --pretrain_epochs it first learns the training passages as a causal
     language model (the text without its labels), then a classification head and LoRA adapters
     are trained on top; otherwise a bidirectional encoder is trained from scratch."""
-    from data import BPETokenizer, EncodedTexts
+    from data import BPETokenizer, ByteTokenizer, EncodedTexts
     from model import LoRAConfig, apply_lora
     from tasks import ClassificationTask, LanguageModelTask
     from train import TransformerTrainer
     torch.manual_seed(args.seed)
-    tok = BPETokenizer.train([t for t, _ in train], vocab_size=args.vocab_size)
+    texts = [t for t, _ in train]
+    tok = BPETokenizer.train(texts, vocab_size=args.vocab_size) if args.tokenizer == "bpe" else ByteTokenizer()
+    longest = max(len(tok.encode(t)) for t, _ in train + test)      # a non-ASCII character is several bytes
     shape = dict(vocab_size=tok.vocab_size, d_model=args.d_model, n_heads=4, n_layers=args.n_layers,
-                 block_size=args.chars, dropout=args.dropout)
+                 block_size=longest, dropout=args.dropout)
     head = dict(head="classification", num_classes=len(labels), pooling="mean")
     if args.pretrain_epochs:
         model = Transformer(**shape)
-        ids = torch.tensor(tok.encode("".join(t for t, _ in train)))    # the passages are consecutive slices
+        ids = torch.tensor(tok.encode("".join(texts)))    # the passages are consecutive slices
         T = 128
         windows = ids[:(len(ids) - 1) // T * T + 1].unfold(0, T + 1, T)               # (N, T + 1)
         TransformerTrainer(model, task=LanguageModelTask(), learning_rate=args.lr, batch_size=32,
@@ -692,7 +702,7 @@ def genre_transformer(train, test, labels, args) -> np.ndarray:
                                                   epochs=args.pretrain_epochs)
         apply_lora(model.set_head(**head), LoRAConfig(r=8, alpha=16))                  # the head trains in full
     else:
-        model = Transformer(**shape, **head, causal=False)
+        model = Transformer(**shape, **head, causal=False, ngram_buckets=args.ngram_buckets)
     trainer = TransformerTrainer(model, task=ClassificationTask(len(labels), labels=labels),
                                  learning_rate=args.lr, batch_size=32, warmup_iters=50)
     trainer.train(EncodedTexts(train, tok), epochs=args.epochs)
@@ -1114,8 +1124,10 @@ def main(argv=None):
     c.add_argument("--chars", type=int, default=256)
     c.add_argument("--folds", type=int, default=4, help="grouped cross-validation over plays")
     c.add_argument("--fold", type=int, default=None, help="run only this fold (0-based)")
-    c.add_argument("--epochs", type=float, default=4)
-    c.add_argument("--vocab_size", type=int, default=2048)
+    c.add_argument("--epochs", type=float, default=1)
+    c.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
+    c.add_argument("--vocab_size", type=int, default=None, help="of the BPE (with --tokenizer bpe; default 2048)")
+    c.add_argument("--ngram_buckets", type=int, default=8192, help="hashed 2-4-gram embeddings (0: none)")
     c.add_argument("--d_model", type=int, default=64)
     c.add_argument("--n_layers", type=int, default=2)
     c.add_argument("--dropout", type=float, default=0.1)

@@ -116,6 +116,8 @@ class TransformerConfig:
     revin: bool = False            # feature inputs: normalize each series by its own mean/std (RevIN)
     channel_independent: bool = False  # head=forecast: each channel a univariate series, shared weights (PatchTST)
     horizon: Optional[int] = None  # head=forecast: steps predicted at once, (B, horizon, output_dim)
+    ngram_buckets: int = 0         # token classifiers/regressors: hashed embeddings of the 2..4 tokens ending
+                                   # at each position, this many rows per n (0: off; see NgramEmbedding)
     max_seq_len: InitVar[Optional[int]] = None   # another name for block_size (the design documents')
 
     def __post_init__(self, max_seq_len=None):
@@ -178,6 +180,8 @@ class TransformerConfig:
              f"input_dim must be a positive integer or null (token ids), got {self.input_dim!r}")
         need(isinstance(self.patch_len, int) and self.patch_len > 0,
              f"patch_len must be a positive integer, got {self.patch_len!r}")
+        need(isinstance(self.ngram_buckets, int) and self.ngram_buckets >= 0,
+             f"ngram_buckets must be a whole number (0: off), got {self.ngram_buckets!r}")
         if self.input_dim is None:    # train.py sets input_dim from the data, as it sets vocab_size
             return
         if self.head == "lm":         # feature vectors have no vocabulary: predict values at every position
@@ -190,10 +194,15 @@ class TransformerConfig:
              f"{self.output_dim} must equal input_dim={self.input_dim}")
 
     def check_inputs_kind(self):
-        """The feature-input options need feature inputs (called when a model is built)."""
+        """The options of one kind of input need that input (called when a model is built, once
+        train.py has set the head from the task)."""
         if self.input_dim is None and (self.patch_len != 1 or self.revin or self.channel_independent):
             raise ValueError("TransformerConfig: patch_len, revin and channel_independent apply to feature "
                              "inputs (time series): set input_dim")
+        # a decoding step sees only its new token, not the n - 1 before it that its n-grams need
+        if self.ngram_buckets and (self.input_dim is not None or self.head not in ("classification", "regression")):
+            raise ValueError("TransformerConfig: ngram_buckets embeds n-grams of token ids for head=classification "
+                             f"or regression; this model {'reads feature vectors' if self.input_dim else 'has head=' + self.head}")
 
     def _check_head(self, need):
         need(self.head in HEADS, f"head={self.head!r}; {closest(self.head, HEADS)}")
@@ -754,6 +763,37 @@ def make_cache(cfg: TransformerConfig, batch_size: int, max_len: Optional[int], 
     return cache_cls(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device)
 
 
+class NgramEmbedding(nn.Module):
+    """Hashed n-gram embeddings: for n = 2..4, the n tokens ending at each position are hashed
+    into one of `buckets` rows of that n's table, and the three rows are summed (B, T, C). Added
+    to the token embeddings, they give each position its local spelling or phrase as one vector,
+    as fastText's hashed n-grams and the Byte Latent Transformer's byte n-grams do. Positions
+    before the first token, and padding (real = 0), hash as a token of their own, so a padded
+    row embeds exactly as it does alone.
+
+        >>> emb = NgramEmbedding(1000, 8)
+        >>> emb(torch.tensor([[5, 6, 7]])).shape
+        torch.Size([1, 3, 8])
+    """
+
+    ORDERS = (2, 3, 4)
+    PRIME, MODULUS = 1_000_003, (1 << 31) - 1       # the hash stays below 2**62: no int64 overflow
+
+    def __init__(self, buckets: int, d_model: int):
+        super().__init__()
+        self.buckets = buckets
+        self.tables = nn.ModuleList(nn.Embedding(buckets, d_model) for _ in self.ORDERS)
+
+    def forward(self, idx: torch.Tensor, real: Optional[torch.Tensor] = None) -> torch.Tensor:
+        ids = idx + 1 if real is None else (idx + 1) * real.to(idx.device).long()   # 0: no token
+        h, out = ids, 0
+        for n, table in zip(self.ORDERS, self.tables):
+            before = F.pad(ids, (n - 1, 0))[:, :idx.shape[1]]       # the token n - 1 steps back
+            h = (h * self.PRIME + before) % self.MODULUS               # the hash of the n tokens ending here
+            out = out + table(h % self.buckets)
+        return out
+
+
 class Backbone(nn.Module):
     """Token ids (B, T) -> hidden states (B, T, d_model): embeddings, blocks, final norm.
 
@@ -769,6 +809,7 @@ class Backbone(nn.Module):
         features = cfg.input_dim is not None     # time series: a linear projection of each (patch of) step(s)
         self.tok_emb = None if features else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.in_proj = nn.Linear(cfg.token_features, cfg.d_model) if features else None
+        self.ngram_emb = NgramEmbedding(cfg.ngram_buckets, cfg.d_model) if cfg.ngram_buckets else None
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_encoding == "learned" else None
         plugin = POSITIONS[cfg.pos_encoding]           # a registered position encoding
         self.positions = plugin(cfg) if plugin is not None else None
@@ -809,6 +850,7 @@ class Backbone(nn.Module):
         cache = self.blocks[0].attn.kv_cache if start_pos is not None else None
         check_inputs(self.config, idx, start + cls, cache=cache, cached=start_pos is not None, pad=pad,
                      attention_mask=attention_mask)
+        tokens_mask = attention_mask                                  # (B, T): which tokens are real
         if cls:
             real = (torch.ones(idx.shape[:2], dtype=torch.bool, device=idx.device) if attention_mask is None
                     else attention_mask.bool())
@@ -819,7 +861,7 @@ class Backbone(nn.Module):
                                        attention_mask=attention_mask, window=self.config.attention_window,
                                        keys=cache.key_positions(start, T) if cache is not None else None,
                                        device=idx.device)
-        return self.encode(idx, pos, mask, start_pos=start_pos)
+        return self.encode(idx, pos, mask, start_pos=start_pos, real=tokens_mask)
 
     def feature_tokens(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         """Feature inputs (B, T, input_dim) as tokens (B, N, patch_len * input_dim) and their mask."""
@@ -858,9 +900,12 @@ class Backbone(nn.Module):
             for attn in layers:
                 attn.weights = None
 
-    def encode(self, idx, pos, mask, *, start_pos=None) -> torch.Tensor:
-        """The backbone at positions pos ((T,) or (B, T)) under an SDPA mask (or None)."""
+    def encode(self, idx, pos, mask, *, start_pos=None, real=None) -> torch.Tensor:
+        """The backbone at positions pos ((T,) or (B, T)) under an SDPA mask (or None); real:
+        the (B, T) mask of real tokens, if any."""
         x = self.input_layer(idx)                                   # (B, T, C)
+        if self.ngram_emb is not None:
+            x = x + self.ngram_emb(idx, real)
         if self.cls_emb is not None:
             x = torch.cat([self.cls_emb.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         if self.pos_emb is not None:
@@ -986,6 +1031,7 @@ class Transformer(Backbone):
         if other:
             raise ValueError(f"set_head changes only {', '.join(HEAD_FIELDS)}; not {', '.join(other)}")
         cfg = TransformerConfig.from_dict({**self.config.to_dict(), **head})
+        cfg.check_inputs_kind()
         ref = self.input_layer.weight
         factory = dict(device=ref.device, dtype=ref.dtype)
         self.config = cfg

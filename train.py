@@ -1033,7 +1033,8 @@ def check_run_kind(cfg: dict, base: Optional[dict], *, series: bool):
             ("model.channel_independent", m.channel_independent), ("data.time_shift", d.time_shift)))
     else:
         refuse("{}: a run on time series reads numbers, not tokens", (
-            ("data.tokenizer", d.tokenizer != "char"), ("data.target_tokenizer", d.target_tokenizer)))
+            ("data.tokenizer", d.tokenizer != "char"), ("data.target_tokenizer", d.target_tokenizer),
+            ("model.ngram_buckets", m.ngram_buckets)))
 
 
 def check_task_options(cfg: dict, overrides: dict):
@@ -1043,6 +1044,7 @@ def check_task_options(cfg: dict, overrides: dict):
     readers = (("model.pooling", m.pooling != "last", pooled), ("model.causal=false", not m.causal, pooled),
                ("model.num_classes", m.num_classes is not None, ("classification",)),
                ("model.output_dim", m.output_dim != 1, ("regression", "forecast")),
+               ("model.ngram_buckets", m.ngram_buckets > 0, ("classification", "regression")),
                ("model.tie_weights=false", not m.tie_weights, ("lm", "seq2seq")),
                ("model.n_encoder_layers", m.n_encoder_layers is not None, ("seq2seq",)),
                ("model.n_decoder_layers", m.n_decoder_layers is not None, ("seq2seq",)),

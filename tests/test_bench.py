@@ -179,10 +179,12 @@ def test_quant_prints_a_row_per_weight_format():
     assert float(rows["fp32"][7]) == 0 and 0 < float(rows["int8"][7]) < float(rows["int4"][7]) < 1
 
 
-@pytest.mark.parametrize("pretrain", [[], ["--pretrain_epochs", "0.02"]], ids=["scratch", "pretrained"])
-def test_classify_prints_a_row_per_model_over_the_folds_it_ran(pretrain):
+@pytest.mark.parametrize("options", [["--ngram_buckets", "64"],
+                                     ["--tokenizer", "bpe", "--vocab_size", "300", "--ngram_buckets", "0",
+                                      "--pretrain_epochs", "0.02"]], ids=["bytes", "pretrained"])
+def test_classify_prints_a_row_per_model_over_the_folds_it_ran(options):
     out = subprocess.run([sys.executable, "bench.py", "classify", "--fold", "1", "--epochs", "0.02",
-                          "--vocab_size", "300", "--d_model", "16", "--n_layers", "1", *pretrain],
+                          "--d_model", "16", "--n_layers", "1", *options],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("fold 2/4: ") and "| model | fold 2 | all test passages | macro-F1 | seconds |" in out.stdout

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data import BPETokenizer, CharTokenizer, EncodedTexts, shakespeare_genres
-from model import Transformer, TransformerConfig, apply_lora, LoRAConfig, lora_state_dict
+from model import NgramEmbedding, Transformer, TransformerConfig, apply_lora, LoRAConfig, lora_state_dict
 from tasks import ClassificationTask, RegressionTask, macro_f1
 import train as train_mod
 from train import TransformerTrainer
@@ -23,10 +23,12 @@ def tiny(**kw):
     return Transformer(**{**dict(vocab_size=40, d_model=32, n_heads=4, n_layers=2, block_size=64), **kw})
 
 
-@pytest.mark.parametrize("causal,pooling", [(True, "last"), (True, "mean"), (False, "mean"), (False, "cls"),
-                                            (False, "none")])
-def test_a_padded_batch_equals_its_rows_alone(causal, pooling):
-    model = tiny(causal=causal, head="regression", output_dim=3, pooling=pooling).double().eval()
+@pytest.mark.parametrize("causal,pooling,ngram_buckets", [(True, "last", 0), (True, "mean", 0), (False, "mean", 0),
+                                                          (False, "cls", 0), (False, "none", 0), (False, "mean", 64),
+                                                          (False, "cls", 64)])
+def test_a_padded_batch_equals_its_rows_alone(causal, pooling, ngram_buckets):
+    model = tiny(causal=causal, head="regression", output_dim=3, pooling=pooling,
+                 ngram_buckets=ngram_buckets).double().eval()
     a, b = torch.randint(1, 40, (1, 7)), torch.randint(1, 40, (1, 4))
     for batch, mask in (                       # right padding, then left padding
             (torch.cat([a, torch.cat([b, torch.zeros(1, 3, dtype=torch.long)], 1)]), [[1] * 7, [1] * 4 + [0] * 3]),
@@ -36,6 +38,28 @@ def test_a_padded_batch_equals_its_rows_alone(causal, pooling):
         got = out[1] if pooling != "none" else out[1][torch.tensor(mask[1], dtype=torch.bool)]
         torch.testing.assert_close(got, alone, rtol=0, atol=1e-12)
         torch.testing.assert_close(out[0], model(a)[0], rtol=0, atol=1e-12)
+
+
+def test_ngram_embeddings_read_the_four_tokens_ending_at_each_position():
+    emb = NgramEmbedding(4096, 8)
+    x = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]])
+    y = x.clone()
+    y[0, 5] = 7
+    changed = (emb(x) - emb(y)).abs().amax(-1)[0] > 0
+    assert changed.tolist() == [i in (5, 6, 7, 8) for i in range(12)]      # the 2-, 3- and 4-grams over position 5
+    out = emb(torch.tensor([[1, 2, 3, 4, 9, 1, 2, 3, 4]]))[0]
+    torch.testing.assert_close(out[3], out[8], rtol=0, atol=0)             # the same 4 tokens, the same vector
+    assert not torch.equal(out[2], out[7])              # 1 2 3 at the start, 9 1 2 3 later: another 4-gram
+
+
+def test_ngram_buckets_are_for_classifiers_and_regressors_of_tokens():
+    with pytest.raises(ValueError, match="ngram_buckets embeds n-grams of token ids for head=classification or "
+                                         "regression; this model has head=lm"):
+        tiny(ngram_buckets=64)
+    with pytest.raises(ValueError, match="this model has head=lm"):
+        tiny(ngram_buckets=64, head="classification", num_classes=2).set_head(head="lm")
+    with pytest.raises(ValueError, match="ngram_buckets must be a whole number"):
+        TransformerConfig(ngram_buckets=-1)
 
 
 def test_causal_false_lets_early_positions_see_later_tokens():
@@ -359,6 +383,8 @@ def test_train_py_trains_a_regressor_and_generate_py_prints_its_values(tmp_path)
     (["a b\tx\ty", "c\ty\tz"], [], r"classification rows are text<TAB>label, two columns; these have 3"),
     (["a b\tx", "c d\ty"], ["--data.truncate=true", "--model.n_encoder_layers=2"],
      r"error: model.n_encoder_layers, data.truncate: not read by training.task=classification$"),
+    (["a b\tx", "c d\ty"], ["--task", "lm", "--model.ngram_buckets=64"],
+     r"model.ngram_buckets: not read by training.task=lm$"),
     (["a b\tx", "c d\ty"], ["--training.eval_iters=3", "--model.tie_weights=false"],
      r"model.tie_weights=false, training.eval_iters \(other tasks evaluate every validation row\): not read"),
     (["a b\tx", "c d\ty"], ["--task", "seq2seq", "--training.log_attention=true"],
