@@ -201,8 +201,9 @@ class TransformerConfig:
                              "inputs (time series): set input_dim")
         # a decoding step sees only its new token, not the n - 1 before it that its n-grams need
         if self.ngram_buckets and (self.input_dim is not None or self.head not in ("classification", "regression")):
-            raise ValueError("TransformerConfig: ngram_buckets embeds n-grams of token ids for head=classification "
-                             f"or regression; this model {'reads feature vectors' if self.input_dim else 'has head=' + self.head}")
+            kind = "reads feature vectors" if self.input_dim else f"has head={self.head}"
+            raise ValueError(f"TransformerConfig: ngram_buckets embeds n-grams of token ids for head=classification "
+                             f"or regression; this model {kind}")
 
     def _check_head(self, need):
         need(self.head in HEADS, f"head={self.head!r}; {closest(self.head, HEADS)}")
@@ -777,7 +778,7 @@ class NgramEmbedding(nn.Module):
     """
 
     ORDERS = (2, 3, 4)
-    PRIME, MODULUS = 1_000_003, (1 << 31) - 1       # the hash stays below 2**62: no int64 overflow
+    PRIME, MODULUS = 1_000_003, (1 << 31) - 1       # hash * PRIME stays below 2**51: no int64 overflow
 
     def __init__(self, buckets: int, d_model: int):
         super().__init__()
