@@ -688,7 +688,8 @@ def genre_transformer(train, test, labels, args) -> np.ndarray:
     torch.manual_seed(args.seed)
     texts = [t for t, _ in train]
     tok = BPETokenizer.train(texts, vocab_size=args.vocab_size) if args.tokenizer == "bpe" else ByteTokenizer()
-    longest = max(len(tok.encode(t)) for t, _ in train + test)      # a non-ASCII character is several bytes
+    train_set, test_set = EncodedTexts(train, tok), EncodedTexts(test, tok)
+    longest = max(len(ids) for ids, _ in train_set.items + test_set.items)   # a non-ASCII character is several bytes
     shape = dict(vocab_size=tok.vocab_size, d_model=args.d_model, n_heads=4, n_layers=args.n_layers,
                  block_size=longest, dropout=args.dropout)
     head = dict(head="classification", num_classes=len(labels), pooling="mean")
@@ -705,8 +706,8 @@ def genre_transformer(train, test, labels, args) -> np.ndarray:
         model = Transformer(**shape, **head, causal=False, ngram_buckets=args.ngram_buckets)
     trainer = TransformerTrainer(model, task=ClassificationTask(len(labels), labels=labels),
                                  learning_rate=args.lr, batch_size=32, warmup_iters=50)
-    trainer.train(EncodedTexts(train, tok), epochs=args.epochs)
-    return trainer.predict(EncodedTexts(test, tok)).argmax(-1).numpy()
+    trainer.train(train_set, epochs=args.epochs)
+    return trainer.predict(test_set).argmax(-1).numpy()
 
 
 # -----------------------------------------------------------------------------

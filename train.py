@@ -972,13 +972,14 @@ def series_data(cfg: dict, known: Optional[dict], *, resumed: bool):
 def check_series_options(cfg: dict):
     """Options that belong to one kind of series run are refused by the others."""
     dcfg, tcfg, mcfg = cfg["data"], cfg["training"], cfg["model"]
-    forecast = tcfg.task == "forecast"
-    refuse(f"{{}}: not used by training.task={tcfg.task}", (
-        ("data.val_path", forecast and dcfg.val_path), ("data.target", forecast and dcfg.target),
-        ("data.time_shift", forecast and dcfg.time_shift), ("model.horizon", not forecast and mcfg.horizon),
-        ("data.lookback", not forecast and dcfg.lookback),
-        ("data.val_fraction (data.val_path is the validation split)",
-         not forecast and dcfg.val_path and dcfg.val_fraction != DataConfig.val_fraction)))
+    unused = f"{{}}: not used by training.task={tcfg.task}"
+    if tcfg.task == "forecast":
+        refuse(unused, (("data.val_path", dcfg.val_path), ("data.target", dcfg.target),
+                        ("data.time_shift", dcfg.time_shift)))
+    else:
+        refuse(unused, (("model.horizon", mcfg.horizon), ("data.lookback", dcfg.lookback),
+                        ("data.val_fraction (data.val_path is the validation split)",
+                         dcfg.val_path and dcfg.val_fraction != DataConfig.val_fraction)))
 
 
 def forecast_data(cfg: dict, columns: Optional[list[str]], stored: Optional[dict]):
