@@ -982,7 +982,7 @@ def train_g2p(split: dict, args) -> Path:
         "--training.task=seq2seq", f"--data.path={tmp / 'g2p.tsv'}", "--data.tokenizer=char",
         "--data.target_tokenizer=bpe", "--data.vocab_size=400", "--data.val_fraction=0.02",
         f"--model.d_model={args.d_model}", f"--model.n_heads={args.n_heads}", f"--model.n_layers={args.layers}",
-        f"--model.d_ff={4 * args.d_model}", "--model.block_size=40", f"--model.dropout={args.dropout}",
+        "--model.block_size=40", f"--model.dropout={args.dropout}",
         f"--training.max_time={args.minutes * 60}", f"--training.batch_size={args.batch_size}",
         f"--training.learning_rate={args.lr}", "--training.warmup_iters=500", "--training.eval_interval=1000",
         "--training.weight_decay=0.01", f"--training.precision={args.precision}", "--training.progress=false",
